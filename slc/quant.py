@@ -1,0 +1,225 @@
+"""Uniform affine quantisation: float weights -> small integer codes + scales.
+
+    w ~= (codes - zero_point) * scale
+
+A `Quantizer` is a small validated config; `Quantizer.quantize(w)` returns a
+`QuantizedTensor` that remembers the original shape, dtype and device, so that
+`dequantize()` hands back exactly what went in (fp32 -> fp32, fp16 -> fp16,
+bf16 -> bf16). Integer codes never reach a matmul by accident: that was the dtype
+bug of the first prototype (seed 003).
+
+Granularity (where one scale applies):
+    tensor   one scale for the whole tensor
+    channel  one scale per index of `axis` (axis 0 of a Linear weight = one per output row)
+    group    one scale per `group_size` consecutive weights along the last (input) dim
+
+Schemes:
+    symmetric   codes in [-qmax, qmax], qmax = 2**(bits-1) - 1, zero_point = 0.
+                (Level -2**(bits-1) is never used: it keeps 0 exactly representable and the
+                grid symmetric, at the price of one level; at 4 bits that costs quality.)
+    asymmetric  codes in [0, 2**bits - 1], scale = (max - min) / (2**bits - 1) and a *float*
+                zero_point = -min / scale, so min and max are hit exactly and the error bound
+                of half a step holds everywhere (an integer zero point would break it at the ends).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def as_float_tensor(x, what: str = "tensor") -> torch.Tensor:
+    """Accept a torch tensor or numpy array of floats; reject everything else with a clear message."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"{what} must hold floating-point values, got numpy dtype {x.dtype}; "
+                            "pass float32/float16 weights (integer codes are not weights)")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16, bfloat16 or float64, got {x.dtype}; "
+                        "cast it first, e.g. w.float()")
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}): nothing to quantise")
+    if not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} contains {n_bad} NaN/Inf value(s); clean the weights before quantising")
+    return x
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How to quantise: bits, scheme and where each scale applies.
+
+    >>> import torch
+    >>> w = torch.randn(4, 64)
+    >>> q = Quantizer(bits=8, granularity="channel")
+    >>> qt = q.quantize(w)
+    >>> bool(((qt.dequantize() - w).abs() <= qt.max_error() + 1e-6).all())
+    True
+    """
+    bits: int = 8                    # 2..8 bits per code
+    scheme: str = "symmetric"        # "symmetric" (zero_point 0) or "asymmetric" (min/max range)
+    granularity: str = "channel"     # "tensor", "channel" or "group"
+    axis: int = 0                    # channel axis for granularity="channel" (0 = output rows of a Linear)
+    group_size: int | None = None    # weights per scale along the last dim, granularity="group" only
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"bits must be an int, got {self.bits!r}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits} is out of range: use 2..8")
+        if self.scheme not in ("symmetric", "asymmetric"):
+            raise ValueError(f"scheme={self.scheme!r}: use 'symmetric' or 'asymmetric'")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity={self.granularity!r}: use 'tensor', 'channel' or 'group'")
+        if self.granularity == "group":
+            if self.group_size is None or isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+                raise ValueError("granularity='group' needs an int group_size, e.g. group_size=64")
+            if self.group_size < 1:
+                raise ValueError(f"group_size={self.group_size} must be >= 1")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only used with granularity='group' (got granularity={self.granularity!r})")
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.scheme == "asymmetric" else -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1 if self.scheme == "asymmetric" else 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        g = {"tensor": "tensor", "channel": f"channel(axis={self.axis})", "group": f"group{self.group_size}"}[self.granularity]
+        return f"int{self.bits}/{self.scheme[:3]}/{g}"
+
+    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """View w so that each scale owns one row of the last dim: (..., n_per_scale)."""
+        if self.granularity == "tensor":
+            return w.reshape(1, -1)
+        if self.granularity == "channel":
+            if w.dim() == 0:
+                raise ValueError("granularity='channel' needs a tensor with at least one dimension")
+            if not -w.dim() <= self.axis < w.dim():
+                raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {tuple(w.shape)}")
+            return w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1)
+        n_in = w.shape[-1] if w.dim() else 1
+        if n_in % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide the last dimension ({n_in}) "
+                             f"of shape {tuple(w.shape)}; pick a divisor of {n_in}")
+        return w.reshape(-1, n_in // self.group_size, self.group_size)
+
+    def _unblock(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.granularity == "channel":
+            moved = list(shape)
+            moved.insert(0, moved.pop(self.axis))
+            return b.reshape(moved).movedim(0, self.axis)
+        return b.reshape(shape)
+
+    def quantize(self, w) -> "QuantizedTensor":
+        """Quantise a float tensor (torch or numpy). Codes stay on the input's device."""
+        w = as_float_tensor(w, "weight")
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        blocks = self._blocks(w.to(compute))                                   # (..., n_per_scale)
+        if self.scheme == "symmetric":
+            absmax = blocks.abs().amax(dim=-1, keepdim=True)
+            scale = absmax / self.qmax
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # all-zero block: any scale is exact
+            codes = torch.round(blocks / scale).clamp_(self.qmin, self.qmax)
+            zero_point = None
+        else:
+            lo = blocks.amin(dim=-1, keepdim=True)
+            hi = blocks.amax(dim=-1, keepdim=True)
+            scale = (hi - lo) / self.qmax
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero_point = -lo / scale                                           # float zero point: lo maps to code 0 exactly
+            codes = torch.round(blocks / scale + zero_point).clamp_(0, self.qmax)
+        code_dtype = torch.uint8 if self.scheme == "asymmetric" else torch.int8
+        codes = self._unblock(codes.to(code_dtype), w.shape)
+        return QuantizedTensor(
+            codes=codes, scale=scale.float(), zero_point=None if zero_point is None else zero_point.float(),
+            quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes + scales (+ zero points) that remember what they came from.
+
+    tensor fields: codes (int8, or uint8 when asymmetric, original shape), scale (float32, one per
+                   block), zero_point (float32 like scale, or None when symmetric)
+    attributes:    quantizer, original_shape, original_dtype
+    """
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    quantizer: Quantizer
+    original_shape: tuple
+    original_dtype: torch.dtype = field(default=torch.float32)
+
+    @property
+    def bits(self) -> int:
+        return self.quantizer.bits
+
+    @property
+    def granularity(self) -> str:
+        return self.quantizer.granularity
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.original_shape))
+
+    def dequantize(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """Float weights in the original dtype (or `dtype`), on the codes' device (or `device`)."""
+        dtype = dtype or self.original_dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dequantize to a float dtype, got {dtype}")
+        codes, scale, zp = self.codes, self.scale, self.zero_point
+        if device is not None:
+            codes, scale = codes.to(device), scale.to(device)
+            zp = None if zp is None else zp.to(device)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        blocks = self.quantizer._blocks(codes.to(compute))
+        if zp is not None:
+            blocks = blocks - zp.to(compute)
+        w = blocks * scale.to(compute)
+        return self.quantizer._unblock(w, torch.Size(self.original_shape)).to(dtype)
+
+    def max_error(self) -> torch.Tensor:
+        """Per-weight bound on |w - dequantize()|: half a step (in the compute precision)."""
+        half = self.scale / 2
+        return self.quantizer._unblock(half.expand(self.quantizer._blocks(self.codes).shape), torch.Size(self.original_shape))
+
+    # --- symbols for the entropy coder: codes shifted to start at 0 ------------------------------
+    def symbols(self) -> np.ndarray:
+        """Codes as non-negative uint16 symbols in [0, 2**bits), row-major."""
+        return (self.codes.detach().cpu().reshape(-1).numpy().astype(np.int16) - self.quantizer.qmin).astype(np.uint16)
+
+    @staticmethod
+    def codes_from_symbols(symbols: np.ndarray, quantizer: Quantizer, shape) -> torch.Tensor:
+        code_dtype = np.uint8 if quantizer.scheme == "asymmetric" else np.int8
+        codes = (symbols.astype(np.int16) + quantizer.qmin).astype(code_dtype)
+        return torch.from_numpy(codes.reshape(shape))
+
+    @property
+    def scale_nbytes(self) -> int:
+        n = self.scale.numel() * 4
+        return n + (0 if self.zero_point is None else self.zero_point.numel() * 4)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: one byte per code (as stored in memory) + float32 scales and zero points."""
+        return self.codes.numel() * self.codes.element_size() + self.scale_nbytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Packed size: `bits` per code + scale overhead (what a bit-packed file would need)."""
+        return self.bits + 8 * self.scale_nbytes / self.numel
+
+    def to(self, device) -> "QuantizedTensor":
+        zp = None if self.zero_point is None else self.zero_point.to(device)
+        return QuantizedTensor(self.codes.to(device), self.scale.to(device), zp, self.quantizer,
+                               self.original_shape, self.original_dtype)
