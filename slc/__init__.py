@@ -4,3 +4,6 @@ from .quant import QuantizedTensor, Quantizer
 
 __all__ = ["FormatError", "Quantizer", "QuantizedTensor"]
 __version__ = "0.1.0"
+from .tensor import CompressedTensor
+
+__all__ += ["CompressedTensor"]
