@@ -142,7 +142,7 @@ def linear_weights(name: str) -> dict[str, torch.Tensor]:
 _KINDS = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
-    "query": "q", "key": "k", "value": "v", "attention.output.dense": "o",
+    "pooler.dense": "pooler", "query": "q", "key": "k", "value": "v", "attention.output.dense": "o",
     "intermediate.dense": "up", "output.dense": "down", "c_attn": "qkv", "c_proj": "o", "c_fc": "up",
 }
 

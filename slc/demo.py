@@ -1,0 +1,102 @@
+"""The main job (`make demo`): compress every linear weight of both real models and print the table.
+
+For SmolLM2-135M and all-MiniLM-L6-v2, every nn.Linear weight inside the blocks is
+quantised to int8 per output channel and rANS-coded. Per weight kind and in total:
+bits per weight with all overhead (coded words, final states, tables, headers,
+scales), the rANS stream alone (the like-for-like figure against zstd, which sees
+only the int8 codes), compression ratio against fp32 / fp16 / int8, the order-0 entropy bound of
+the codes, zstd-19 on the very same int8 bytes, and seconds.
+
+    python -m slc.demo [--models smollm2-135m minilm-l6] [--no-zstd]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import REAL_MODELS, linear_weights, weight_kind
+from .quant import Quantizer
+from .tensor import CompressedTensor
+
+
+def compress_weights(name: str, quantizer: Quantizer | None = None, zstd_level: int | None = 19,
+                     progress: bool = True) -> list[dict]:
+    """One row per weight: kind, weights, bytes (all overhead), entropy bits, zstd bytes, seconds."""
+    quantizer = quantizer or Quantizer(bits=8, granularity="channel")
+    zc = None
+    if zstd_level is not None:
+        import zstandard
+        zc = zstandard.ZstdCompressor(level=zstd_level, threads=-1)
+    rows = []
+    weights = linear_weights(name)
+    for pname, w in tqdm(weights.items(), desc=f"compress {name}", disable=not progress, unit="tensor"):
+        t0 = time.perf_counter()
+        ct = CompressedTensor.compress(w, quantizer, predictor="auto")
+        seconds = time.perf_counter() - t0
+        assert torch.equal(ct.decompress(), quantizer.quantize(w).dequantize()), pname   # lossless coder
+        row = {"model": name, "name": pname, "kind": weight_kind(pname), "weights": ct.numel,
+               "bytes": ct.nbytes, "coded_bytes": ct.coded_bits / 8, "scale_bytes": ct.scale.numel() * 4,
+               "entropy_bits": ct.entropy_bits, "predictor": ct.predictor, "seconds": seconds}
+        if zc is not None:
+            int8_bytes = ct.quantized().codes.numpy().tobytes()
+            row["zstd_bytes"] = len(zc.compress(int8_bytes))
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Group rows by weight kind and add a total row."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["kind"]].append(r)
+    groups["total"] = rows
+    out = []
+    for kind, rs in groups.items():
+        n = sum(r["weights"] for r in rs)
+        b = sum(r["bytes"] for r in rs)
+        bpw = 8 * b / n
+        s = {"kind": kind, "tensors": len(rs), "weights": n, "bits/weight": bpw,
+             "vs fp32": 32 / bpw, "vs fp16": 16 / bpw, "vs int8": 8 / bpw,
+             "rANS bits/weight": 8 * sum(r["coded_bytes"] for r in rs) / n,
+             "entropy bits/weight": sum(r["entropy_bits"] for r in rs) / n,
+             "coded/entropy": 8 * sum(r["coded_bytes"] for r in rs) / sum(r["entropy_bits"] for r in rs),
+             "seconds": sum(r["seconds"] for r in rs)}
+        if all("zstd_bytes" in r for r in rs):
+            s["zstd-19 bits/weight"] = 8 * sum(r["zstd_bytes"] for r in rs) / n
+        out.append(s)
+    return out
+
+
+def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
+    """Rows of dicts -> a markdown table (ints as ints, floats with `floatfmt`)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:{floatfmt}}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(REAL_MODELS), choices=list(REAL_MODELS))
+    ap.add_argument("--no-zstd", action="store_true", help="skip the zstd-19 peer (it is the slow part)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    for name in args.models:
+        rows = compress_weights(name, zstd_level=None if args.no_zstd else 19)
+        print(f"\n## {name}: int8 per channel + rANS, every linear weight in the blocks\n")
+        print(markdown_table(summarise(rows)))
+        if name == "smollm2-135m":
+            print("\nNote: SmolLM2 ships as GGUF Q4_1, so its fp32 weights sit on a 16-level grid per group "
+                  "of 32; int8 codes of such weights carry less entropy than a true float model's would.")
+    print("\ndecode ok: every tensor decoded bit-identical to its int8 quantisation")
+
+
+if __name__ == "__main__":
+    main()
