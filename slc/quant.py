@@ -13,7 +13,15 @@ Granularity (where one scale applies):
     channel  one scale per index of `axis` (axis 0 of a Linear weight = one per output row)
     group    one scale per `group_size` consecutive weights along the last (input) dim
 
-Schemes:
+Modes:
+    affine  (the default) a fixed number of levels, 2**bits, spanning each block's range:
+            the schemes below.
+    ecsq    entropy-constrained scalar quantisation: a uniform grid with NO level limit,
+            step = `step` x (the block's RMS, or absmax with reference="absmax"); codes are
+            unbounded signed integers (int16, or int32 when they need it) meant for an entropy
+            coder, which is where the rate is decided (see slc/ecsq.py). `bits` is ignored.
+
+Schemes (affine):
     symmetric   codes in [-qmax, qmax], qmax = 2**(bits-1) - 1, zero_point = 0.
                 (Level -2**(bits-1) is never used: it keeps 0 exactly representable and the
                 grid symmetric, at the price of one level; at 4 bits that costs quality.)
@@ -67,8 +75,28 @@ class Quantizer:
     granularity: str = "channel"     # "tensor", "channel" or "group"
     axis: int = 0                    # channel axis for granularity="channel" (0 = output rows of a Linear)
     group_size: int | None = None    # weights per scale along the last dim, granularity="group" only
+    mode: str = "affine"             # "affine" (2**bits levels) or "ecsq" (step grid, unbounded codes)
+    step: float | None = None        # ecsq only: step in units of the block's RMS (or absmax), e.g. 0.1
+    dead_zone: float = 0.0           # ecsq only: bins shift by this many steps away from 0, in [0, 0.5)
+    reference: str = "rms"           # ecsq only: step is relative to the block's "rms" or "absmax"
 
     def __post_init__(self):
+        if self.mode not in ("affine", "ecsq"):
+            raise ValueError(f"mode={self.mode!r}: use 'affine' (fixed bits) or 'ecsq' (step grid + entropy coder)")
+        if self.mode == "ecsq":
+            if self.step is None or isinstance(self.step, bool) or not isinstance(self.step, (int, float)):
+                raise ValueError("mode='ecsq' needs a float step (in units of the row RMS), e.g. step=0.1; "
+                                 "slc.ecsq.step_for_bits(w, 4.0) finds the step for a target bits/weight")
+            if not 1e-6 <= self.step <= 1e3 or self.step != self.step:
+                raise ValueError(f"step={self.step} is out of range: use 1e-6..1e3 (0.1 is about 5.5 bits/weight)")
+            if self.scheme != "symmetric":
+                raise ValueError("mode='ecsq' is symmetric by construction (code 0 is 0.0); leave scheme alone")
+            if not isinstance(self.dead_zone, (int, float)) or not 0 <= self.dead_zone < 0.5:
+                raise ValueError(f"dead_zone={self.dead_zone!r} must be in [0, 0.5) (fraction of a step)")
+            if self.reference not in ("rms", "absmax"):
+                raise ValueError(f"reference={self.reference!r}: use 'rms' or 'absmax'")
+        elif self.step is not None or self.dead_zone != 0.0 or self.reference != "rms":
+            raise ValueError("step / dead_zone / reference are ecsq settings: pass mode='ecsq' with them")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"bits must be an int, got {self.bits!r}")
         if not 2 <= self.bits <= 8:
@@ -95,6 +123,10 @@ class Quantizer:
 
     def describe(self) -> str:
         g = {"tensor": "tensor", "channel": f"channel(axis={self.axis})", "group": f"group{self.group_size}"}[self.granularity]
+        if self.mode == "ecsq":
+            dz = f"/dz{self.dead_zone:g}" if self.dead_zone else ""
+            ref = "" if self.reference == "rms" else f"x{self.reference}"
+            return f"ecsq/step{self.step:g}{ref}{dz}/{g}"
         return f"int{self.bits}/{self.scheme[:3]}/{g}"
 
     def _blocks(self, w: torch.Tensor) -> torch.Tensor:
@@ -125,6 +157,11 @@ class Quantizer:
         w = as_float_tensor(w, "weight")
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
         blocks = self._blocks(w.to(compute))                                   # (..., n_per_scale)
+        if self.mode == "ecsq":
+            from .ecsq import quantize_blocks
+            codes, scale = quantize_blocks(blocks, self.step, self.dead_zone, self.reference)
+            return QuantizedTensor(codes=self._unblock(codes, w.shape), scale=scale.float(), zero_point=None,
+                                   quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)
         if self.scheme == "symmetric":
             absmax = blocks.abs().amax(dim=-1, keepdim=True)
             scale = absmax / self.qmax
@@ -149,8 +186,9 @@ class Quantizer:
 class QuantizedTensor:
     """Integer codes + scales (+ zero points) that remember what they came from.
 
-    tensor fields: codes (int8, or uint8 when asymmetric, original shape), scale (float32, one per
-                   block), zero_point (float32 like scale, or None when symmetric)
+    tensor fields: codes (int8, or uint8 when asymmetric, original shape; ecsq: int16 or int32),
+                   scale (float32, one per block; ecsq: the absolute step), zero_point (float32 like
+                   scale, or None when symmetric)
     attributes:    quantizer, original_shape, original_dtype
     """
     codes: torch.Tensor
@@ -162,6 +200,10 @@ class QuantizedTensor:
 
     @property
     def bits(self) -> int:
+        """Bits per code: the quantiser's for affine; for ecsq the fixed width its code range would need."""
+        if self.quantizer.mode == "ecsq":
+            lo, hi = int(self.codes.min()), int(self.codes.max())
+            return max(1, (hi - lo).bit_length())
         return self.quantizer.bits
 
     @property
@@ -189,17 +231,24 @@ class QuantizedTensor:
         return self.quantizer._unblock(w, torch.Size(self.original_shape)).to(dtype)
 
     def max_error(self) -> torch.Tensor:
-        """Per-weight bound on |w - dequantize()|: half a step (in the compute precision)."""
-        half = self.scale / 2
+        """Per-weight bound on |w - dequantize()|: half a step, (0.5 + dead_zone) steps for ecsq."""
+        half = self.scale * (0.5 + self.quantizer.dead_zone)
         return self.quantizer._unblock(half.expand(self.quantizer._blocks(self.codes).shape), torch.Size(self.original_shape))
 
     # --- symbols for the entropy coder: codes shifted to start at 0 ------------------------------
     def symbols(self) -> np.ndarray:
-        """Codes as non-negative uint16 symbols in [0, 2**bits), row-major."""
+        """Codes as non-negative uint16 symbols in [0, 2**bits), row-major (ecsq: zig-zag, uint32)."""
+        if self.quantizer.mode == "ecsq":
+            from .ecsq import zigzag
+            return zigzag(self.codes.detach().cpu().reshape(-1).numpy())
         return (self.codes.detach().cpu().reshape(-1).numpy().astype(np.int16) - self.quantizer.qmin).astype(np.uint16)
 
     @staticmethod
     def codes_from_symbols(symbols: np.ndarray, quantizer: Quantizer, shape) -> torch.Tensor:
+        if quantizer.mode == "ecsq":
+            from .ecsq import code_dtype, unzigzag
+            codes = unzigzag(symbols)
+            return torch.from_numpy(codes.astype(code_dtype(codes)).reshape(shape))
         code_dtype = np.uint8 if quantizer.scheme == "asymmetric" else np.int8
         codes = (symbols.astype(np.int16) + quantizer.qmin).astype(code_dtype)
         return torch.from_numpy(codes.reshape(shape))
@@ -216,7 +265,13 @@ class QuantizedTensor:
 
     @property
     def bits_per_weight(self) -> float:
-        """Packed size: `bits` per code + scale overhead (what a bit-packed file would need)."""
+        """Packed size: `bits` per code + scale overhead (what a bit-packed file would need).
+
+        ecsq codes have no fixed width: this is their order-0 entropy + scale overhead, the rate an
+        ideal entropy coder reaches (CompressedTensor.bits_per_weight is the real, all-in figure)."""
+        if self.quantizer.mode == "ecsq":
+            from .ecsq import entropy_bits
+            return entropy_bits(self.symbols()) / self.numel + 8 * self.scale_nbytes / self.numel
         return self.bits + 8 * self.scale_nbytes / self.numel
 
     def to(self, device) -> "QuantizedTensor":

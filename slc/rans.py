@@ -40,11 +40,17 @@ Stream layout (`RansStream.to_bytes`, all little-endian)
     16          4      table_nbytes
     20          4*N    the encoder's final states = the decoder's start, lane order
     20+4N       2*W    16-bit words, in decode order
-    20+4N+2W    ...    frequency table (LEB128 varints, see `_pack_table`)
+    20+4N+2W    ...    frequency table: Rice-coded differences of neighbouring
+                       frequencies (dense) or varint (gap, freq) pairs (sparse),
+                       whichever is smaller; see `_pack_table`
     end-4       4      CRC32 (zlib.crc32) of everything before it
 
 States and words come first so that they are aligned in the buffer and can be
-used in place. Total size = 24 + 4*N + 2*W + table bytes.
+used in place. Total size = 24 + 4*N + 2*W + table bytes; for int8 weights the
+table is ~100-200 bytes, which is why it is not a plain list of 16-bit counts.
+Parsing checks every field against the byte length, the CRC and the table
+(sum = M) before any word is touched, and the decoders check at the end that
+every word was used and every lane is back at L: anything else is FormatError.
 
 Why the constants are what they are
 -----------------------------------
@@ -54,18 +60,19 @@ Why the constants are what they are
   one word to get back above L. So each lane moves at most one word per step:
   no inner while loop, which is what makes the whole-array decoder possible.
 - scale_bits <= 16: L must be a multiple of M for C and D to keep x exactly
-  inside [L, 2**32). M = 2**16 is fine enough that quantising the frequencies
-  costs well under 0.01 % for typical tables; smaller M makes the table cheaper,
-  so `encode` picks the scale_bits that minimises table + payload.
+  inside [L, 2**32). Within that, `encode` picks scale_bits per stream
+  (`_auto_scale_bits`): a finer M quantises the frequencies better, but makes
+  the table bigger and loses more to the rounding inside C (x // f[s] is
+  coarse when x is near L). For int8 weights it lands on 12 to 15.
 - lanes (`choose_lanes`): each lane ends with a 4-byte state, of which about
   2 bytes are pure overhead; one lane per 8192 symbols keeps the states under
   0.1 % of the output for sources of >= 3 bits/symbol while the NumPy loop runs
   over n/N steps. Capped at 4096 lanes.
-- Words in a 32-bit state are independent of endianness on the wire because
-  every field is written little-endian explicitly.
 
 Backends: "numpy" (the readable reference), "fast" (numba kernels, same bytes),
-"torch" (decode only, runs on the tensor's device). Symbols come back as uint16.
+"torch" (decode only, on the tensor's device). Symbols come back as a 1-D
+np.uint16 array, or from "torch" as a 1-D torch.int32 tensor (torch has no
+general-purpose uint16).
 
 >>> import numpy as np
 >>> sym = np.random.default_rng(0).integers(0, 40, 10_000).astype(np.uint16)
@@ -96,6 +103,7 @@ ALPHABET_LIMIT = 1 << 16  # symbols are non-negative integers < 2**16 (uint16)
 MAX_LANES_LOG2 = 12       # at most 4096 lanes: 16 KiB of states
 SYMBOLS_PER_LANE = 8192   # choose_lanes: one lane per this many symbols
 MAX_SYMBOLS = 1 << 31     # one stream holds at most 2**31 symbols (sanity bound for parsers)
+MAX_TABLE_BYTES = 1 << 19  # 65536 entries of <= 6 bytes (sparse) or <= 20 bits (dense) fit easily
 
 MAGIC = b"SLCR"
 VERSION = 1
@@ -120,7 +128,7 @@ def as_symbols(symbols) -> np.ndarray:
     if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
         raise ValueError(f"symbols must be >= 0, got min {arr.min()}; shift signed codes first, "
                          "e.g. int8 codes + 128 (see int8_to_symbols)")
-    if arr.size and arr.max() >= ALPHABET_LIMIT:
+    if arr.size and arr.dtype.itemsize > 2 and arr.max() >= ALPHABET_LIMIT:
         raise ValueError(f"symbols must be < 2**16, got max {arr.max()}; "
                          "split wider values into 16-bit pieces")
     return arr
@@ -141,22 +149,44 @@ def symbols_to_int8(symbols) -> np.ndarray:
     return (np.asarray(symbols).astype(np.int16) - 128).astype(np.int8)
 
 
+@njit(cache=True, nogil=True)
+def _count_kernel(sym, size):
+    """Histogram of uint16 symbols < size; four sub-histograms so that runs of one
+    symbol do not serialise on a single counter."""
+    h = np.zeros((4, size), dtype=np.int64)
+    n4 = sym.size - sym.size % 4
+    for i in range(0, n4, 4):
+        h[0, sym[i]] += 1
+        h[1, sym[i + 1]] += 1
+        h[2, sym[i + 2]] += 1
+        h[3, sym[i + 3]] += 1
+    for i in range(n4, sym.size):
+        h[0, sym[i]] += 1
+    return h.sum(axis=0)
+
+
+def count_symbols(symbols) -> np.ndarray:
+    """counts[s] = occurrences of s (int64, length max symbol + 1; empty for no symbols)."""
+    sym = np.ascontiguousarray(as_symbols(symbols), dtype=np.uint16)
+    if sym.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _count_kernel(sym, int(sym.max()) + 1)
+
+
 def entropy_bits(symbols) -> float:
     """Order-0 empirical entropy of the array, in total bits (the bound any order-0 coder pays)."""
-    sym = as_symbols(symbols)
-    if sym.size == 0:
-        return 0.0
-    counts = np.bincount(sym)
+    counts = count_symbols(symbols)
     c = counts[counts > 0].astype(np.float64)
-    return float(-(c * np.log2(c / sym.size)).sum())
+    return float(-(c * np.log2(c / c.sum())).sum())
 
 
 def build_freqs(counts: np.ndarray, scale_bits: int) -> np.ndarray:
     """Quantise counts to frequencies summing to 2**scale_bits, >= 1 wherever counts > 0.
 
-    Minimises the coded size sum(counts * -log2(f / M)): start from the floor of
-    the proportional share, then hand out (or take back) single units where they
-    save the most (cost the least) bits, then swap units while that still helps.
+    Minimises the coded size sum(counts * -log2(f / M)). The real-valued optimum
+    is f = max(1, lam * counts) (proportional, with rare symbols pinned at 1);
+    take its floor, hand the units left over to the symbols where one more unit
+    saves the most bits, then swap single units while a swap still saves bits.
     """
     counts = np.asarray(counts)
     if counts.ndim != 1 or counts.dtype.kind not in "iu":
@@ -174,7 +204,14 @@ def build_freqs(counts: np.ndarray, scale_bits: int) -> np.ndarray:
         raise ValueError(f"{K} distinct symbols do not fit in 2**{scale_bits} slots; "
                          f"use scale_bits >= {math.ceil(math.log2(K))}")
     c = counts.astype(np.float64)
-    f = np.where(present, np.maximum(1, np.floor(c * M / c.sum())), 0).astype(np.int64)
+    # water-filling: pin the p rarest symbols at 1 and share the rest in proportion,
+    # with the smallest p for which every unpinned symbol still gets >= 1
+    cs = np.sort(c[present])
+    p = np.arange(K)
+    lam = (M - p) / (cs.sum() - np.concatenate([[0.0], np.cumsum(cs)[:-1]]))
+    p0 = int(np.argmax(cs * lam >= 1))  # p = K - 1 always qualifies (lam * cs[-1] = M - K + 1 >= 1)
+    f = np.where(present, np.maximum(1, np.floor(c * lam[p0])), 0).astype(np.int64)
+    f = np.minimum(f, M - (K - 1))  # guards the float rounding; the fix-up below restores the sum
     with np.errstate(divide="ignore", invalid="ignore"):
         def gain():  # bits saved by giving a symbol one more unit
             return np.where(present, c * np.log2((f + 1) / f), -np.inf)
@@ -183,14 +220,14 @@ def build_freqs(counts: np.ndarray, scale_bits: int) -> np.ndarray:
             return np.where(f > 1, c * np.log2(f / (f - 1)), np.inf)
 
         while (short := M - int(f.sum())) != 0:
-            if short > 0:  # the floor left units over: give them where they help most
+            if short > 0:  # units left over: give them where they help most
                 k = min(short, K)
                 f[np.argpartition(-gain(), k - 1)[:k]] += 1
-            else:          # the ">= 1" rule overspent: take from where it hurts least
+            else:          # overspent: take back where it hurts least
                 lo = loss()
                 k = min(-short, int(np.isfinite(lo).sum()))
                 f[np.argpartition(lo, k - 1)[:k]] -= 1
-        for _ in range(4 * K + 16):  # then swap single units while a swap saves bits
+        for _ in range(64):  # polish: swap single units while a swap saves bits
             g, lo = gain(), loss()
             i, j = int(np.argmax(g)), int(np.argmin(lo))
             if i == j or not g[i] > lo[j] * (1 + 1e-12):
@@ -216,42 +253,86 @@ def choose_lanes(n_symbols: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# the frequency table on the wire: LEB128 varints, dense or sparse, whichever is smaller
+# the frequency table on the wire, in whichever of two forms is smaller:
+#   dense   varint lo, varint count, byte k, then `count` Rice(k) codes of the
+#           zigzagged differences f[s] - f[s-1] over lo..lo+count-1 (bits MSB
+#           first, zero-padded to a byte). Neighbouring frequencies of a smooth
+#           histogram are close, so most differences cost a few bits.
+#   sparse  varint count, then (gap since the previous present symbol, freq)
+#           varint pairs: for a few symbols scattered over a wide range.
 
 def _varint_nbytes(v: np.ndarray) -> int:
     v = np.asarray(v, dtype=np.int64)
     return int(v.size + (v >= 1 << 7).sum() + (v >= 1 << 14).sum() + (v >= 1 << 21).sum())
 
 
-def _table_layouts(freqs: np.ndarray):
-    """(dense values, sparse values) for a dense freqs array with at least one nonzero."""
-    sym = np.flatnonzero(freqs)
-    lo, hi = int(sym[0]), int(sym[-1])
-    dense = np.concatenate([[lo, hi - lo + 1], freqs[lo:hi + 1]])
-    gaps = np.diff(sym, prepend=-1) - 1  # zero-length runs of absent symbols between present ones
-    sparse = np.concatenate([[sym.size], np.stack([gaps, freqs[sym]], axis=1).reshape(-1)])
-    return dense.astype(np.int64), sparse.astype(np.int64)
-
-
-def table_nbytes(freqs: np.ndarray) -> int:
-    """Bytes the frequency table takes in the stream."""
-    dense, sparse = _table_layouts(freqs)
-    return min(_varint_nbytes(dense), _varint_nbytes(sparse))
-
-
-def _pack_table(freqs: np.ndarray) -> tuple[int, bytes]:
-    """Dense: lo, count, then count freqs (zeros for absent symbols).
-    Sparse: count, then (gap since previous present symbol, freq) pairs."""
-    dense, sparse = _table_layouts(freqs)
-    sparse_wins = _varint_nbytes(sparse) < _varint_nbytes(dense)
-    values = sparse if sparse_wins else dense
+def _varints(values) -> bytes:
     out = bytearray()
-    for v in values.tolist():
+    for v in values:  # LEB128: 7 bits a byte, low bits first, high bit = "more follows"
         while v >= 0x80:
             out.append((v & 0x7F) | 0x80)
             v >>= 7
         out.append(v)
-    return (FLAG_SPARSE if sparse_wins else 0), bytes(out)
+    return bytes(out)
+
+
+def _zigzag(d: np.ndarray) -> np.ndarray:
+    """0, -1, 1, -2, 2, ... -> 0, 1, 2, 3, 4, ...: small magnitudes get small codes."""
+    return np.where(d >= 0, 2 * d, -2 * d - 1)
+
+
+def _rice_bits(fs: np.ndarray, sym: np.ndarray):
+    """Bits of the dense table for each row of fs (S, K), the frequencies of the present
+    symbols `sym`, and the Rice parameter k that gives them. Works on the K present
+    symbols only: the differences across a gap of absent symbols are -f, 0, ..., 0, +f."""
+    gap = np.diff(sym) - 1
+    adjacent = gap == 0
+    d = np.concatenate([fs[:, :1],                                                # f[lo] - 0
+                        np.where(adjacent, fs[:, 1:] - fs[:, :-1], fs[:, 1:]),    # into each symbol
+                        -fs[:, :-1][:, ~adjacent]], axis=1)                       # out, before a gap
+    zeros = int(np.maximum(gap - 1, 0).sum())                                     # inside the gaps
+    k = np.arange(19)
+    bits = ((_zigzag(d)[:, :, None] >> k) + 1 + k).sum(axis=1) + zeros * (1 + k)  # (S, 19)
+    return bits.min(axis=1), bits.argmin(axis=1)
+
+
+def _sparse_values(freqs: np.ndarray) -> np.ndarray:
+    sym = np.flatnonzero(freqs)
+    gaps = np.diff(sym, prepend=-1) - 1
+    return np.concatenate([[sym.size], np.stack([gaps, freqs[sym]], axis=1).reshape(-1)]).astype(np.int64)
+
+
+def _table_sizes(freqs: np.ndarray) -> tuple[int, int]:
+    """(dense bytes, sparse bytes)."""
+    sym = np.flatnonzero(freqs)
+    bits, _ = _rice_bits(freqs[sym].astype(np.int64)[None], sym)
+    dense = _varint_nbytes([sym[0], sym[-1] - sym[0] + 1]) + 1 + -(-int(bits[0]) // 8)
+    sparse = _varint_nbytes([sym.size]) + _varint_nbytes(np.diff(sym, prepend=-1) - 1) + _varint_nbytes(freqs[sym])
+    return dense, sparse
+
+
+def table_nbytes(freqs: np.ndarray) -> int:
+    """Bytes the frequency table takes in the stream."""
+    return min(_table_sizes(freqs))
+
+
+def _pack_table(freqs: np.ndarray) -> tuple[int, bytes]:
+    """(flags, table bytes) for a dense freqs array with at least one nonzero."""
+    dense_n, sparse_n = _table_sizes(freqs)
+    if sparse_n < dense_n:
+        return FLAG_SPARSE, _varints(_sparse_values(freqs).tolist())
+    sym = np.flatnonzero(freqs)
+    lo, hi = int(sym[0]), int(sym[-1])
+    nbits, k = (int(v[0]) for v in _rice_bits(freqs[sym].astype(np.int64)[None], sym))
+    z = _zigzag(np.diff(freqs[lo:hi + 1].astype(np.int64), prepend=0))
+    # Rice code of each z: (z >> k) zeros, a 1, then the low k bits of z, MSB first
+    length = (z >> k) + 1 + k
+    stop = np.cumsum(length) - length + (z >> k)  # where each code's 1 goes
+    bits = np.zeros(-(-nbits // 8) * 8, dtype=np.uint8)
+    bits[stop] = 1
+    for j in range(k):
+        bits[stop + 1 + j] = (z >> (k - 1 - j)) & 1
+    return 0, _varints([lo, z.size]) + bytes([k]) + np.packbits(bits).tobytes()
 
 
 def _read_varints(buf: bytes, count: int, pos: int) -> tuple[list[int], int]:
@@ -282,6 +363,8 @@ def _unpack_table(buf: bytes, sparse: bool, scale_bits: int) -> np.ndarray:
         if not 1 <= k <= min(M, ALPHABET_LIMIT):
             raise FormatError(f"frequency table: {k} symbols for 2**{scale_bits} slots")
         values, pos = _read_varints(buf, 2 * k, pos)
+        if pos != len(buf):
+            raise FormatError(f"frequency table: {len(buf) - pos} trailing bytes")
         sym = np.cumsum(np.asarray(values[0::2], dtype=np.int64) + 1) - 1
         f = np.asarray(values[1::2], dtype=np.int64)
         if sym[-1] >= ALPHABET_LIMIT:
@@ -291,16 +374,27 @@ def _unpack_table(buf: bytes, sparse: bool, scale_bits: int) -> np.ndarray:
         freqs = np.zeros(int(sym[-1]) + 1, dtype=np.int64)
         freqs[sym] = f
     else:
-        (lo, k), pos = _read_varints(buf, 2, 0)
-        if not (1 <= k and lo + k <= ALPHABET_LIMIT):
-            raise FormatError(f"frequency table: symbol range {lo}..{lo + k - 1} is outside 0..65535")
-        values, pos = _read_varints(buf, k, pos)
-        freqs = np.zeros(lo + k, dtype=np.int64)
-        freqs[lo:] = values
-        if freqs[lo] == 0 or freqs[-1] == 0:
-            raise FormatError("frequency table: dense range does not start and end on present symbols")
-    if pos != len(buf):
-        raise FormatError(f"frequency table: {len(buf) - pos} trailing bytes")
+        (lo, count), pos = _read_varints(buf, 2, 0)
+        if not (1 <= count and lo + count <= ALPHABET_LIMIT):
+            raise FormatError(f"frequency table: symbol range {lo}..{lo + count - 1} is outside 0..65535")
+        if pos >= len(buf) or buf[pos] > 18:
+            raise FormatError("frequency table: missing or bad Rice parameter")
+        k = buf[pos]
+        bits = format(int.from_bytes(buf[pos + 1:], "big"), f"0{8 * (len(buf) - pos - 1)}b")
+        z, i = [], 0
+        for _ in range(count):
+            j = bits.find("1", i)  # unary quotient ends at the next 1
+            if j < 0 or j + 1 + k > len(bits):
+                raise FormatError("frequency table is truncated")
+            z.append(((j - i) << k) | (int(bits[j + 1:j + 1 + k], 2) if k else 0))
+            i = j + 1 + k
+        if len(bits) - i >= 8 or "1" in bits[i:]:
+            raise FormatError("frequency table: trailing bytes after the Rice codes")
+        z = np.asarray(z, dtype=np.int64)
+        freqs = np.zeros(lo + count, dtype=np.int64)
+        freqs[lo:] = np.cumsum(np.where(z & 1, -(z + 1) // 2, z // 2))
+        if (freqs < 0).any() or freqs[lo] == 0 or freqs[-1] == 0:
+            raise FormatError("frequency table: a frequency is negative, or the range has no symbol at an end")
     if int(freqs.sum()) != M:
         raise FormatError(f"frequency table sums to {int(freqs.sum())}, not 2**scale_bits = {M}")
     return freqs.astype(np.uint32)
@@ -337,8 +431,11 @@ class RansStream:
         flags, table = _pack_table(self.freqs)
         head = _HEADER.pack(MAGIC, VERSION, flags, self.scale_bits, self.lanes.bit_length() - 1,
                             self.n_symbols, len(self.words), len(table))
-        body = b"".join([head, self.states.astype("<u4").tobytes(), self.words.astype("<u2").tobytes(), table])
-        return body + struct.pack("<I", zlib.crc32(body))
+        parts = [head, self.states.astype("<u4", copy=False).data, self.words.astype("<u2", copy=False).data, table]
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        return b"".join(parts + [struct.pack("<I", crc)])
 
     @classmethod
     def from_bytes(cls, data) -> "RansStream":
@@ -361,6 +458,8 @@ class RansStream:
         lanes = 1 << lanes_log2
         if n_symbols > MAX_SYMBOLS:
             raise FormatError(f"n_symbols {n_symbols} > 2**31")
+        if n_table > MAX_TABLE_BYTES:
+            raise FormatError(f"table_nbytes {n_table} > {MAX_TABLE_BYTES}, more than any real table takes")
         n_padded = -(-n_symbols // lanes) * lanes
         if n_words > n_padded:  # each lane moves at most one word per step
             raise FormatError(f"n_words {n_words} > {n_padded}, the most {n_symbols} symbols can produce")
@@ -377,9 +476,41 @@ class RansStream:
         states = np.frombuffer(buf, dtype="<u4", count=lanes, offset=pos)
         words = np.frombuffer(buf, dtype="<u2", count=n_words, offset=pos + 4 * lanes)
         freqs = _unpack_table(bytes(body[len(body) - n_table:]), bool(flags & FLAG_SPARSE), scale_bits)
-        if n_symbols and (states < L).any():
-            raise FormatError(f"a final state is below L = 2**16: corrupt states")
-        return cls(n_symbols, lanes, scale_bits, freqs, states, words)
+        return cls(n_symbols, lanes, scale_bits, freqs, states, words).validate()
+
+    def validate(self) -> "RansStream":
+        """Check that the fields fit together (cheap; the decoders rely on it). Raises FormatError."""
+        if not (isinstance(self.lanes, (int, np.integer)) and 1 <= self.lanes <= 1 << MAX_LANES_LOG2
+                and self.lanes & (self.lanes - 1) == 0):
+            raise FormatError(f"lanes must be a power of two in 1..{1 << MAX_LANES_LOG2}, got {self.lanes}")
+        if not 0 <= self.scale_bits <= MAX_SCALE_BITS:
+            raise FormatError(f"scale_bits {self.scale_bits} is outside 0..{MAX_SCALE_BITS}")
+        if not 0 <= self.n_symbols <= MAX_SYMBOLS:
+            raise FormatError(f"n_symbols {self.n_symbols} is outside 0..2**31")
+        f = np.asarray(self.freqs)
+        if f.ndim != 1 or not 1 <= f.size <= ALPHABET_LIMIT or f.dtype.kind not in "iu":
+            raise FormatError(f"freqs must be a 1-D integer array of 1..65536 entries, got {f.dtype} {f.shape}")
+        if int(f.astype(np.int64).sum()) != 1 << self.scale_bits or f.min() < 0:
+            raise FormatError(f"freqs sum to {int(f.astype(np.int64).sum())}, not 2**scale_bits = {1 << self.scale_bits}")
+        if np.shape(self.states) != (self.lanes,) or np.asarray(self.states).dtype != np.uint32:
+            raise FormatError(f"states must be {self.lanes} uint32 values, got {np.asarray(self.states).dtype} "
+                              f"{np.shape(self.states)}")
+        if self.n_symbols and (self.states < L).any():
+            raise FormatError("a final state is below L = 2**16: corrupt states")
+        n_padded = -(-self.n_symbols // self.lanes) * self.lanes
+        if np.ndim(self.words) != 1 or np.asarray(self.words).dtype != np.uint16 or len(self.words) > n_padded:
+            raise FormatError(f"words must be at most {n_padded} uint16 values (one per symbol), "
+                              f"got {np.asarray(self.words).dtype} {np.shape(self.words)}")
+        # ... and at least this many: every D shrinks x by >= M / f_max, less a rounding slack
+        # (x' + 1 <= f (x + M) / M with x >= L), while a lane holds < 32 - 16 bits more than
+        # the final L and each word adds 16. So a stream that ends at L obeys
+        #   n_padded * (log2(M / f_max) - log2(1 + M / L)) < 16 * (lanes + n_words).
+        # This stops a forged n_symbols from making a short stream decode for minutes.
+        bits_min = math.log2((1 << self.scale_bits) / int(f.max())) - math.log2(1 + (1 << self.scale_bits) / L)
+        if n_padded * bits_min > 16 * (self.lanes + len(self.words)) + 1:
+            raise FormatError(f"n_symbols {self.n_symbols} needs more than the {len(self.words)} words "
+                              "in the stream: corrupt n_symbols or words")
+        return self
 
 
 # ----------------------------------------------------------------------------
@@ -436,62 +567,86 @@ def _check_end(x, ptr: int, n_words: int):
 
 
 # ----------------------------------------------------------------------------
-# fast: the same two loops compiled with numba
+# fast: the same two loops compiled with numba. Branch-free inner bodies (the
+# renormalisation happens for ~40 % of symbols, at random: a branch there would
+# mispredict constantly), and tables packed so that one load fetches all a
+# symbol needs.
 
 @njit(cache=True, nogil=True)
-def _encode_kernel(sym, lanes, freqs, cum, scale_bits, buf):
-    """sym: (T*N,) padded symbols; fills buf from the end; returns (states, index of first word)."""
+def _encode_kernel(sym, lanes, sym_tab, scale_bits, buf):
+    """sym: (T*N,) padded symbols; sym_tab[s] = f | c << 17. Fills buf from the end.
+
+    Returns (final states, index in buf of the first word).
+    """
     x = np.full(lanes, L, dtype=np.int64)
-    pos = buf.size
+    pos = buf.size  # each symbol emits at most one word, so pos - 1 >= 0 below
     T = sym.size // lanes
-    x_max_base = (L >> scale_bits) << 16
-    for t in range(T - 1, -1, -1):
+    x_max_shift = 32 - scale_bits  # x_max = ((L >> scale_bits) << 16) * f = f << (32 - scale_bits)
+    for t in range(T - 1, -1, -1):         # surprise 1: encode in reverse
         base = t * lanes
         for n in range(lanes - 1, -1, -1):
-            s = sym[base + n]
-            f = np.int64(freqs[s])
+            e = sym_tab[sym[base + n]]
+            f = e & 0x1FFFF
             xx = x[n]
-            if xx >= x_max_base * f:
-                pos -= 1
-                buf[pos] = xx & 0xFFFF
-                xx >>= 16
+            big = np.int64(xx >= (f << x_max_shift))
+            buf[pos - 1] = xx & 0xFFFF      # surprise 2: written backwards; kept only if big
+            pos -= big
+            xx >>= big << 4
             q = xx // f
-            x[n] = (q << scale_bits) + (xx - q * f) + cum[s]  # x = C(s, x)
+            x[n] = (q << scale_bits) + (xx - q * f) + (e >> 17)  # x = C(s, x)
     return x, pos
 
 
 @njit(cache=True, nogil=True)
-def _decode_kernel(states, words, n_words, slot_sym, slot_fb, scale_bits, T, out):
-    """out: (T*N,) uint16. words has len >= 1 (reads are clamped to it). Returns (states, words used)."""
+def _decode_kernel(states, words, slot_tab, scale_bits, T, out):
+    """out: (T*N,) uint16; slot_tab[slot] = s | f << 16 | (slot - c) << 40.
+
+    Never reads outside words, whatever they hold: a step runs unchecked only
+    when a whole step's worth (N words) is left. Returns (states, words used).
+    """
     lanes = states.size
+    n_words = words.size
     x = states.astype(np.int64)
     mask = (1 << scale_bits) - 1
-    last = words.size - 1
     ptr = 0
     for t in range(T):
         base = t * lanes
-        for n in range(lanes):
-            xx = x[n]
-            slot = xx & mask
-            out[base + n] = slot_sym[slot]
-            fb = slot_fb[slot]                                     # f << 16 | (slot - c)
-            xx = (fb >> 16) * (xx >> scale_bits) + (fb & 0xFFFF)   # D(x)
-            w = np.int64(words[min(ptr, last)])                    # never reads outside words
-            if xx < L:
-                xx = (xx << 16) | w
-                ptr += 1
-            x[n] = xx
+        if ptr + lanes <= n_words:
+            for n in range(lanes):
+                xx = x[n]
+                e = slot_tab[xx & mask]                                # slot = x & (M - 1)
+                out[base + n] = e & 0xFFFF
+                xx = ((e >> 16) & 0x1FFFF) * (xx >> scale_bits) + (e >> 40)  # D(x)
+                need = np.int64(xx < L)                                # surprise 3: one shared stream
+                xx = (xx << (need << 4)) | (words[ptr] & -need)
+                ptr += need
+                x[n] = xx
+        else:  # the last steps (or a corrupt stream): clamp the reads
+            for n in range(lanes):
+                xx = x[n]
+                e = slot_tab[xx & mask]
+                out[base + n] = e & 0xFFFF
+                xx = ((e >> 16) & 0x1FFFF) * (xx >> scale_bits) + (e >> 40)
+                need = np.int64(xx < L)
+                w = np.int64(words[min(ptr, n_words - 1)]) if n_words > 0 else 0
+                xx = (xx << (need << 4)) | (w & -need)
+                ptr += need
+                x[n] = xx
     return x, ptr
 
 
-def _slot_tables(freqs: np.ndarray, scale_bits: int):
-    """Per slot: its symbol (uint16) and f << 16 | (slot - c) packed in an int64."""
+def _symbol_table(freqs: np.ndarray) -> np.ndarray:
+    """Per symbol: f | c << 17 (int64), for the fast encoder."""
     f = freqs.astype(np.int64)
-    M = 1 << scale_bits
-    slot_sym = np.repeat(np.arange(len(f), dtype=np.uint16), f)
+    return f | ((np.cumsum(f) - f) << 17)
+
+
+def _slot_table(freqs: np.ndarray, scale_bits: int) -> np.ndarray:
+    """Per slot: s | f << 16 | (slot - c) << 40 (int64), for the fast decoder."""
+    f = freqs.astype(np.int64)
+    s = np.repeat(np.arange(len(f), dtype=np.int64), f)  # (M,) slot -> symbol
     c = np.cumsum(f) - f
-    slot_fb = (f[slot_sym] << 16) | (np.arange(M, dtype=np.int64) - c[slot_sym])
-    return slot_sym, slot_fb
+    return s | (f[s] << 16) | ((np.arange(1 << scale_bits, dtype=np.int64) - c[s]) << 40)
 
 
 # ----------------------------------------------------------------------------
@@ -502,34 +657,49 @@ def _check_backend(backend: str, allowed=("numpy", "fast")):
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
 
 
+# The coder itself loses a little to the integer rounding in C, growing ~4x per
+# extra bit of scale (measured: ~0.005 bits/symbol at scale_bits = 16, 0.3 %
+# of that at 12), while a finer scale quantises the frequencies better but
+# makes the table bigger. _auto_scale_bits weighs all three.
+_CODER_LOSS_AT_16 = 0.005  # bits per symbol at scale_bits = 16
+
+
 def _auto_scale_bits(counts: np.ndarray) -> int:
-    """The scale_bits in [ceil(log2 K), 16] minimising payload + table, in bits."""
-    K = int((counts > 0).sum())
-    lo = max(0, math.ceil(math.log2(K))) if K > 1 else 0
+    """The scale_bits minimising payload + coder loss + table, estimated for all at once.
+
+    The estimate rounds counts * M / n (at least 1) instead of running build_freqs
+    for every candidate: the payload of that table, normalised by its own sum,
+    is within a hair of the optimum's, and the table size is computed as stored.
+    """
+    present = counts > 0
+    K = int(present.sum())
     if K <= 1:
-        return 0  # one symbol: f = M = 1 and every symbol is free
-    c = counts[counts > 0].astype(np.float64)
-    best, best_cost = MAX_SCALE_BITS, math.inf
-    for sb in range(lo, MAX_SCALE_BITS + 1):
-        f = build_freqs(counts, sb)
-        cost = float(-(c * np.log2(f[counts > 0] / (1 << sb))).sum()) + 8 * table_nbytes(f)
-        if cost < best_cost - 1e-9:
-            best, best_cost = sb, cost
-    return best
+        return 0  # one symbol: f = M = 1, and every symbol costs nothing
+    sym = np.flatnonzero(present)
+    c = counts[sym].astype(np.float64)                          # (K,)
+    n = c.sum()
+    sb = np.arange(math.ceil(math.log2(K)), MAX_SCALE_BITS + 1)  # (S,) candidates
+    f = np.maximum(1, np.round(c * (2.0 ** sb[:, None] / n))).astype(np.int64)  # (S, K)
+    payload = (c * np.log2(f.sum(axis=1, keepdims=True) / f)).sum(axis=1)
+    coder = n * _CODER_LOSS_AT_16 * 4.0 ** (sb - 16)
+    dense = _rice_bits(f, sym)[0] / 8 + 5
+    sparse = _varint_nbytes(np.diff(sym, prepend=-1) - 1) + K + (f >= 128).sum(axis=1) + (f >= 1 << 14).sum(axis=1)
+    table = 8 * np.minimum(dense, sparse)
+    return int(sb[np.argmin(payload + coder + table)])
 
 
 def encode_stream(symbols, scale_bits: int | None = None, lanes: int | None = None,
                   backend: str = "fast") -> RansStream:
     """Encode an integer array (flattened, values in [0, 2**16)) into a RansStream."""
     _check_backend(backend)
-    sym = as_symbols(symbols)
+    sym = np.ascontiguousarray(as_symbols(symbols), dtype=np.uint16)
     n = sym.size
     if n > MAX_SYMBOLS:
         raise ValueError(f"{n} symbols > 2**31; split the array into several streams")
     lanes = choose_lanes(n) if lanes is None else int(lanes)
     if lanes < 1 or lanes & (lanes - 1) or lanes > 1 << MAX_LANES_LOG2:
         raise ValueError(f"lanes must be a power of two in 1..{1 << MAX_LANES_LOG2}, got {lanes}")
-    counts = np.bincount(sym) if n else np.ones(1, dtype=np.int64)  # empty: a dummy one-symbol table
+    counts = count_symbols(sym) if n else np.ones(1, dtype=np.int64)  # empty: a dummy one-symbol table
     if scale_bits is None:
         scale_bits = _auto_scale_bits(counts)
     freqs = build_freqs(counts, int(scale_bits))
@@ -541,8 +711,7 @@ def encode_stream(symbols, scale_bits: int | None = None, lanes: int | None = No
         states, words = _encode_numpy(sym.reshape(T, lanes), freqs, scale_bits)
     else:
         buf = np.empty(T * lanes, dtype=np.uint16)
-        cum = (np.cumsum(freqs, dtype=np.int64) - freqs).astype(np.int64)
-        x, pos = _encode_kernel(sym, lanes, freqs.astype(np.int64), cum, scale_bits, buf)
+        x, pos = _encode_kernel(sym, lanes, _symbol_table(freqs), scale_bits, buf)
         states, words = x.astype(np.uint32), buf[pos:]
     return RansStream(n, lanes, int(scale_bits), freqs, states, words)
 
@@ -550,21 +719,19 @@ def encode_stream(symbols, scale_bits: int | None = None, lanes: int | None = No
 def decode_stream(stream: RansStream, backend: str = "fast") -> np.ndarray:
     """Decode a RansStream into a 1-D uint16 array. Raises FormatError if it is corrupt."""
     _check_backend(backend)
+    stream.validate()
     N = stream.lanes
     T = -(-stream.n_symbols // N)
     if backend == "numpy":
         out = _decode_numpy(stream.states, stream.words, stream.freqs, stream.scale_bits, T)
         return out.reshape(-1)[:stream.n_symbols]
-    slot_sym, slot_fb = _slot_tables(stream.freqs, stream.scale_bits)
     words = stream.words
-    if len(words) == 0:
-        words = np.zeros(1, dtype=np.uint16)  # the kernel clamps reads to words; give it one
-    elif not words.flags.aligned or words.dtype != np.uint16:
+    if not words.flags.aligned or not words.flags.c_contiguous or words.dtype != np.uint16:
         words = np.ascontiguousarray(words, dtype=np.uint16)
     out = np.empty(T * N, dtype=np.uint16)
-    x, ptr = _decode_kernel(np.ascontiguousarray(stream.states, dtype=np.uint32), words, len(stream.words),
-                            slot_sym, slot_fb, stream.scale_bits, T, out)
-    _check_end(x, ptr, len(stream.words))
+    x, ptr = _decode_kernel(np.ascontiguousarray(stream.states, dtype=np.uint32), words,
+                            _slot_table(stream.freqs, stream.scale_bits), stream.scale_bits, T, out)
+    _check_end(x, ptr, len(words))
     return out[:stream.n_symbols]
 
 
@@ -592,7 +759,8 @@ def decode(data, backend: str = "fast", device=None):
 def decode_torch(words, states, freqs, n_symbols: int, lanes: int, scale_bits: int, slot_table=None):
     """Decode on words.device; returns a 1-D torch.int32 tensor of n_symbols symbols.
 
-    words: (W,) int16/uint16/int32/int64 tensor (16-bit words, int16 reinterpreted);
+    words: (W,) int16/uint16/int32 tensor of the 16-bit words (int16 read as its bits),
+           left as it is: only the N words a step needs are widened;
     states: (lanes,) integer tensor; freqs: (alphabet_size,) integer tensor;
     slot_table: optional precomputed (M,) symbol per slot (e.g. kept with the words).
     No host synchronisation inside the loop; one at the end to check the stream.
@@ -610,13 +778,15 @@ def decode_torch(words, states, freqs, n_symbols: int, lanes: int, scale_bits: i
     slot_to_sym = slot_table.to(dev, torch.int64)
     if slot_to_sym.numel() != 1 << scale_bits:
         raise FormatError(f"slot table has {slot_to_sym.numel()} slots, expected 2**{scale_bits}")
-    w = words.reshape(-1).to(torch.int64) & 0xFFFF
+    w = words.reshape(-1)
+    if w.dtype == torch.uint16:
+        w = w.view(torch.int16)  # same bits; int16 supports every op we need
     if n_words == 0:
-        w = torch.zeros(1, dtype=torch.int64, device=dev)  # reads are clamped; give them one word
+        w = torch.zeros(1, dtype=torch.int16, device=dev)  # reads are clamped; give them one word
     mask = (1 << scale_bits) - 1
     x = states.to(dev, torch.int64)
     out = torch.empty((T, N), dtype=torch.int32, device=dev)
-    ptr = torch.zeros((), dtype=torch.int64, device=dev)
+    ptr = torch.zeros((), dtype=torch.int64, device=dev)  # stays on the device: no sync per step
     for t in range(T):
         slot = x & mask
         s = slot_to_sym[slot]
@@ -624,7 +794,13 @@ def decode_torch(words, states, freqs, n_symbols: int, lanes: int, scale_bits: i
         x = f[s] * (x >> scale_bits) + slot - c[s]            # D(x)
         need = x < L
         idx = ptr + torch.cumsum(need, 0) - 1                  # the needing lanes take the next words, in order
-        x = torch.where(need, (x << 16) | w[idx.clamp(0, w.numel() - 1)], x)
+        word = w[idx.clamp(0, w.numel() - 1)].to(torch.int64) & 0xFFFF
+        x = torch.where(need, (x << 16) | word, x)
         ptr = ptr + need.sum()
     _check_end(x.cpu().numpy(), int(ptr), n_words)
     return out.reshape(-1)[:n_symbols]
+
+
+def stream_nbytes(stream: RansStream) -> int:
+    """Size in bytes of stream.to_bytes(), without building it."""
+    return stream.nbytes

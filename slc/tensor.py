@@ -15,6 +15,14 @@ Predictors turn codes into residuals that may be cheaper to code:
 On real int8 weights `left` usually *raises* the entropy (neighbouring weights are
 nearly independent), despite what the first prototype claimed; `auto` keeps `none`.
 
+Three modes share this class's interface (buffers / meta / bytes / decompress):
+    affine    Quantizer(bits=...): codes in [0, 2**bits) are the rANS symbols (format v1).
+    ecsq      Quantizer(mode="ecsq", step=...): unbounded signed codes, zig-zag mapped, with an
+              escape symbol for the rare codes beyond the alphabet; the escaped codes are kept
+              apart as int32 (`escapes`), so the stream is exact (format v2, see slc/ecsq.py).
+    lossless  compress(t, lossless=True) returns a `slc.lossless.LosslessTensor`: exponent and
+              sign+mantissa planes of the float bits, exact bit for bit (format v3).
+
 All sizes count everything a file would hold: words, final states, frequency table,
 stream header, scales / zero points and this object's own header.
 """
@@ -34,7 +42,9 @@ from .quant import FLOAT_DTYPES, QuantizedTensor, Quantizer, as_float_tensor
 
 PREDICTORS = ("none", "left")
 MAGIC = b"SLCT"
-VERSION = 1
+VERSION = 1              # affine codes
+VERSION_ECSQ = 2         # v1 + an escapes field (int32 codes of escaped symbols)
+VERSION_LOSSLESS = 3     # slc.lossless.LosslessTensor
 MAX_NUMEL = 2 ** 31 - 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 
@@ -104,13 +114,24 @@ class CompressedTensor:
     original_dtype: torch.dtype
     predictor: str = "none"
     predictor_entropies: dict = field(default_factory=dict)   # {predictor: bits per weight}
+    escapes: torch.Tensor | None = None     # ecsq: int32 codes of the escaped positions, in order
+    escape_symbol: int | None = None        # ecsq: symbols >= this were escaped (coded as it)
     _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
     def compress(cls, tensor, quantizer: Quantizer | None = None, predictor: str = "auto",
-                 backend: str = "fast", scale_bits: int | None = None) -> "CompressedTensor":
-        """Quantise `tensor` (default int8 per channel) and rANS-code its codes."""
+                 backend: str = "fast", scale_bits: int | None = None, lossless: bool = False):
+        """Quantise `tensor` (default int8 per channel) and rANS-code its codes.
+
+        lossless=True keeps every bit instead (no quantiser): it returns a
+        `slc.lossless.LosslessTensor`, which has this class's interface.
+        """
+        if lossless:
+            if quantizer is not None:
+                raise ValueError("lossless=True keeps every bit: it takes no quantizer (drop one of the two)")
+            from .lossless import LosslessTensor
+            return LosslessTensor.compress(tensor, backend=backend)
         quantizer = quantizer or Quantizer()
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be an slc.Quantizer, got {type(quantizer).__name__}")
@@ -125,6 +146,8 @@ class CompressedTensor:
     def from_quantized(cls, qt: QuantizedTensor, predictor: str = "auto", backend: str = "fast",
                        scale_bits: int | None = None) -> "CompressedTensor":
         """rANS-code an existing QuantizedTensor's codes (lossless)."""
+        if qt.quantizer.mode == "ecsq":
+            return cls._from_ecsq(qt, predictor, backend, scale_bits)
         codes = qt.symbols()
         bits, shape = qt.bits, qt.original_shape
         candidates = PREDICTORS if predictor == "auto" else (predictor,)
@@ -135,9 +158,25 @@ class CompressedTensor:
         return cls(stream, qt.scale.detach().cpu(), None if qt.zero_point is None else qt.zero_point.detach().cpu(),
                    qt.quantizer, tuple(shape), qt.original_dtype, chosen, entropies)
 
+    @classmethod
+    def _from_ecsq(cls, qt: QuantizedTensor, predictor: str, backend: str, scale_bits) -> "CompressedTensor":
+        from .ecsq import split_escapes
+        if predictor not in ("auto", "none"):
+            raise ValueError(f"predictor={predictor!r} is for affine codes; ecsq codes are coded as they are "
+                             "(use predictor='none' or 'auto')")
+        sym, E, esc = split_escapes(qt.codes.detach().cpu().reshape(-1).numpy())
+        stream = rans.encode_stream(sym, scale_bits=scale_bits, backend=backend)
+        entropies = {"none": order0_bits(sym) / max(sym.size, 1)}
+        return cls(stream, qt.scale.detach().cpu(), None, qt.quantizer, tuple(qt.original_shape),
+                   qt.original_dtype, "none", entropies, torch.from_numpy(esc), E)
+
     # --- decoding ---------------------------------------------------------------------------
     def codes(self, backend: str = "fast") -> np.ndarray:
-        """The quantiser's codes as uint16 symbols in [0, 2**bits), row-major."""
+        """The quantiser's codes as uint16 symbols in [0, 2**bits), row-major (ecsq: zig-zag, uint32)."""
+        if self.quantizer.mode == "ecsq":
+            from .ecsq import join_escapes, zigzag
+            sym = rans.decode_stream(self.stream, backend=backend)
+            return zigzag(join_escapes(sym, self.escape_symbol, self.escapes.numpy()))
         residuals = rans.decode_stream(self.stream, backend=backend)
         return undo_predictor(residuals, self.predictor, self.quantizer.bits, self.original_shape)
 
@@ -196,6 +235,8 @@ class CompressedTensor:
         }
         if self.zero_point is not None:
             out["zero_point"] = self.zero_point
+        if self.escapes is not None:
+            out["escapes"] = self.escapes
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
         return out
@@ -204,18 +245,26 @@ class CompressedTensor:
     def meta(self) -> dict:
         """JSON-able description: together with buffers() it is the whole tensor."""
         q = self.quantizer
+        qd = {"bits": q.bits, "scheme": q.scheme, "granularity": q.granularity, "axis": q.axis,
+              "group_size": q.group_size}
+        extra = {}
+        if q.mode == "ecsq":
+            qd.update(mode=q.mode, step=q.step, dead_zone=q.dead_zone, reference=q.reference)
+            extra = {"escape_symbol": int(self.escape_symbol), "n_escapes": int(self.escapes.numel())}
         return {
             "shape": list(self.original_shape), "dtype": dtype_name(self.original_dtype),
-            "quantizer": {"bits": q.bits, "scheme": q.scheme, "granularity": q.granularity,
-                          "axis": q.axis, "group_size": q.group_size},
+            "quantizer": qd,
             "predictor": self.predictor, "predictor_entropies": self.predictor_entropies,
             "n_symbols": int(self.stream.n_symbols), "lanes": int(self.stream.lanes),
-            "scale_bits": int(self.stream.scale_bits),
+            "scale_bits": int(self.stream.scale_bits), **extra,
         }
 
     @classmethod
     def from_buffers(cls, buffers: dict[str, torch.Tensor], meta: dict) -> "CompressedTensor":
         """Inverse of (buffers(), meta); validates everything (raises FormatError)."""
+        if isinstance(meta, dict) and meta.get("mode") == "lossless":
+            from .lossless import LosslessTensor
+            return LosslessTensor.from_buffers(buffers, meta)
         m = _check_meta(meta)
         b = {k: v.detach().cpu() for k, v in buffers.items()}
         for key in ("words", "states", "freqs", "scale"):
@@ -228,20 +277,37 @@ class CompressedTensor:
         stream = rans.RansStream.from_bytes(stream.to_bytes())     # validates every field of the stream
         q = m["quantizer_obj"]
         _check_scales(b["scale"], b.get("zero_point"), q, m["shape"])
-        if len(stream.freqs) > 2 ** q.bits:
+        escapes, E = None, None
+        if q.mode == "ecsq":
+            E = m["escape_symbol"]
+            escapes = b.get("escapes")
+            if escapes is None or escapes.dtype != torch.int32 or escapes.dim() != 1:
+                raise FormatError("an ecsq tensor needs a 1-D int32 buffer 'escapes'")
+            if escapes.numel() != m["n_escapes"]:
+                raise FormatError(f"escapes has {escapes.numel()} codes, header says {m['n_escapes']}")
+            if len(stream.freqs) > E + 1:
+                raise FormatError(f"frequency table has {len(stream.freqs)} symbols, beyond escape symbol {E}")
+            if E < len(stream.freqs) and int(stream.freqs[E]) == 0 and escapes.numel():
+                raise FormatError("escaped codes are present but the escape symbol never occurs")
+        elif len(stream.freqs) > 2 ** q.bits:
             raise FormatError(f"frequency table has {len(stream.freqs)} symbols, more than 2**bits={2 ** q.bits}")
         return cls(stream, b["scale"].float(), None if b.get("zero_point") is None else b["zero_point"].float(),
-                   q, tuple(m["shape"]), _DTYPES[m["dtype"]], m["predictor"], dict(m.get("predictor_entropies", {})))
+                   q, tuple(m["shape"]), _DTYPES[m["dtype"]], m["predictor"], dict(m.get("predictor_entropies", {})),
+                   escapes, E)
 
     # --- bytes ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """MAGIC | version u8 | header len u32 | header JSON | scale | zero point | stream | crc32."""
+        """MAGIC | version u8 | header len u32 | header JSON | scale | zero point | [escapes] | stream | crc32.
+
+        Version 1 (affine) has no escapes field; version 2 (ecsq) has it (int32 little-endian)."""
         header = json.dumps(self.meta, separators=(",", ":")).encode()
-        scale = self.scale.float().contiguous().numpy().tobytes()
-        zp = b"" if self.zero_point is None else self.zero_point.float().contiguous().numpy().tobytes()
+        scale = self.scale.float().contiguous().numpy().astype("<f4").tobytes()
+        zp = b"" if self.zero_point is None else self.zero_point.float().contiguous().numpy().astype("<f4").tobytes()
         stream = self.stream.to_bytes()
-        body = b"".join([MAGIC, struct.pack("<BI", VERSION, len(header)), header,
-                         struct.pack("<I", len(scale)), scale, struct.pack("<I", len(zp)), zp,
+        ecsq = self.quantizer.mode == "ecsq"
+        esc = [struct.pack("<I", 4 * self.escapes.numel()), self.escapes.numpy().astype("<i4").tobytes()] if ecsq else []
+        body = b"".join([MAGIC, struct.pack("<BI", VERSION_ECSQ if ecsq else VERSION, len(header)), header,
+                         struct.pack("<I", len(scale)), scale, struct.pack("<I", len(zp)), zp, *esc,
                          struct.pack("<I", len(stream)), stream])
         return body + struct.pack("<I", zlib.crc32(body))
 
@@ -256,8 +322,12 @@ class CompressedTensor:
         if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
             raise FormatError("compressed tensor checksum mismatch: the bytes are corrupt or truncated")
         version, hlen = struct.unpack_from("<BI", data, 4)
-        if version != VERSION:
-            raise FormatError(f"compressed tensor format version {version} is not supported (this slc reads {VERSION})")
+        if version == VERSION_LOSSLESS:
+            from .lossless import LosslessTensor
+            return LosslessTensor.from_bytes(data)
+        if version not in (VERSION, VERSION_ECSQ):
+            raise FormatError(f"compressed tensor format version {version} is not supported "
+                              f"(this slc reads {VERSION}, {VERSION_ECSQ} and {VERSION_LOSSLESS})")
         pos, end = 9, len(data) - 4
 
         def take(n: int, what: str) -> bytes:
@@ -277,12 +347,15 @@ class CompressedTensor:
             raise FormatError(f"compressed tensor header is not valid JSON: {e}") from None
         scale = take(take_len("scale"), "scale")
         zp = take(take_len("zero_point"), "zero_point")
+        esc = take(take_len("escapes"), "escapes") if version == VERSION_ECSQ else None
         stream_bytes = take(take_len("stream"), "stream")
         if pos != end:
             raise FormatError(f"compressed tensor has {end - pos} unexpected trailing bytes")
-        if len(scale) % 4 or len(zp) % 4:
-            raise FormatError("scale / zero_point byte length is not a multiple of 4")
+        if len(scale) % 4 or len(zp) % 4 or (esc is not None and len(esc) % 4):
+            raise FormatError("scale / zero_point / escapes byte length is not a multiple of 4")
         m = _check_meta(meta)
+        if (m["quantizer_obj"].mode == "ecsq") != (version == VERSION_ECSQ):
+            raise FormatError(f"format version {version} does not match quantizer mode {m['quantizer_obj'].mode!r}")
         stream = rans.RansStream.from_bytes(stream_bytes)
         if stream.n_symbols != m["n_symbols"] or stream.lanes != m["lanes"] or stream.scale_bits != m["scale_bits"]:
             raise FormatError("compressed tensor header disagrees with its rANS stream header")
@@ -294,6 +367,8 @@ class CompressedTensor:
         }
         if zp:
             buffers["zero_point"] = torch.from_numpy(np.frombuffer(zp, dtype=np.float32).copy())
+        if esc is not None:
+            buffers["escapes"] = torch.from_numpy(np.frombuffer(esc, dtype="<i4").astype(np.int32))
         q = m["quantizer_obj"]
         shape = _scale_shape(q, m["shape"])
         for key in ("scale", "zero_point"):
@@ -338,9 +413,19 @@ def _check_meta(meta) -> dict:
         if meta["predictor"] not in PREDICTORS:
             raise FormatError(f"unknown predictor {meta['predictor']!r}")
         qd = meta["quantizer"]
-        if not isinstance(qd, dict) or set(qd) != {"bits", "scheme", "granularity", "axis", "group_size"}:
-            raise FormatError(f"quantizer must have fields bits, scheme, granularity, axis, group_size; got {qd!r}")
+        base = {"bits", "scheme", "granularity", "axis", "group_size"}
+        if not isinstance(qd, dict) or set(qd) not in (base, base | {"mode", "step", "dead_zone", "reference"}):
+            raise FormatError(f"quantizer must have fields bits, scheme, granularity, axis, group_size "
+                              f"(+ mode, step, dead_zone, reference for ecsq); got {qd!r}")
         q = Quantizer(**qd)
+        if q.mode == "ecsq":
+            for key in ("escape_symbol", "n_escapes"):
+                if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+                    raise FormatError(f"{key} must be a non-negative int")
+            if meta["escape_symbol"] >= 1 << 16:
+                raise FormatError(f"escape_symbol {meta['escape_symbol']} is not a 16-bit symbol")
+            if meta["predictor"] != "none":
+                raise FormatError("ecsq codes take no predictor")
         q._blocks(torch.empty(tuple(shape), device="meta"))          # axis / group size fit the shape
         for key in ("n_symbols", "lanes", "scale_bits"):
             if not isinstance(meta[key], int) or isinstance(meta[key], bool):
@@ -361,6 +446,9 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
 
     This is the low-memory path: between uses only the coded words live on the device.
     """
+    if meta.get("mode") == "lossless":
+        from .lossless import decompress_buffers as lossless_decompress
+        return lossless_decompress(buffers, meta, dtype, device)
     q = Quantizer(**meta["quantizer"])
     shape, bits = tuple(meta["shape"]), q.bits
     dtype = dtype or _DTYPES[meta["dtype"]]
@@ -371,14 +459,24 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
                                  freqs=buffers["freqs"].numpy().astype(np.uint32),
                                  states=buffers["states"].numpy().view(np.uint32),
                                  words=words.numpy().view(np.uint16))
-        codes = undo_predictor(rans.decode_stream(stream, backend="fast"), meta["predictor"], bits, shape)
-        codes_t = QuantizedTensor.codes_from_symbols(codes, q, shape)
+        if q.mode == "ecsq":
+            from .ecsq import join_escapes
+            codes = join_escapes(rans.decode_stream(stream, backend="fast"), meta["escape_symbol"],
+                                 buffers["escapes"].numpy())
+            codes_t = torch.from_numpy(codes.reshape(shape))       # int64; dequantize casts to float
+        else:
+            codes = undo_predictor(rans.decode_stream(stream, backend="fast"), meta["predictor"], bits, shape)
+            codes_t = QuantizedTensor.codes_from_symbols(codes, q, shape)
     else:
         b = {k: v.to(device) for k, v in buffers.items()}
         residuals = rans.decode_torch(b["words"], b["states"], b["freqs"], meta["n_symbols"],
                                       meta["lanes"], meta["scale_bits"])
-        codes = undo_predictor(residuals.to(torch.int64), meta["predictor"], bits, shape)
-        codes_t = (codes + q.qmin).reshape(shape)          # integer codes; dequantize casts to float
+        if q.mode == "ecsq":
+            from .ecsq import join_escapes
+            codes_t = join_escapes(residuals, meta["escape_symbol"], b["escapes"]).reshape(shape)
+        else:
+            codes = undo_predictor(residuals.to(torch.int64), meta["predictor"], bits, shape)
+            codes_t = (codes + q.qmin).reshape(shape)      # integer codes; dequantize casts to float
         buffers = b
     zp = buffers.get("zero_point")
     qt = QuantizedTensor(codes_t, buffers["scale"].to(device), None if zp is None else zp.to(device), q, shape, dtype)

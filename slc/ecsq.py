@@ -1,0 +1,264 @@
+"""ECSQ: entropy-constrained scalar quantisation, a step grid with no level limit.
+
+An affine int-b quantiser fixes the number of levels and spends log2(levels) bits on
+every weight. ECSQ fixes the *step* instead and lets an entropy coder decide the rate:
+
+    step_abs = step x RMS(block)                 # step is relative: 0.1 = a tenth of the RMS
+    code     = sign(w) * floor(|w| / step_abs + 1/2 - dead_zone)
+    w_hat    = code * step_abs                   # |w - w_hat| <= (1/2 + dead_zone) * step_abs
+
+Weights are bell-shaped, so most codes are small and the order-0 entropy of the codes is
+far below log2(range): at high rate it is about h(w/RMS) - log2(step) bits, and one halving
+of the step costs one more bit. Outliers cost a few bits each instead of stretching the
+grid for everybody, which is what an absmax-scaled int grid does.
+
+The codes go to the rANS coder (16-bit alphabet) as symbols:
+
+    zig-zag     z = 2c for c >= 0, -2c - 1 for c < 0       0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ...
+    escape      symbols z < E are coded as themselves; every z >= E is coded as the escape
+                symbol E and its code is stored apart (int32, in order). E is picked per tensor
+                to minimise table + payload + escapes (`choose_escape`), E < 2**16 always, so
+                the stream is exact for any code a 32-bit integer holds.
+
+Rate for a target: `step_for_bits(w, 4.0)` bisects log(step) on the estimated all-in bits
+per weight (`estimate_bits`: entropy + table + states + escapes + scales + header), which
+tracks the real `CompressedTensor.bits_per_weight` to within a fraction of a percent.
+
+>>> import torch
+>>> from slc import Quantizer
+>>> w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+>>> qt = Quantizer(mode="ecsq", step=0.25).quantize(w)
+>>> bool(((qt.dequantize() - w).abs() <= qt.max_error() * (1 + 1e-6)).all())
+True
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import rans
+
+ESCAPE_LIMIT = (1 << 16) - 1     # the escape symbol itself must be a 16-bit symbol
+ESCAPE_BITS = 32                 # an escaped code is stored as a raw int32
+HEADER_BITS_ESTIMATE = 8 * 260   # CompressedTensor v2 header JSON + framing, roughly (measured 230..290 bytes)
+
+
+# ----------------------------------------------------------------------------
+# the quantiser
+
+def quantize_blocks(blocks: torch.Tensor, step: float, dead_zone: float = 0.0, reference: str = "rms"):
+    """Blocks (..., n_per_scale) -> (integer codes int16/int32, absolute step per block (..., 1))."""
+    if reference == "rms":
+        ref = blocks.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    else:
+        ref = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = ref * step
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # all-zero block: any step is exact
+    scale = scale.float().to(blocks.dtype)                             # the step actually stored (float32)
+    peak = float((blocks.abs().amax(dim=-1, keepdim=True) / scale).max())
+    if peak >= 2 ** 30:
+        raise ValueError(f"step={step} is too fine for this tensor: codes would reach {peak:.3g} (limit 2**30); "
+                         "use a larger step or a finer granularity")
+    x = blocks if peak < 2 ** 22 else blocks.double()                  # keep |w| / step exact to << 1 code
+    mag = torch.floor(x.abs() / scale.to(x.dtype) + (0.5 - dead_zone)).clamp_min_(0)
+    codes = torch.copysign(mag, x)
+    return codes.to(torch.int16 if peak < 2 ** 15 - 1 else torch.int32), scale
+
+
+def code_dtype(codes: np.ndarray):
+    """int16 when every code fits, else int32."""
+    if codes.size == 0:
+        return np.int16
+    return np.int16 if -2 ** 15 <= int(codes.min()) and int(codes.max()) < 2 ** 15 else np.int32
+
+
+# ----------------------------------------------------------------------------
+# codes <-> symbols
+
+def zigzag(codes) -> np.ndarray:
+    """Signed codes -> non-negative uint32: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
+    c = np.asarray(codes).astype(np.int64)
+    return np.where(c >= 0, 2 * c, -2 * c - 1).astype(np.uint32)
+
+
+def unzigzag(z):
+    """Inverse of zigzag, for numpy arrays (-> int64) or torch integer tensors (-> int64)."""
+    if isinstance(z, torch.Tensor):
+        z = z.to(torch.int64)
+        return (z >> 1) ^ -(z & 1)
+    z = np.asarray(z).astype(np.int64)
+    return (z >> 1) ^ -(z & 1)
+
+
+def choose_escape(z: np.ndarray) -> int:
+    """Escape symbol E (< 2**16) minimising coded size: symbols z < E as is, z >= E escaped (32 bits each).
+
+    Cost of a cap E, in bits: sum over kept values c_v log2(n / c_v) + n_esc (log2(n / n_esc) + 32)
+    + about 16 bits of table per kept value. Candidates are E = v + 1 for every value v present.
+    """
+    n = z.size
+    if n == 0:
+        return 1
+    vals, counts = np.unique(z, return_counts=True)
+    ok = vals < ESCAPE_LIMIT                                   # E = v + 1 must still be a 16-bit symbol
+    if not ok.any():
+        return 0                                               # everything escapes (absurd steps only)
+    vals, counts = vals[ok], counts[ok].astype(np.float64)
+    kept_bits = np.cumsum(counts * np.log2(n / counts))        # E = vals[j] + 1 keeps vals[:j+1]
+    n_esc = n - np.cumsum(counts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        esc_bits = np.where(n_esc > 0, n_esc * (np.log2(n / np.maximum(n_esc, 1)) + ESCAPE_BITS), 0.0)
+    table_bits = 16.0 * np.arange(1, vals.size + 1) + np.where(n_esc > 0, 16.0, 0.0)
+    j = int(np.argmin(kept_bits + esc_bits + table_bits))
+    return int(vals[j]) + 1
+
+
+def split_escapes(codes: np.ndarray, escape: int | None = None):
+    """Codes -> (uint16 symbols, escape symbol E, int32 codes of the escaped positions in order)."""
+    codes = np.asarray(codes).reshape(-1)
+    z = zigzag(codes)
+    E = choose_escape(z) if escape is None else int(escape)
+    if not 0 <= E <= ESCAPE_LIMIT:
+        raise ValueError(f"escape symbol {E} must be in 0..{ESCAPE_LIMIT}")
+    esc = z >= E
+    sym = np.where(esc, E, z).astype(np.uint16)
+    return sym, E, codes[esc].astype(np.int32)
+
+
+def join_escapes(symbols, escape: int, escapes):
+    """Inverse of split_escapes: symbols (numpy or torch) -> int64 codes (same library, same device)."""
+    if isinstance(symbols, torch.Tensor):
+        s = symbols.to(torch.int64)
+        codes = unzigzag(s)
+        hit = s == escape
+        esc = torch.as_tensor(escapes, device=s.device).to(torch.int64)
+        if int(hit.sum()) != esc.numel():
+            from .errors import FormatError
+            raise FormatError(f"stream has {int(hit.sum())} escape symbols but {esc.numel()} escaped codes")
+        return codes.masked_scatter(hit, esc)
+    s = np.asarray(symbols).astype(np.int64)
+    codes = unzigzag(s)
+    hit = s == escape
+    esc = np.asarray(escapes).astype(np.int64).reshape(-1)
+    if int(hit.sum()) != esc.size:
+        from .errors import FormatError
+        raise FormatError(f"stream has {int(hit.sum())} escape symbols but {esc.size} escaped codes")
+    codes[hit] = esc
+    return codes
+
+
+# ----------------------------------------------------------------------------
+# rates
+
+def entropy_bits(symbols) -> float:
+    """Order-0 empirical entropy of any non-negative integer array (no 16-bit limit), in total bits."""
+    s = np.asarray(symbols).reshape(-1)
+    if s.size == 0:
+        return 0.0
+    counts = np.unique(s, return_counts=True)[1].astype(np.float64)
+    return float((counts * np.log2(s.size / counts)).sum())
+
+
+def _table_bits_estimate(counts: np.ndarray, n: int) -> float:
+    """Bits of the rANS frequency table for these symbol counts (frequencies at M = 2**16, approx.)."""
+    f = np.where(counts > 0, np.maximum(1, np.round(counts * (1 << 16) / max(n, 1))), 0).astype(np.int64)
+    if not f.any():
+        return 0.0
+    return 8.0 * rans.table_nbytes(f)
+
+
+def stream_bits_estimate(codes: np.ndarray) -> float:
+    """Estimated size in bits of the escape-coded rANS stream of these codes (no scales, no header)."""
+    sym, E, esc = split_escapes(codes)
+    n = sym.size
+    counts = np.bincount(sym)
+    c = counts[counts > 0].astype(np.float64)
+    payload = float((c * np.log2(n / c)).sum()) if n else 0.0
+    lanes = rans.choose_lanes(n)
+    return payload * 1.0005 + _table_bits_estimate(counts, n) + 32 * lanes + 8 * 28 + ESCAPE_BITS * esc.size
+
+
+def estimate_bits(w, quantizer) -> float:
+    """Estimated all-in bits per weight of CompressedTensor.compress(w, quantizer) (ecsq), without encoding."""
+    qt = quantizer.quantize(w)
+    codes = qt.codes.detach().cpu().reshape(-1).numpy()
+    total = stream_bits_estimate(codes) + 32 * qt.scale.numel() + HEADER_BITS_ESTIMATE
+    return total / codes.size
+
+
+def _quantizer(step, granularity, group_size, dead_zone, reference):
+    from .quant import Quantizer
+    return Quantizer(mode="ecsq", step=float(step), granularity=granularity, group_size=group_size,
+                     dead_zone=dead_zone, reference=reference)
+
+
+def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size: int | None = None,
+                  dead_zone: float = 0.0, reference: str = "rms", exact: bool = False,
+                  tol: float = 0.002, max_iter: int = 40) -> float:
+    """The ecsq step whose all-in bits/weight on `w` is closest to `target_bpw` (bisection on log step).
+
+    Rate falls as the step grows (about one bit per halving), so we bisect log(step) on
+    [1e-5, 1e2] until the rate is within `tol` (relative) of the target. exact=True measures
+    every candidate with a real CompressedTensor (slower); the default uses `estimate_bits`.
+
+    >>> import torch
+    >>> w = torch.randn(128, 512, generator=torch.Generator().manual_seed(0))
+    >>> s = step_for_bits(w, 4.0)
+    >>> abs(estimate_bits(w, _quantizer(s, "channel", None, 0.0, "rms")) - 4.0) < 0.01
+    True
+    """
+    if isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float)) or not 0.05 < target_bpw < 32:
+        raise ValueError(f"target_bpw={target_bpw!r} must be a number of bits per weight in (0.05, 32), e.g. 4.0")
+
+    def rate(step: float) -> float:
+        q = _quantizer(step, granularity, group_size, dead_zone, reference)
+        if exact:
+            from .tensor import CompressedTensor
+            return CompressedTensor.compress(w, q).bits_per_weight
+        return estimate_bits(w, q)
+
+    lo, hi = math.log(1e-5), math.log(1e2)             # rate(lo) high, rate(hi) low
+    best_step, best_err = None, math.inf
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        try:
+            r = rate(math.exp(mid))
+        except ValueError:                              # step too fine for an int32 code: go coarser
+            lo = mid
+            continue
+        err = abs(r - target_bpw) / target_bpw
+        if err < best_err:
+            best_step, best_err = math.exp(mid), err
+        if err <= tol:
+            break
+        if r > target_bpw:
+            lo = mid
+        else:
+            hi = mid
+    if best_step is None:
+        raise ValueError(f"no step reaches {target_bpw} bits/weight on this tensor")
+    return best_step
+
+
+def rd_points(w, steps, granularity: str = "channel", group_size: int | None = None,
+              dead_zone: float = 0.0, reference: str = "rms", x_cov: torch.Tensor | None = None):
+    """Rate-distortion points of ecsq on one weight: [{step, bits, mse, out_err}], one per step.
+
+    bits: estimated all-in bits/weight; mse: mean squared weight error; out_err: tr(dW C dW^T)
+    (the summed squared output error over the calibration tokens C = X^T X came from), or None.
+    """
+    w = torch.as_tensor(w).detach().float()
+    pts = []
+    for s in steps:
+        q = _quantizer(s, granularity, group_size, dead_zone, reference)
+        qt = q.quantize(w)
+        dw = qt.dequantize(torch.float32) - w
+        codes = qt.codes.reshape(-1).numpy()
+        bits = (stream_bits_estimate(codes) + 32 * qt.scale.numel() + HEADER_BITS_ESTIMATE) / codes.size
+        out = None
+        if x_cov is not None:
+            out = float(((dw.double() @ x_cov.double()) * dw.double()).sum())
+        pts.append({"step": float(s), "bits": bits, "mse": float(dw.pow(2).mean()), "out_err": out})
+    return pts

@@ -1,0 +1,471 @@
+"""Plotly figures, ipywidgets explorers and small text tables for the notebooks.
+
+The notebooks call these and explain the results; nothing here changes a weight.
+Importing this module sets plotly up for notebooks that are committed with their
+outputs: figures render as their small JSON mimetype (JupyterLab draws it; the
+HTML from `python -m slc.render` inlines plotly.js once per page) with a compact
+template, so a stored figure costs kilobytes, not the megabytes of an embedded
+plotly.js. Large arrays go out as float32 and heat maps are pooled to a few
+thousand cells for the same reason. It also turns off the progress bars that
+transformers draws while loading a model (in a notebook they are widgets).
+"""
+from __future__ import annotations
+
+import lzma
+import math
+import os
+import sys
+from typing import Iterable
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+# ----------------------------------------------------------------------------
+# plotly set-up: small stored outputs
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+pio.templates["slc"] = go.layout.Template(layout=dict(
+    font=dict(family="Helvetica, Arial, sans-serif", size=13), colorway=COLORS,
+    paper_bgcolor="white", plot_bgcolor="white", margin=dict(l=60, r=20, t=50, b=50),
+    xaxis=dict(gridcolor="#e5e5e5", linecolor="#999", zerolinecolor="#ccc", automargin=True),
+    yaxis=dict(gridcolor="#e5e5e5", linecolor="#999", zerolinecolor="#ccc", automargin=True),
+    hoverlabel=dict(font_size=12), legend=dict(bgcolor="rgba(255,255,255,0.6)")))
+pio.templates.default = "slc"
+# The JSON mimetype only: never the plotly.js bundle inside the notebook (override with SLC_PLOTLY_RENDERER).
+pio.renderers.default = os.environ.get("SLC_PLOTLY_RENDERER", "plotly_mimetype")
+
+# Model loading draws tqdm bars, which in a notebook are widgets: unstable stored outputs. Quiet them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if "transformers" in sys.modules:
+    sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+MAX_HEATMAP_CELLS = 96          # per side: a pooled 96 x 96 map is ~37 KB as float32 base64
+
+
+def _f32(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().float().numpy()
+    return np.asarray(a, dtype=np.float32)
+
+
+def sig(x: float, digits: int = 3) -> str:
+    """x to `digits` significant digits: the form in which notebooks print floats nbval compares."""
+    if x is None:
+        return "-"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    x = float(x)
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def table(rows: list[dict], columns: Iterable[str] | None = None, digits: int = 3) -> str:
+    """Rows of dicts -> an aligned text table, floats to `digits` significant digits."""
+    rows = list(rows)
+    columns = list(columns or (rows[0].keys() if rows else []))
+    cells = [[c for c in columns]] + [[v if isinstance(v, str) else sig(v, digits) for v in (r.get(c) for c in columns)]
+                                      for r in rows]
+    width = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(s.rjust(w) if j else s.ljust(w) for j, (s, w) in enumerate(zip(row, width))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return "\n".join(lines)
+
+
+def print_table(rows, columns=None, digits: int = 3) -> None:
+    print(table(rows, columns, digits))
+
+
+# ----------------------------------------------------------------------------
+# 01: codes, predictors, sizes
+
+def code_histogram(codes, title: str = "Histogram of the integer codes", log_y: bool = True) -> go.Figure:
+    """Counts of each integer code value (codes: torch/numpy integer array)."""
+    c = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    c = c.reshape(-1).astype(np.int64)
+    lo = int(c.min())
+    counts = np.bincount(c - lo)
+    x = np.arange(lo, lo + counts.size)
+    fig = go.Figure(go.Bar(x=x, y=counts, marker_line_width=0, name="codes",
+                           hovertemplate="code %{x}: %{y} weights<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="code", yaxis_title="weights", bargap=0, height=340)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def predictor_rows(weights: dict[str, torch.Tensor], quantizer=None) -> list[dict]:
+    """Order-0 entropy (bits/weight) of each tensor's codes with no predictor and with LEFT.
+
+    Uses CompressedTensor.compress(predictor="auto"), which measures both and keeps the cheaper.
+    """
+    from .models import weight_kind
+    from .tensor import CompressedTensor
+
+    rows = []
+    for name, w in weights.items():
+        ct = CompressedTensor.compress(w, quantizer, predictor="auto")
+        e = ct.predictor_entropies
+        rows.append({"layer": short_name(name), "kind": weight_kind(name), "none": e["none"], "left": e["left"],
+                     "chosen": ct.predictor, "left - none": e["left"] - e["none"]})
+    return rows
+
+
+def short_name(name: str) -> str:
+    """'encoder.layer.0.attention.self.query.weight' -> 'L0.attention.self.query'."""
+    s = name.removesuffix(".weight")
+    for prefix in ("model.layers.", "encoder.layer.", "transformer.h.", "model.decoder.layers."):
+        if s.startswith(prefix):
+            return "L" + s[len(prefix):]
+    return s
+
+
+def predictor_figure(rows: list[dict], title: str = "Order-0 entropy of the codes: no predictor vs LEFT") -> go.Figure:
+    """Grouped bars per layer, bits per weight."""
+    names = [r["layer"] for r in rows]
+    fig = go.Figure([
+        go.Bar(name="none (codes as they are)", x=names, y=[r["none"] for r in rows]),
+        go.Bar(name="LEFT (code minus left neighbour)", x=names, y=[r["left"] for r in rows]),
+    ])
+    lo = min(min(r["none"], r["left"]) for r in rows)
+    fig.update_layout(title=title, barmode="group", yaxis_title="bits per weight", height=420,
+                      yaxis_range=[max(0.0, lo - 0.5), None], xaxis_tickangle=-45,
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom"))
+    return fig
+
+
+def smooth_signal(n_rows: int = 256, n_cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """A matrix whose rows are random walks: neighbours correlate, the case where LEFT does help."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_rows, n_cols, generator=g).cumsum(dim=1) * 0.01
+
+
+def codec_sizes(qt, zstd_level: int = 19) -> dict[str, int]:
+    """Bytes of one QuantizedTensor's codes under several coders (scales not included unless said).
+
+    fp32 / fp16   the original float weights
+    int8 codes    one byte per code
+    zstd-19, lzma general-purpose compressors on the same int8 bytes
+    entropy bound order-0 entropy of the codes (ideal order-0 coder, no table)
+    rANS stream   slc's coder: words + final states + frequency table + header
+    slc file      rANS stream + scales + CompressedTensor header + checksum
+    """
+    import zstandard
+
+    from .tensor import CompressedTensor, order0_bits
+
+    raw = qt.codes.detach().cpu().contiguous().numpy().astype(np.int8 if qt.quantizer.scheme == "symmetric" else np.uint8).tobytes()
+    ct = CompressedTensor.from_quantized(qt, predictor="auto")
+    return {
+        "fp32": qt.numel * 4,
+        "fp16": qt.numel * 2,
+        "int8 codes": len(raw),
+        f"zstd-{zstd_level}": len(zstandard.ZstdCompressor(level=zstd_level).compress(raw)),
+        "lzma": len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)),
+        "entropy bound": math.ceil(order0_bits(qt.symbols()) / 8),
+        "rANS stream": ct.coded_bits // 8,
+        "slc file": ct.nbytes,
+    }
+
+
+def size_figure(sizes: dict[str, int], numel: int, title: str = "Bits per weight, same codes, different coders") -> go.Figure:
+    names = list(sizes)
+    bpw = [8 * sizes[k] / numel for k in names]
+    color = [COLORS[1] if k in ("rANS stream", "slc file") else COLORS[2] if k == "entropy bound" else COLORS[0]
+             for k in names]
+    fig = go.Figure(go.Bar(x=names, y=bpw, marker_color=color, text=[f"{b:.2f}" for b in bpw], textposition="outside",
+                           hovertemplate="%{x}: %{y:.3f} bits/weight<extra></extra>"))
+    fig.update_layout(title=title, yaxis_title="bits per weight", height=360, showlegend=False,
+                      yaxis_range=[0, max(bpw) * 1.15])
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# 02: dtypes
+
+def dtype_error_figure(rows: list[dict], title: str = "Relative error of each path, per dtype") -> go.Figure:
+    """rows: {'dtype', 'cast only', 'int8 round trip', ...}: grouped bars of relative L2 error (log axis)."""
+    keys = [k for k in rows[0] if k != "dtype"]
+    fig = go.Figure([go.Bar(name=k, x=[r["dtype"] for r in rows], y=[r[k] for r in rows]) for k in keys])
+    fig.update_layout(title=title, barmode="group", yaxis_type="log", yaxis_title="relative L2 error", height=360)
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# heat maps and spectra (04, 05)
+
+def pooled(a, cells: int = MAX_HEATMAP_CELLS, reduce: str = "mean") -> np.ndarray:
+    """Pool a 2-D array to at most cells x cells by averaging (or max) over blocks."""
+    a = _f32(a)
+    r, c = a.shape
+    fr, fc = max(1, math.ceil(r / cells)), max(1, math.ceil(c / cells))
+    pr, pc = -(-r // fr) * fr, -(-c // fc) * fc
+    pad = np.full((pr, pc), np.nan, dtype=np.float32)
+    pad[:r, :c] = a
+    blocks = pad.reshape(pr // fr, fr, pc // fc, fc)
+    out = np.nanmax(blocks, axis=(1, 3)) if reduce == "max" else np.nanmean(blocks, axis=(1, 3))
+    return out.astype(np.float32)
+
+
+def error_heatmap(err, title: str = "|error|, pooled", colorscale: str = "Viridis") -> go.Figure:
+    """Heat map of |err| (a 2-D weight-shaped array), pooled to a small grid."""
+    e = np.abs(_f32(err))
+    p = pooled(e)
+    fig = go.Figure(go.Heatmap(z=p, colorscale=colorscale, colorbar=dict(title="|err|"),
+                               hovertemplate="block row %{y}, col %{x}: %{z:.3g}<extra></extra>"))
+    fig.update_layout(title=title, height=380, xaxis_title=f"input (pooled x{math.ceil(e.shape[1] / p.shape[1])})",
+                      yaxis_title=f"output (pooled x{math.ceil(e.shape[0] / p.shape[0])})")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def spectrum_figure(spectra: dict[str, np.ndarray], title: str = "Singular values", normalise: bool = True,
+                    marks: dict[str, int] | None = None) -> go.Figure:
+    """Singular-value spectra (one line each), optionally normalised by the largest; vertical marks at ranks."""
+    fig = go.Figure()
+    for name, s in spectra.items():
+        s = _f32(s)
+        y = s / s[0] if normalise and s.size and s[0] > 0 else s
+        fig.add_trace(go.Scatter(x=np.arange(1, s.size + 1), y=y, mode="lines", name=name))
+    for name, k in (marks or {}).items():
+        fig.add_vline(x=k, line_dash="dot", line_color="#666", annotation_text=name, annotation_position="top")
+    fig.update_layout(title=title, xaxis_title="index", yaxis_title="σ / σ₁" if normalise else "σ",
+                      yaxis_type="log", height=360)
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# 04: one layer under one storage choice, and the explorer around it
+
+STORAGE_KINDS = ("quantized", "entropy", "lowrank")
+GROUPS = (("per channel", None), ("group 32", 32), ("group 64", 64), ("group 128", 128))
+
+
+def layer_spec(storage: str = "entropy", bits: int = 8, group_size: int | None = None, rank: int = 64):
+    """The LinearSpec the explorer's controls describe (lowrank factors quantised to `bits`, one scale per vector)."""
+    from .nn import LinearSpec
+    from .quant import Quantizer
+
+    q = Quantizer(bits, granularity="group" if group_size else "channel", group_size=group_size)
+    if storage == "lowrank":
+        return LinearSpec("lowrank", rank=rank, factor_quantizer=Quantizer(bits))
+    return LinearSpec(storage, quantizer=q)
+
+
+def evaluate_layer(layer, x: torch.Tensor, spec, detail: bool = True) -> dict:
+    """Compress one Linear with `spec` and measure it on real inputs x (tokens, in).
+
+    Returns the compressed layer, its effective weight and error, summary numbers and, with
+    `detail`, the integer codes it stores (the factors' codes for lowrank) and per-token cosines.
+    """
+    from . import metrics
+    from .lowrank import low_rank, quantize_factors
+    from .nn import CompressedLinear
+
+    w = layer.weight.detach()
+    cl = CompressedLinear.from_linear(layer, spec)
+    w_hat = cl.weight_dense(torch.float32)
+    with torch.no_grad():
+        y_ref = layer(x)
+        y_hat = torch.nn.functional.linear(x, w_hat.to(x.dtype), layer.bias)   # = cl(x); one decode, not two
+    out = {
+        "layer": cl, "w_hat": w_hat, "err": w_hat - w.float(),
+        "storage": spec.describe(), "bits_per_weight": cl.bits_per_weight,
+        "weight_rel_error": metrics.rel_error(w, w_hat), "output_cosine": metrics.cosine(y_ref, y_hat),
+        "output_snr_db": metrics.snr_db(y_ref, y_hat),
+    }
+    if detail:
+        if spec.kind == "lowrank":
+            ut_q, vh_q = quantize_factors(low_rank(w, rank=spec.rank), spec.factor_quantizer)
+            out["codes"] = torch.cat([ut_q.codes.reshape(-1), vh_q.codes.reshape(-1)])
+        else:
+            out["codes"] = cl.quantized().codes
+        out["token_cosine"] = torch.nn.functional.cosine_similarity(y_ref, y_hat, dim=-1)
+    return out
+
+
+def singular_values(w: torch.Tensor) -> np.ndarray:
+    return torch.linalg.svdvals(w.detach().double()).float().numpy()
+
+
+def overview_rows(layers: dict, inputs: dict, specs: dict) -> list[dict]:
+    """Every layer under every named spec: bits/weight, weight error, output cosine and SNR on real inputs."""
+    from .models import weight_kind
+
+    rows = []
+    for name, layer in layers.items():
+        for label, spec in specs.items():
+            r = evaluate_layer(layer, inputs[name], spec, detail=False)
+            rows.append({"layer": short_name(name), "kind": weight_kind(name + ".weight"), "config": label,
+                         "bits/weight": r["bits_per_weight"], "weight rel. error": r["weight_rel_error"],
+                         "output cosine": r["output_cosine"], "output SNR dB": r["output_snr_db"]})
+    return rows
+
+
+def overview_figure(rows: list[dict], value: str = "output SNR dB",
+                    title: str = "Every layer, every configuration: output SNR on real activations (dB)") -> go.Figure:
+    """Heat map layers x configurations of `value`, each cell annotated with its bits/weight."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["layer"], r["config"]): r for r in rows}
+    z = np.array([[cell[(l, c)][value] for c in configs] for l in layers], dtype=np.float32)
+    text = [[f"{cell[(l, c)][value]:.1f} dB<br>{cell[(l, c)]['bits/weight']:.2f} b/w" for c in configs] for l in layers]
+    fig = go.Figure(go.Heatmap(z=z, x=configs, y=layers, text=text, texttemplate="%{text}", textfont_size=9,
+                               colorscale="RdYlGn", colorbar=dict(title="dB"),
+                               hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>"))
+    fig.update_layout(title=title, height=max(420, 22 * len(layers) + 120), xaxis_side="top")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+class LayerExplorer:
+    """Pick a layer, bits, group size, storage kind and rank; four plotly views follow.
+
+    Views: |error| heat map, histogram of the stored codes, singular values of W and of the error
+    (rank marked for lowrank), and per-token output cosine on the layer's real inputs.
+    `layers` {name: nn.Linear}, `inputs` {name: (tokens, in_features) activations}.
+    Display it as the last expression of a cell (or `explorer.widget`); `snapshot()` gives a
+    static figure of the current state for pages rendered without a kernel.
+    """
+
+    def __init__(self, layers: dict, inputs: dict, layer: str | None = None, bits: int = 8,
+                 group_size: int | None = None, storage: str = "entropy", rank: int = 64):
+        import ipywidgets as W
+
+        self.layers, self.inputs = layers, inputs
+        self._spectra: dict[str, np.ndarray] = {}
+        names = list(layers)
+        layer = layer or names[0]
+        self.w_layer = W.Dropdown(options=[(short_name(n), n) for n in names], value=layer, description="layer")
+        self.w_bits = W.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False)
+        self.w_group = W.Dropdown(options=list(GROUPS), value=group_size, description="scales")
+        self.w_storage = W.ToggleButtons(options=list(STORAGE_KINDS), value=storage, description="storage")
+        self.w_rank = W.IntSlider(value=rank, min=1, max=self._max_rank(layer), step=1, description="rank",
+                                  continuous_update=False)
+        self.w_summary = W.HTML()
+        self.figs = [go.FigureWidget(f) for f in self._empty_figures()]
+        for f in self.figs:
+            f.layout.height, f.layout.margin = 300, dict(l=50, r=10, t=40, b=40)
+        controls = W.VBox([W.HBox([self.w_layer, self.w_group]), W.HBox([self.w_bits, self.w_rank]), self.w_storage])
+        grid = W.GridBox(self.figs, layout=W.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))"))
+        self.widget = W.VBox([controls, self.w_summary, grid])
+        self.widget.add_class("slc-explorer")
+        for w in (self.w_layer, self.w_bits, self.w_group, self.w_storage, self.w_rank):
+            w.observe(self._on_change, names="value")
+        self.result: dict = {}
+        self._hold = False
+        self.update()
+
+    def set(self, layer: str | None = None, bits: int | None = None, group_size="keep",
+            storage: str | None = None, rank: int | None = None) -> dict:
+        """Move several controls at once (one recomputation); returns `result`."""
+        self._hold = True
+        try:
+            for w, v in ((self.w_layer, layer), (self.w_bits, bits), (self.w_storage, storage), (self.w_rank, rank)):
+                if v is not None:
+                    w.value = v
+            if group_size != "keep":
+                self.w_group.value = group_size
+        finally:
+            self._hold = False
+        self.update()
+        return self.result
+
+    # --- state -------------------------------------------------------------------------------
+    def _max_rank(self, name: str) -> int:
+        return min(self.layers[name].weight.shape)
+
+    def _spectrum(self, name: str) -> np.ndarray:
+        if name not in self._spectra:
+            self._spectra[name] = singular_values(self.layers[name].weight)
+        return self._spectra[name]
+
+    @property
+    def spec(self):
+        return layer_spec(self.w_storage.value, self.w_bits.value, self.w_group.value, self.w_rank.value)
+
+    def _on_change(self, change) -> None:
+        if change["owner"] is self.w_layer:
+            self.w_rank.max = self._max_rank(self.w_layer.value)
+        self.w_group.disabled = self.w_storage.value == "lowrank"
+        self.w_rank.disabled = self.w_storage.value != "lowrank"
+        if not self._hold:
+            self.update()
+
+    # --- views -------------------------------------------------------------------------------
+    @staticmethod
+    def _empty_figures() -> list[go.Figure]:
+        heat = go.Figure(go.Heatmap(z=[[0.0]], colorscale="Viridis", colorbar=dict(title="|err|")))
+        heat.update_yaxes(autorange="reversed", title="output (pooled)")
+        heat.update_xaxes(title="input (pooled)")
+        hist = go.Figure(go.Bar(x=[0], y=[0], marker_line_width=0))
+        hist.update_layout(bargap=0, yaxis_type="log", xaxis_title="code", yaxis_title="count")
+        spec = go.Figure([go.Scatter(x=[1], y=[1], mode="lines", name="W"),
+                          go.Scatter(x=[1], y=[1], mode="lines", name="error W − Ŵ")])
+        spec.update_layout(yaxis_type="log", xaxis_title="index", yaxis_title="σ / σ₁(W)",
+                           legend=dict(x=1, xanchor="right", y=1))
+        cos = go.Figure(go.Scatter(x=[0], y=[1], mode="lines"))
+        cos.update_layout(xaxis_title="token", yaxis_title="cosine(y, ŷ)")
+        for f, t in zip((heat, hist, spec, cos), ("|error|", "stored codes", "singular values", "output cosine per token")):
+            f.update_layout(title=t)
+        return [heat, hist, spec, cos]
+
+    def update(self) -> None:
+        """Recompute for the current controls and push the new data into the four figures."""
+        name, spec = self.w_layer.value, self.spec
+        r = evaluate_layer(self.layers[name], self.inputs[name], spec)
+        self.result = r
+        s = self._spectrum(name)
+        s_err = singular_values(r["err"])
+        codes = r["codes"].reshape(-1).to(torch.int64).numpy()
+        lo = int(codes.min())
+        counts = np.bincount(codes - lo)
+        heat, hist, spec_f, cos_f = self.figs
+        with heat.batch_update():
+            heat.data[0].z = pooled(np.abs(r["err"].numpy()))
+            heat.layout.title.text = f"|W − Ŵ| (max {r['err'].abs().max().item():.3g})"
+        with hist.batch_update():
+            hist.data[0].x, hist.data[0].y = np.arange(lo, lo + counts.size), counts
+            hist.layout.title.text = ("factor codes (Uᵀ, Vh)" if spec.kind == "lowrank" else "stored codes") + \
+                f": {int((counts > 0).sum())} distinct"
+        with spec_f.batch_update():
+            x = np.arange(1, s.size + 1)
+            spec_f.data[0].x, spec_f.data[0].y = x, s / s[0]
+            spec_f.data[1].x, spec_f.data[1].y = np.arange(1, s_err.size + 1), s_err / s[0]
+            spec_f.layout.shapes = [] if spec.kind != "lowrank" else [dict(
+                type="line", x0=spec.rank, x1=spec.rank, xref="x", y0=0, y1=1, yref="paper",
+                line=dict(dash="dot", color="#666"))]
+            spec_f.layout.title.text = "singular values" + (f" (rank {spec.rank} kept)" if spec.kind == "lowrank" else "")
+        with cos_f.batch_update():
+            tc = r["token_cosine"].numpy()
+            cos_f.data[0].x, cos_f.data[0].y = np.arange(tc.size), tc
+            cos_f.layout.title.text = f"output cosine per token (min {tc.min():.4f})"
+        self.w_summary.value = (
+            f"<b>{short_name(name)}</b> {tuple(self.layers[name].weight.shape)} · {r['storage']} · "
+            f"<b>{r['bits_per_weight']:.2f}</b> bits/weight · weight rel. error {r['weight_rel_error']:.3g} · "
+            f"output cosine <b>{r['output_cosine']:.5f}</b> · output SNR {r['output_snr_db']:.1f} dB")
+
+    def snapshot(self) -> go.Figure:
+        """The four current views as one static figure (for HTML rendered without a kernel)."""
+        from plotly.subplots import make_subplots
+
+        titles = [f.layout.title.text for f in self.figs]
+        fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.12, vertical_spacing=0.14)
+        for i, f in enumerate(self.figs):
+            row, col = divmod(i, 2)
+            for tr in f.data:
+                t = go.Figure(tr).data[0]
+                if isinstance(t, go.Heatmap):
+                    t.update(colorbar=dict(len=0.42, y=0.79, x=0.45))
+                fig.add_trace(t, row=row + 1, col=col + 1)
+        fig.update_yaxes(autorange="reversed", row=1, col=1)
+        fig.update_yaxes(type="log", row=1, col=2)
+        fig.update_yaxes(type="log", row=2, col=1)
+        fig.update_layout(height=640, showlegend=False, bargap=0,
+                          title=self.w_summary.value.replace("<b>", "").replace("</b>", ""), title_font_size=12)
+        return fig
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
