@@ -92,16 +92,16 @@ def unzigzag(z):
     return (z >> 1) ^ -(z & 1)
 
 
-def choose_escape(z: np.ndarray) -> int:
-    """Escape symbol E (< 2**16) minimising coded size: symbols z < E as is, z >= E escaped (32 bits each).
+def _value_counts(z: np.ndarray):
+    """(values present, their counts) of a non-negative integer array; bincount when the values are small."""
+    if z.size and int(z.max()) < 1 << 22:
+        counts = np.bincount(z.astype(np.int64))
+        vals = np.flatnonzero(counts)
+        return vals, counts[vals]
+    return np.unique(z, return_counts=True)
 
-    Cost of a cap E, in bits: sum over kept values c_v log2(n / c_v) + n_esc (log2(n / n_esc) + 32)
-    + about 16 bits of table per kept value. Candidates are E = v + 1 for every value v present.
-    """
-    n = z.size
-    if n == 0:
-        return 1
-    vals, counts = np.unique(z, return_counts=True)
+
+def _escape_from_counts(vals: np.ndarray, counts: np.ndarray, n: int) -> int:
     ok = vals < ESCAPE_LIMIT                                   # E = v + 1 must still be a 16-bit symbol
     if not ok.any():
         return 0                                               # everything escapes (absurd steps only)
@@ -113,6 +113,18 @@ def choose_escape(z: np.ndarray) -> int:
     table_bits = 16.0 * np.arange(1, vals.size + 1) + np.where(n_esc > 0, 16.0, 0.0)
     j = int(np.argmin(kept_bits + esc_bits + table_bits))
     return int(vals[j]) + 1
+
+
+def choose_escape(z: np.ndarray) -> int:
+    """Escape symbol E (< 2**16) minimising coded size: symbols z < E as is, z >= E escaped (32 bits each).
+
+    Cost of a cap E, in bits: sum over kept values c_v log2(n / c_v) + n_esc (log2(n / n_esc) + 32)
+    + about 16 bits of table per kept value. Candidates are E = v + 1 for every value v present.
+    """
+    if z.size == 0:
+        return 1
+    vals, counts = _value_counts(z)
+    return _escape_from_counts(vals, counts, z.size)
 
 
 def split_escapes(codes: np.ndarray, escape: int | None = None):
@@ -169,21 +181,54 @@ def _table_bits_estimate(counts: np.ndarray, n: int) -> float:
     return 8.0 * rans.table_nbytes(f)
 
 
+def stream_estimate(codes: np.ndarray, signed: bool = True) -> dict:
+    """What the escape-coded rANS stream of these codes will hold, without encoding it.
+
+    payload_bits (order-0 entropy of the symbols, escape symbol included), alphabet (freqs length),
+    n_escapes, lanes, table_bits (the compact table of the byte format).
+    """
+    codes = np.asarray(codes).reshape(-1)
+    n = codes.size
+    vals, counts = _value_counts(zigzag(codes) if signed else codes)
+    E = _escape_from_counts(vals, counts, n) if signed else int(vals[-1]) + 1
+    kept = vals < E
+    c = counts[kept].astype(np.float64)
+    n_esc = int(n - c.sum())
+    sym_counts = np.zeros(E + 1, dtype=np.int64)
+    sym_counts[vals[kept]] = counts[kept]
+    sym_counts[E] = n_esc
+    if n_esc == 0:
+        sym_counts = sym_counts[:E]
+        sym_counts = sym_counts[:np.flatnonzero(sym_counts)[-1] + 1] if sym_counts.any() else sym_counts[:1]
+    nz = sym_counts[sym_counts > 0].astype(np.float64)
+    payload = float((nz * np.log2(n / nz)).sum()) if n else 0.0
+    return {"payload_bits": payload * 1.0005, "alphabet": int(sym_counts.size), "n_escapes": n_esc,
+            "lanes": rans.choose_lanes(n), "table_bits": _table_bits_estimate(sym_counts, n), "n": n}
+
+
 def stream_bits_estimate(codes: np.ndarray) -> float:
     """Estimated size in bits of the escape-coded rANS stream of these codes (no scales, no header)."""
-    sym, E, esc = split_escapes(codes)
-    n = sym.size
-    counts = np.bincount(sym)
-    c = counts[counts > 0].astype(np.float64)
-    payload = float((c * np.log2(n / c)).sum()) if n else 0.0
-    lanes = rans.choose_lanes(n)
-    return payload * 1.0005 + _table_bits_estimate(counts, n) + 32 * lanes + 8 * 28 + ESCAPE_BITS * esc.size
+    e = stream_estimate(codes)
+    return e["payload_bits"] + e["table_bits"] + 32 * e["lanes"] + 8 * 28 + ESCAPE_BITS * e["n_escapes"]
 
 
-def estimate_bits(w, quantizer) -> float:
-    """Estimated all-in bits per weight of CompressedTensor.compress(w, quantizer) (ecsq), without encoding."""
+def buffer_bits_estimate(codes: np.ndarray, n_scales: int, signed: bool = True) -> float:
+    """Estimated bits of CompressedTensor.buffers() (what a CompressedLinear holds in memory):
+    16-bit words, int32 states, a dense int32 frequency table, float32 scales, int32 escapes."""
+    e = stream_estimate(codes, signed)
+    words = math.ceil(e["payload_bits"] / 16) + e["lanes"] // 2
+    return 16 * words + 32 * (e["lanes"] + e["alphabet"] + n_scales + e["n_escapes"])
+
+
+def estimate_bits(w, quantizer, layout: str = "bytes") -> float:
+    """Estimated all-in bits per weight of CompressedTensor.compress(w, quantizer) (ecsq), without encoding.
+
+    layout="bytes": len(to_bytes()) (compact table, header); "buffers": the bytes of buffers().
+    """
     qt = quantizer.quantize(w)
     codes = qt.codes.detach().cpu().reshape(-1).numpy()
+    if layout == "buffers":
+        return buffer_bits_estimate(codes, qt.scale.numel()) / codes.size
     total = stream_bits_estimate(codes) + 32 * qt.scale.numel() + HEADER_BITS_ESTIMATE
     return total / codes.size
 

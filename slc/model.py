@@ -6,7 +6,8 @@
     model = load_compressed("m.slc.safetensors")              # skeleton with no weights -> load -> int8 stays int8
 
 A policy is one LinearSpec for every layer, or a dict {fnmatch pattern on the module name: LinearSpec
-or None}, first match wins, None = leave dense; names no pattern matches stay dense.
+or None}, first match wins, None = leave dense; names no pattern matches stay dense. Embeddings stay
+dense unless `embeddings=LinearSpec()` is given; a tied lm_head then shares their int8 codes.
 
 The file is plain safetensors: no pickle, and loading never imports or runs code named by the file
 (the architecture must be a class of the installed transformers package; no trust_remote_code).
@@ -46,7 +47,7 @@ def _is_linear(module: nn.Module) -> bool:
 class LayerRow:
     """One compressed layer in a CompressionReport."""
     name: str
-    kind: str                 # "quantized", "entropy" or "lowrank"
+    kind: str                 # "quantized", "entropy", "lowrank" or "embedding"
     storage: str              # LinearSpec.describe(): quantiser, rank target
     shape: tuple              # (out, in)
     bytes_before: int         # dense weight bytes (bias excluded on both sides)

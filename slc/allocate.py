@@ -1,0 +1,400 @@
+"""Budgeted allocation: spend a model-wide bits-per-weight budget where it hurts least.
+
+Every layer gets rate-distortion points, one per candidate setting (an ECSQ step, or an
+int-b grid + rANS):
+
+    rate        R = bits the layer's CompressedLinear will hold (words, states, table, scales,
+                escapes: all overhead), estimated without encoding (within ~0.3 %)
+    distortion  D = E ||(W - W_hat) x||^2 over calibration inputs x, i.e. tr(dW C dW^T) with
+                C = sum_t x_t x_t^T (captured with forward hooks). distortion="diag" keeps only
+                diag(C): sum_ij dW_ij^2 C_jj, exact in expectation when the quantisation errors of
+                different weights are uncorrelated, and d_in times cheaper; "full" uses all of C.
+    sensitivity "fisher" (causal LMs) weighs output channel i by f_i = sum_t (dLoss/dy_ti)^2 from
+                one backward pass on the calibration text, so D estimates the loss increase
+                (second-order, diagonal Fisher); "output" leaves every output unit-weighted.
+
+Then one Lagrange multiplier lam trades them off: every layer takes the point minimising
+D + lam * R, and lam is bisected (on log lam) until the summed rate meets the budget. The
+remaining gap (the points are discrete) is closed greedily with the cheapest single-layer
+moves, so the achieved bits/weight lands within `tolerance` of the budget.
+
+    policy = allocate(model, tok, budget_bits=4.5)
+    print(policy)                         # per layer: kind, setting, bits/weight, distortion share
+    report = compress_model(model, policy)
+
+`allocate` returns an `Allocation`: a dict {module name: LinearSpec} that `compress_model`
+takes as a policy (exact names are valid fnmatch patterns), plus the per-layer table.
+"""
+from __future__ import annotations
+
+import fnmatch
+import html
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ecsq import buffer_bits_estimate
+from .quant import Quantizer
+
+KINDS = ("ecsq", "int")
+# ECSQ steps (x row RMS): 2**(k/4) from 0.005 to ~3, i.e. about 0.25 bit apart from ~1.2 to ~9 bits/weight
+DEFAULT_STEPS = tuple(float(0.005 * 2 ** (k / 4)) for k in range(37))
+DEFAULT_INT_BITS = (2, 3, 4, 5, 6, 8)
+
+
+# ----------------------------------------------------------------------------
+# calibration statistics
+
+@dataclass
+class LayerStats:
+    """What allocation needs to know about one layer's inputs (and outputs)."""
+    x_sq: torch.Tensor                        # (in,) float64: sum over tokens of x_j^2 = diag(C)
+    x_cov: torch.Tensor | None = None         # (in, in) float64: C = sum_t x_t x_t^T (distortion="full")
+    out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher")
+    tokens: int = 0
+
+
+def _is_linear(m: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(m, (nn.Linear, Conv1D))
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """(out, in) float32 view of a Linear or Conv1D weight."""
+    from transformers.pytorch_utils import Conv1D
+    w = m.weight.detach()
+    return (w.T if isinstance(m, Conv1D) else w).float()
+
+
+def target_layers(model: nn.Module, skip=None) -> dict[str, nn.Module]:
+    """The layers compress_model compresses by default: every Linear / Conv1D but embeddings and lm_head."""
+    if skip is None:
+        from .model import DEFAULT_SKIP
+        skip = DEFAULT_SKIP
+    return {n: m for n, m in model.named_modules()
+            if _is_linear(m) and not any(fnmatch.fnmatchcase(n, p) for p in skip)}
+
+
+def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int = 512,
+                full: bool = False, fisher: bool = False) -> dict[str, LayerStats]:
+    """One pass over `text` (its first max_tokens tokens): input second moments per layer, and with
+    fisher=True one backward pass for the squared loss gradient at every layer's output."""
+    modules = dict(model.named_modules())
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise ValueError("calibration text is too short: it must tokenise to at least 2 tokens")
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    stats: dict[str, LayerStats] = {}
+    handles = []
+
+    def pre_hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
+            s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
+            s.x_sq += x.pow(2).sum(0)
+            s.tokens += x.shape[0]
+            if full:
+                s.x_cov = (x.T @ x) if s.x_cov is None else s.x_cov + x.T @ x
+        return fn
+
+    def fwd_hook(name):
+        def fn(module, args, out):
+            if out.requires_grad:
+                def grad_fn(g):
+                    g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+                    s = stats[name]
+                    s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
+                out.register_hook(grad_fn)
+        return fn
+
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(pre_hook(n)))
+        if fisher:
+            handles.append(modules[n].register_forward_hook(fwd_hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        if fisher:
+            emb = model.get_input_embeddings()
+            handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+            req = {p: p.requires_grad for p in model.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(False)
+            try:
+                with torch.enable_grad():
+                    loss = model(ids, labels=ids).loss
+                    loss.backward()
+            finally:
+                for p, r in req.items():
+                    p.requires_grad_(r)
+        else:
+            with torch.inference_mode():
+                model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# rate-distortion points
+
+@dataclass
+class Point:
+    kind: str                  # "ecsq" or "int"
+    setting: float             # ecsq step (x RMS) or int bits
+    bits: float                # total bits the layer will hold
+    distortion: float          # weighted output error (see module docstring)
+
+    def quantizer(self, granularity: str, group_size) -> Quantizer:
+        if self.kind == "ecsq":
+            return Quantizer(mode="ecsq", step=self.setting, granularity=granularity, group_size=group_size)
+        return Quantizer(bits=int(self.setting), granularity=granularity, group_size=group_size)
+
+
+def _distortion(dw: torch.Tensor, st: LayerStats, use_full: bool) -> float:
+    dw = dw.double()
+    if use_full and st.x_cov is not None:
+        per_row = ((dw @ st.x_cov) * dw).sum(1)                     # diag(dW C dW^T)
+    else:
+        per_row = dw.pow(2) @ st.x_sq                               # sum_j dW_ij^2 C_jj
+    if st.out_weight is not None:
+        return float((per_row * st.out_weight).sum())
+    return float(per_row.sum())
+
+
+def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS,
+              granularity: str = "channel", group_size=None, full: bool = False) -> list[Point]:
+    """The layer's candidate settings, each with its rate (bits) and distortion; dominated points dropped."""
+    pts = []
+    for kind in kinds:
+        for s in (steps if kind == "ecsq" else int_bits):
+            p = Point(kind, float(s), 0.0, 0.0)
+            try:
+                qt = p.quantizer(granularity, group_size).quantize(w)
+            except ValueError:                                      # step too fine for this tensor
+                continue
+            codes = qt.codes.reshape(-1).numpy()
+            if kind == "ecsq":
+                p.bits = buffer_bits_estimate(codes, qt.scale.numel())
+            else:                                                   # affine codes + rANS: entropy of the symbols
+                p.bits = buffer_bits_estimate(codes.astype(np.int64) - qt.quantizer.qmin, qt.scale.numel(), signed=False)
+            p.distortion = _distortion(qt.dequantize(torch.float32) - w, st, full)
+            pts.append(p)
+    pts.sort(key=lambda p: p.bits)
+    hull = []                                                       # keep the lower-left frontier only
+    for p in pts:
+        if not hull or p.distortion < hull[-1].distortion:
+            hull.append(p)
+    return hull
+
+
+# ----------------------------------------------------------------------------
+# the allocation
+
+@dataclass
+class AllocationRow:
+    name: str
+    shape: tuple
+    kind: str
+    setting: float
+    bits_per_weight: float          # estimated, all overhead (what the CompressedLinear holds)
+    distortion: float
+    distortion_share: float         # of the model's total
+
+
+class Allocation(dict):
+    """{module name: LinearSpec}, usable as compress_model(model, allocation); plus the per-layer table.
+
+    attributes: budget_bits, bits_per_weight (estimated, all overhead), lam, rows (AllocationRow),
+                settings (how it was made)
+    """
+
+    def __init__(self, specs: dict, rows: list, budget_bits: float, lam: float, settings: dict):
+        super().__init__(specs)
+        self.rows, self.budget_bits, self.lam, self.settings = rows, budget_bits, lam, settings
+
+    @property
+    def params(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.rows)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in self.rows) / max(self.params, 1)
+
+    def by_kind(self) -> dict:
+        """Mean bits/weight per weight kind (q, k, v, o, gate, up, down ...), weighted by size."""
+        from .models import weight_kind
+        acc: dict = {}
+        for r in self.rows:
+            k = weight_kind(r.name)
+            b, n = acc.get(k, (0.0, 0))
+            acc[k] = (b + r.bits_per_weight * r.shape[0] * r.shape[1], n + r.shape[0] * r.shape[1])
+        return {k: b / n for k, (b, n) in acc.items()}
+
+    def table(self) -> list[dict]:
+        return [r.__dict__.copy() for r in self.rows]
+
+    def _lines(self) -> list[list[str]]:
+        head = ["layer", "shape", "kind", "setting", "bits/w", "share of D"]
+        body = [[r.name, f"{r.shape[0]}x{r.shape[1]}", r.kind,
+                 f"step {r.setting:.4g}" if r.kind == "ecsq" else f"int{int(r.setting)}",
+                 f"{r.bits_per_weight:.2f}", f"{100 * r.distortion_share:.1f} %"] for r in self.rows]
+        return [head] + body
+
+    def __str__(self) -> str:
+        lines = self._lines()
+        widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+        out = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in lines]
+        out.insert(1, "  ".join("-" * w for w in widths))
+        out.append(f"budget {self.budget_bits:.3f} bits/weight -> {self.bits_per_weight:.3f} estimated "
+                   f"over {len(self.rows)} layers ({self.params} weights); lambda {self.lam:.3g}")
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return (f"Allocation({len(self)} layers, budget {self.budget_bits} -> {self.bits_per_weight:.3f} bits/weight, "
+                f"kinds {self.settings.get('kinds')})")
+
+    def _repr_html_(self) -> str:
+        lines = self._lines()
+        rows = ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in lines[0]) + "</tr>"]
+        rows += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in lines[1:]]
+        return (f"<table>{''.join(rows)}</table><p>budget {self.budget_bits:.3f} bits/weight &rarr; "
+                f"{self.bits_per_weight:.3f} estimated; &lambda; = {self.lam:.3g}</p>")
+
+
+def solve(points: dict[str, list[Point]], budget_total_bits: float, tolerance_bits: float):
+    """Lagrangian choice of one point per layer with sum(bits) close to budget_total_bits.
+
+    Returns ({name: index into points[name]}, lam). Bisection on log(lam), then greedy single-layer
+    moves (best distortion per bit) to land within tolerance_bits of the budget from below if possible.
+    """
+    names = list(points)
+    R = {n: np.array([p.bits for p in points[n]]) for n in names}
+    D = {n: np.array([p.distortion for p in points[n]]) for n in names}
+
+    def pick(lam):
+        return {n: int(np.argmin(D[n] + lam * R[n])) for n in names}
+
+    def total(ch):
+        return sum(R[n][ch[n]] for n in names)
+
+    min_total = sum(R[n].min() for n in names)
+    max_total = sum(R[n].max() for n in names)
+    if budget_total_bits < min_total:
+        raise ValueError(f"budget is below the coarsest setting of every layer "
+                         f"({min_total / sum(1 for _ in names):.0f} bits per layer); raise it or add coarser steps")
+    if budget_total_bits >= max_total:
+        return {n: int(np.argmax(R[n])) for n in names}, 0.0
+    lo, hi = -60.0, 60.0                                            # log lam: lo = spend everything, hi = nothing
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if total(pick(math.exp(mid))) > budget_total_bits:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6:
+            break
+    lam = math.exp(hi)
+    ch = pick(lam)                                                  # at or under budget
+    # greedy: the discrete hull leaves a gap; fill it with the moves that buy the most D per bit
+    for _ in range(10 * len(names)):
+        gap = budget_total_bits - total(ch)
+        if abs(gap) <= tolerance_bits:
+            break
+        best, best_score = None, -math.inf
+        for n in names:
+            i = ch[n]
+            for j in (i - 1, i + 1):
+                if not 0 <= j < len(R[n]):
+                    continue
+                dr, dd = R[n][j] - R[n][i], D[n][j] - D[n][i]
+                if gap > 0 and 0 < dr <= gap + tolerance_bits:      # spend: most D saved per bit
+                    score = -dd / dr
+                elif gap < 0 and dr < 0:                            # save: least D added per bit
+                    score = dd / dr                                 # dd >= 0 > dr: closest to 0 adds least D per bit
+                else:
+                    continue
+                if score > best_score:
+                    best, best_score = (n, j), score
+        if best is None:
+            break
+        ch[best[0]] = best[1]
+    return ch, lam
+
+
+def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,
+             kinds=("ecsq",), *, granularity: str = "channel", group_size: int | None = None,
+             steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
+             distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
+             progress: bool = False) -> Allocation:
+    """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
+
+    kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
+    int-b + rANS, b in `int_bits`), per `granularity`. sensitivity: "fisher" (weight outputs by the
+    squared loss gradient; causal LMs only), "output", or "auto" (fisher when the model has a LM head).
+    distortion: "diag" or "full" (see the module docstring). Budget counts every byte the
+    CompressedLinear layers hold (all overhead), over the layers compressed (embeddings and lm_head
+    are skipped, like compress_model); `tolerance` is relative.
+
+    >>> from slc.models import tiny_model                                    # doctest: +SKIP
+    >>> policy = allocate(model, tok, budget_bits=4.5)                      # doctest: +SKIP
+    >>> abs(policy.bits_per_weight - 4.5) < 0.02 * 4.5                       # doctest: +SKIP
+    True
+    """
+    from .models import calibration_text as default_text
+    from .nn import LinearSpec
+
+    if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
+        raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds={kinds!r}: use a tuple of {KINDS}, e.g. ('ecsq',)")
+    if distortion not in ("diag", "full"):
+        raise ValueError(f"distortion={distortion!r}: use 'diag' or 'full'")
+    has_head = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    if sensitivity == "auto":
+        sensitivity = "fisher" if has_head else "output"
+    if sensitivity not in ("fisher", "output"):
+        raise ValueError(f"sensitivity={sensitivity!r}: use 'fisher', 'output' or 'auto'")
+    if sensitivity == "fisher" and not has_head:
+        raise ValueError("sensitivity='fisher' needs a language-model loss; this model has no LM head: "
+                         "use sensitivity='output'")
+    layers = target_layers(model, skip)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear / Conv1D layers outside the skipped ones")
+    t0 = time.perf_counter()
+    text = calibration_text if calibration_text is not None else default_text()
+    stats = layer_stats(model, tokenizer, text, list(layers), max_tokens, full=distortion == "full",
+                        fisher=sensitivity == "fisher")
+    missing = [n for n in layers if n not in stats]
+    if missing:
+        raise ValueError(f"calibration forward pass never reached {missing[:3]}: these layers are unused")
+    points = {}
+    it = layers.items()
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="rate-distortion", unit="layer")
+    for name, m in it:
+        points[name] = rd_points(_weight(m), stats[name], kinds, steps, int_bits, granularity, group_size,
+                                 full=distortion == "full")
+    n_weights = {n: _weight(m).numel() for n, m in layers.items()}
+    total_w = sum(n_weights.values())
+    ch, lam = solve(points, budget_bits * total_w, tolerance * budget_bits * total_w)
+    total_d = sum(points[n][ch[n]].distortion for n in layers) or 1.0
+    specs, rows = {}, []
+    for n, m in layers.items():
+        p = points[n][ch[n]]
+        q = p.quantizer(granularity, group_size)
+        specs[n] = LinearSpec(kind="entropy", quantizer=q, predictor="none")
+        rows.append(AllocationRow(n, tuple(_weight(m).shape), p.kind, p.setting, p.bits / n_weights[n],
+                                  p.distortion, p.distortion / total_d))
+    settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
+                "distortion": distortion, "max_tokens": max_tokens, "seconds": time.perf_counter() - t0}
+    return Allocation(specs, rows, float(budget_bits), lam, settings)
