@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ecsq import buffer_bits_estimate
+from .ecsq import buffer_bits_estimate, sweep
 from .quant import Quantizer
 
 KINDS = ("ecsq", "int")
@@ -174,6 +174,10 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
     """The layer's candidate settings, each with its rate (bits) and distortion; dominated points dropped."""
     pts = []
     for kind in kinds:
+        if kind == "ecsq" and not (full and st.x_cov is not None):     # the compiled sweep: no codes built
+            for r in sweep(w, steps, st.x_sq, st.out_weight, granularity, group_size):
+                pts.append(Point("ecsq", r["step"], r["bits"] * w.numel(), r["distortion"]))
+            continue
         for s in (steps if kind == "ecsq" else int_bits):
             p = Point(kind, float(s), 0.0, 0.0)
             try:
@@ -193,6 +197,16 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
         if not hull or p.distortion < hull[-1].distortion:
             hull.append(p)
     return hull
+
+
+def _window(w: torch.Tensor, steps, budget_bits: float, window: float, granularity, group_size) -> list:
+    """The steps whose rate on w is predicted within +-window bits of the budget (rate ~ r(s0) - log2(s / s0))."""
+    if window is None or not math.isfinite(window):
+        return list(steps)
+    s0 = 0.1
+    r0 = sweep(w, [s0], granularity=granularity, group_size=group_size)[0]["bits"]
+    keep = [s for s in steps if abs(r0 - math.log2(s / s0) - budget_bits) <= window]
+    return keep or list(steps)
 
 
 # ----------------------------------------------------------------------------
@@ -333,7 +347,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
              kinds=("ecsq",), *, granularity: str = "channel", group_size: int | None = None,
              steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
              distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
-             progress: bool = False) -> Allocation:
+             window: float = 4.0, progress: bool = False) -> Allocation:
     """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
 
     kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
@@ -341,7 +355,8 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     squared loss gradient; causal LMs only), "output", or "auto" (fisher when the model has a LM head).
     distortion: "diag" or "full" (see the module docstring). Budget counts every byte the
     CompressedLinear layers hold (all overhead), over the layers compressed (embeddings and lm_head
-    are skipped, like compress_model); `tolerance` is relative.
+    are skipped, like compress_model); `tolerance` is relative. `window`: only ECSQ steps whose rate on
+    a layer is predicted within +-window bits of the budget are tried (rate ~ c - log2(step)).
 
     >>> from slc.models import tiny_model                                    # doctest: +SKIP
     >>> policy = allocate(model, tok, budget_bits=4.5)                      # doctest: +SKIP
@@ -382,8 +397,9 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
         from tqdm.auto import tqdm
         it = tqdm(it, desc="rate-distortion", unit="layer")
     for name, m in it:
-        points[name] = rd_points(_weight(m), stats[name], kinds, steps, int_bits, granularity, group_size,
-                                 full=distortion == "full")
+        w = _weight(m)
+        points[name] = rd_points(w, stats[name], kinds, _window(w, steps, budget_bits, window, granularity, group_size),
+                                 int_bits, granularity, group_size, full=distortion == "full")
     n_weights = {n: _weight(m).numel() for n, m in layers.items()}
     total_w = sum(n_weights.values())
     ch, lam = solve(points, budget_bits * total_w, tolerance * budget_bits * total_w)

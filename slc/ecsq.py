@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 import torch
+from numba import njit
 
 from . import rans
 
@@ -185,15 +186,19 @@ def stream_estimate(codes: np.ndarray, signed: bool = True) -> dict:
     """What the escape-coded rANS stream of these codes will hold, without encoding it.
 
     payload_bits (order-0 entropy of the symbols, escape symbol included), alphabet (freqs length),
-    n_escapes, lanes, table_bits (the compact table of the byte format).
+    n_escapes, lanes, table_bits (the compact table of the byte format). signed=False: the codes are
+    already non-negative symbols (affine codes - qmin) and are not zig-zag mapped.
     """
     codes = np.asarray(codes).reshape(-1)
-    n = codes.size
     vals, counts = _value_counts(zigzag(codes) if signed else codes)
-    E = _escape_from_counts(vals, counts, n) if signed else int(vals[-1]) + 1
+    return estimate_from_counts(vals, counts, codes.size, escape=signed)
+
+
+def estimate_from_counts(vals: np.ndarray, counts: np.ndarray, n: int, escape: bool = True) -> dict:
+    """stream_estimate from a histogram: zig-zag values present (sorted) and their counts."""
+    E = _escape_from_counts(vals, counts, n) if escape else int(vals[-1]) + 1
     kept = vals < E
-    c = counts[kept].astype(np.float64)
-    n_esc = int(n - c.sum())
+    n_esc = int(n - counts[kept].sum())
     sym_counts = np.zeros(E + 1, dtype=np.int64)
     sym_counts[vals[kept]] = counts[kept]
     sym_counts[E] = n_esc
@@ -206,6 +211,13 @@ def stream_estimate(codes: np.ndarray, signed: bool = True) -> dict:
             "lanes": rans.choose_lanes(n), "table_bits": _table_bits_estimate(sym_counts, n), "n": n}
 
 
+def buffer_bits(e: dict, n_scales: int) -> float:
+    """Bits of CompressedTensor.buffers() for a stream_estimate: 16-bit words, int32 states,
+    a dense int32 frequency table, float32 scales, int32 escapes."""
+    words = math.ceil(e["payload_bits"] / 16) + e["lanes"] // 2
+    return 16 * words + 32 * (e["lanes"] + e["alphabet"] + n_scales + e["n_escapes"])
+
+
 def stream_bits_estimate(codes: np.ndarray) -> float:
     """Estimated size in bits of the escape-coded rANS stream of these codes (no scales, no header)."""
     e = stream_estimate(codes)
@@ -215,9 +227,7 @@ def stream_bits_estimate(codes: np.ndarray) -> float:
 def buffer_bits_estimate(codes: np.ndarray, n_scales: int, signed: bool = True) -> float:
     """Estimated bits of CompressedTensor.buffers() (what a CompressedLinear holds in memory):
     16-bit words, int32 states, a dense int32 frequency table, float32 scales, int32 escapes."""
-    e = stream_estimate(codes, signed)
-    words = math.ceil(e["payload_bits"] / 16) + e["lanes"] // 2
-    return 16 * words + 32 * (e["lanes"] + e["alphabet"] + n_scales + e["n_escapes"])
+    return buffer_bits(stream_estimate(codes, signed), n_scales)
 
 
 def estimate_bits(w, quantizer, layout: str = "bytes") -> float:
@@ -307,3 +317,81 @@ def rd_points(w, steps, granularity: str = "channel", group_size: int | None = N
             out = float(((dw.double() @ x_cov.double()) * dw.double()).sum())
         pts.append({"step": float(s), "bits": bits, "mse": float(dw.pow(2).mean()), "out_err": out})
     return pts
+
+
+# ----------------------------------------------------------------------------
+# a fast sweep over steps, for allocation
+
+_HIST = 1 << 16          # zig-zag values counted one by one; larger ones are lumped (they escape anyway)
+
+
+@njit(cache=True, nogil=True)
+def _sweep_kernel(w, scale, group, xsq, ow, dead_zone, hist):
+    """One pass: histogram of zig-zag codes (hist[-1] = lumped big ones) and the weighted squared error
+    sum_ij ow_i * xsq_j * (w_ij - code_ij * scale_i,g)^2, as Quantizer(mode="ecsq") would code w."""
+    rows, cols = w.shape
+    cap = hist.size - 1
+    dist = 0.0
+    off = np.float32(0.5 - dead_zone)
+    for i in range(rows):
+        row_d = 0.0
+        for g in range(cols // group):
+            s = scale[i, g]
+            for j in range(g * group, (g + 1) * group):
+                x = w[i, j]
+                m = np.floor(np.float32(abs(x) / s) + off)       # float32, like torch in quantize_blocks
+                c = np.int64(m) if m > 0 else np.int64(0)
+                e = np.float32(abs(x)) - np.float32(np.float32(c) * s)
+                z = 2 * c - 1 if (x < 0 and c > 0) else 2 * c
+                hist[z if z < cap else cap] += 1
+                row_d += np.float64(e) * np.float64(e) * xsq[j]
+        dist += ow[i] * row_d
+    return dist
+
+
+def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str = "channel",
+          group_size: int | None = None, dead_zone: float = 0.0, reference: str = "rms") -> list[dict]:
+    """Rate and weighted distortion of ecsq on `w` (out, in) at each step, without building codes.
+
+    Per step: bits (estimated bits of the CompressedLinear buffers, all overhead), bytes_bits (the
+    to_bytes() estimate), distortion = sum_ij out_weight_i x_sq_j dW_ij^2 (weights default to 1).
+    Matches Quantizer(mode="ecsq", ...) code for code (same float32 scales), in one compiled pass per step.
+    """
+    w = torch.as_tensor(w).detach().float()
+    if w.dim() != 2:
+        raise ValueError(f"sweep needs a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if granularity == "channel":
+        blocks, group = w.reshape(rows, 1, cols), cols
+    elif granularity == "group":
+        if not group_size or cols % group_size:
+            raise ValueError(f"group_size={group_size} must divide the input dimension {cols}")
+        blocks, group = w.reshape(rows, cols // group_size, group_size), group_size
+    else:
+        raise ValueError("sweep supports granularity 'channel' or 'group'")
+    if reference == "rms":
+        ref = blocks.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    else:
+        ref = blocks.abs().amax(dim=-1, keepdim=True)
+    peak = blocks.abs().amax(dim=-1, keepdim=True)
+    wn = np.ascontiguousarray(w.numpy())
+    xs = np.ones(cols) if x_sq is None else np.asarray(torch.as_tensor(x_sq).double().cpu().numpy(), dtype=np.float64)
+    ow = np.ones(rows) if out_weight is None else np.asarray(torch.as_tensor(out_weight).double().cpu().numpy(),
+                                                             dtype=np.float64)
+    n, out = w.numel(), []
+    for st in steps:
+        scale = ref * float(st)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+        sc = np.ascontiguousarray(scale.reshape(rows, -1).numpy())
+        if float((peak / scale).max()) >= 2 ** 30:
+            continue                                            # Quantizer refuses such a fine step
+        hist = np.zeros(_HIST + 1, dtype=np.int64)
+        dist = _sweep_kernel(wn, sc, group, xs, ow, float(dead_zone), hist)
+        vals = np.flatnonzero(hist)
+        e = estimate_from_counts(vals, hist[vals], n)
+        n_scales = sc.size
+        out.append({"step": float(st), "bits": buffer_bits(e, n_scales) / n,
+                    "bytes_bits": (e["payload_bits"] + e["table_bits"] + 32 * e["lanes"] + 8 * 28
+                                   + ESCAPE_BITS * e["n_escapes"] + 32 * n_scales + HEADER_BITS_ESTIMATE) / n,
+                    "distortion": float(dist)})
+    return out

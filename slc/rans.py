@@ -291,9 +291,14 @@ def _rice_bits(fs: np.ndarray, sym: np.ndarray):
                         np.where(adjacent, fs[:, 1:] - fs[:, :-1], fs[:, 1:]),    # into each symbol
                         -fs[:, :-1][:, ~adjacent]], axis=1)                       # out, before a gap
     zeros = int(np.maximum(gap - 1, 0).sum())                                     # inside the gaps
-    k = np.arange(19)
-    bits = ((_zigzag(d)[:, :, None] >> k) + 1 + k).sum(axis=1) + zeros * (1 + k)  # (S, 19)
-    return bits.min(axis=1), bits.argmin(axis=1)
+    z = _zigzag(d)
+    # the best k sits near log2 of the mean code: try 7 values around it, per row
+    k0 = np.log2(z.mean(axis=1) + 1).astype(np.int64)
+    k = np.clip(k0[:, None] + np.arange(-3, 4), 0, 18)                            # (S, 7)
+    bits = ((z[:, :, None] >> k[:, None, :]) + 1 + k[:, None, :]).sum(axis=1) + zeros * (1 + k)
+    best = bits.argmin(axis=1)
+    rows = np.arange(len(k))
+    return bits[rows, best], k[rows, best]
 
 
 def _sparse_values(freqs: np.ndarray) -> np.ndarray:
@@ -302,37 +307,39 @@ def _sparse_values(freqs: np.ndarray) -> np.ndarray:
     return np.concatenate([[sym.size], np.stack([gaps, freqs[sym]], axis=1).reshape(-1)]).astype(np.int64)
 
 
-def _table_sizes(freqs: np.ndarray) -> tuple[int, int]:
-    """(dense bytes, sparse bytes)."""
+def _table_sizes(freqs: np.ndarray) -> tuple[int, int, int]:
+    """(dense bytes, sparse bytes, Rice k for dense)."""
     sym = np.flatnonzero(freqs)
-    bits, _ = _rice_bits(freqs[sym].astype(np.int64)[None], sym)
+    bits, k = _rice_bits(freqs[sym].astype(np.int64)[None], sym)
     dense = _varint_nbytes([sym[0], sym[-1] - sym[0] + 1]) + 1 + -(-int(bits[0]) // 8)
     sparse = _varint_nbytes([sym.size]) + _varint_nbytes(np.diff(sym, prepend=-1) - 1) + _varint_nbytes(freqs[sym])
-    return dense, sparse
+    return dense, sparse, int(k[0])
 
 
 def table_nbytes(freqs: np.ndarray) -> int:
     """Bytes the frequency table takes in the stream."""
-    return min(_table_sizes(freqs))
+    dense, sparse, _ = _table_sizes(freqs)
+    return min(dense, sparse)
 
 
 def _pack_table(freqs: np.ndarray) -> tuple[int, bytes]:
     """(flags, table bytes) for a dense freqs array with at least one nonzero."""
-    dense_n, sparse_n = _table_sizes(freqs)
+    dense_n, sparse_n, k = _table_sizes(freqs)
     if sparse_n < dense_n:
         return FLAG_SPARSE, _varints(_sparse_values(freqs).tolist())
     sym = np.flatnonzero(freqs)
     lo, hi = int(sym[0]), int(sym[-1])
-    nbits, k = (int(v[0]) for v in _rice_bits(freqs[sym].astype(np.int64)[None], sym))
     z = _zigzag(np.diff(freqs[lo:hi + 1].astype(np.int64), prepend=0))
     # Rice code of each z: (z >> k) zeros, a 1, then the low k bits of z, MSB first
     length = (z >> k) + 1 + k
     stop = np.cumsum(length) - length + (z >> k)  # where each code's 1 goes
-    bits = np.zeros(-(-nbits // 8) * 8, dtype=np.uint8)
+    bits = np.zeros(-(-int(length.sum()) // 8) * 8, dtype=np.uint8)
     bits[stop] = 1
     for j in range(k):
         bits[stop + 1 + j] = (z >> (k - 1 - j)) & 1
-    return 0, _varints([lo, z.size]) + bytes([k]) + np.packbits(bits).tobytes()
+    out = _varints([lo, z.size]) + bytes([k]) + np.packbits(bits).tobytes()
+    assert len(out) == dense_n
+    return 0, out
 
 
 def _read_varints(buf: bytes, count: int, pos: int) -> tuple[list[int], int]:

@@ -120,6 +120,7 @@ def _figure_html(spec: dict) -> str:
 def html_ready(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Give plotly outputs an HTML form and replace widget views by a note (on a copy)."""
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))
+    nb.metadata.pop("widgets", None)            # widget state would pull the widget manager from a CDN
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             data = out.get("data", {})

@@ -346,10 +346,11 @@ class LayerExplorer:
                                   continuous_update=False)
         self.w_summary = W.HTML()
         self.figs = [go.FigureWidget(f) for f in self._empty_figures()]
-        for f in self.figs:
-            f.layout.height, f.layout.margin = 300, dict(l=50, r=10, t=40, b=40)
+        for f in self.figs:            # fixed size: two side by side fit a JupyterLab notebook without scrolling
+            f.layout.update(width=440, height=300, margin=dict(l=55, r=10, t=40, b=40), title_font_size=13,
+                            modebar_orientation="v")
         controls = W.VBox([W.HBox([self.w_layer, self.w_group]), W.HBox([self.w_bits, self.w_rank]), self.w_storage])
-        grid = W.GridBox(self.figs, layout=W.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))"))
+        grid = W.GridBox(self.figs, layout=W.Layout(grid_template_columns="repeat(2, 450px)"))
         self.widget = W.VBox([controls, self.w_summary, grid])
         self.widget.add_class("slc-explorer")
         for w in (self.w_layer, self.w_bits, self.w_group, self.w_storage, self.w_rank):
@@ -469,3 +470,71 @@ class LayerExplorer:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# generic charts (03, 05, 06)
+
+MB = 1 << 20
+
+
+def bytes_figure(variants: dict[str, dict[str, int]], title: str = "Bytes held, by storage kind") -> go.Figure:
+    """Stacked bars: one bar per variant, one segment per storage kind (slc.memory.tensor_bytes dicts)."""
+    kinds = list(dict.fromkeys(k for d in variants.values() for k in d if k != "total"))
+    fig = go.Figure([go.Bar(name=k, x=list(variants), y=[variants[v].get(k, 0) / MB for v in variants],
+                            hovertemplate=f"{k}: %{{y:.1f}} MB<extra></extra>") for k in kinds])
+    fig.update_layout(title=title, barmode="stack", yaxis_title="MB", height=380)
+    return fig
+
+
+def grouped_bars(rows: list[dict], x: str, ys: list[str], title: str, yaxis_title: str = "",
+                 log_y: bool = False) -> go.Figure:
+    """One group per row (labelled by rows[i][x]), one bar per column name in `ys`."""
+    fig = go.Figure([go.Bar(name=y, x=[r[x] for r in rows], y=[r[y] for r in rows]) for y in ys])
+    fig.update_layout(title=title, barmode="group", yaxis_title=yaxis_title, height=380)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def curve_figure(rows: list[dict], x: str, y: str, by: str, title: str, log_y: bool = False,
+                 x_title: str | None = None, y_title: str | None = None) -> go.Figure:
+    """Lines + markers of y against x, one line per value of rows[i][by]."""
+    fig = go.Figure()
+    for name in dict.fromkeys(r[by] for r in rows):
+        rs = sorted((r for r in rows if r[by] == name), key=lambda r: r[x])
+        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="lines+markers", name=str(name)))
+    fig.update_layout(title=title, xaxis_title=x_title or x, yaxis_title=y_title or y, height=400)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def uniform_ranks(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, int]:
+    """The same parameter fraction for every layer: r = floor(fraction * m n / (m + n)), at least 1."""
+    return {k: max(1, int(fraction * w.shape[0] * w.shape[1] / (w.shape[0] + w.shape[1]))) for k, w in weights.items()}
+
+
+def rank_figure(ranks: dict[str, dict[str, int]], title: str = "Rank given to each layer") -> go.Figure:
+    """Grouped bars: for each method, the rank of every layer."""
+    layers = list(next(iter(ranks.values())))
+    fig = go.Figure([go.Bar(name=m, x=[short_name(n) for n in layers], y=[r[n] for n in layers]) for m, r in ranks.items()])
+    fig.update_layout(title=title, barmode="group", yaxis_title="rank", xaxis_tickangle=-45, height=420)
+    return fig
+
+
+def tradeoff_figure(rows: list[dict], x: str = "bits/weight", y: str = "perplexity", by: str = "family",
+                    label: str = "config", title: str = "Bits per weight vs perplexity",
+                    reference: float | None = None) -> go.Figure:
+    """Scatter of y against x, one colour per family, each point labelled; dashed line at `reference`."""
+    fig = go.Figure()
+    for fam in dict.fromkeys(r[by] for r in rows):
+        rs = sorted((r for r in rows if r[by] == fam), key=lambda r: r[x])
+        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="markers+text+lines",
+                                 name=fam, text=[r[label] for r in rs], textposition="top center",
+                                 hovertemplate="%{text}: %{x:.2f} bits/weight, %{y:.3f}<extra></extra>"))
+    if reference is not None:
+        fig.add_hline(y=reference, line_dash="dash", line_color="#666", annotation_text="fp32",
+                      annotation_position="bottom right")
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=440)
+    return fig

@@ -49,9 +49,9 @@ CASES = {
     "all 256": rng.permutation(np.repeat(np.arange(256, dtype=np.uint16), 20)),
     "65536 alphabet": rng.permutation(np.arange(1 << 16)).astype(np.uint16),
     "sparse wide": rng.choice(np.array([0, 999, 40000, 65535], np.uint16), 5000),
-    "very skewed": np.minimum(rng.geometric(0.9, 20_000), 300).astype(np.uint16),
-    "uniform": rng.integers(0, 256, 20_000).astype(np.uint16),
-    "laplace int8": laplace_int8(30_001, 1),
+    "very skewed": np.minimum(rng.geometric(0.9, 8000), 300).astype(np.uint16),
+    "uniform": rng.integers(0, 256, 8000).astype(np.uint16),
+    "laplace int8": laplace_int8(12_001, 1),
 }
 
 
@@ -325,7 +325,7 @@ def test_single_bit_flip(bit):
         rans.decode(bytes(data))
 
 
-@HYPO
+@settings(HYPO, max_examples=25)
 @given(st.integers(0, 8 * (len(SMALL) - 4) - 1))
 def test_single_bit_flip_with_valid_crc(bit):
     body = bytearray(SMALL[:-4])

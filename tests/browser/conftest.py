@@ -60,6 +60,12 @@ class LabServer:
                "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTER_CONFIG_DIR": str(home / "config"),
                "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+        # user settings: render every cell (no virtual scrolling that drops off-screen outputs from
+        # the DOM) and no news pop-up
+        for rel, text in (("@jupyterlab/notebook-extension/tracker.jupyterlab-settings", '{"windowingMode": "none"}'),
+                          ("@jupyterlab/apputils-extension/notification.jupyterlab-settings", '{"fetchNews": "false"}')):
+            (home / "settings" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (home / "settings" / rel).write_text(text)
         self.log = open(root.parent / "lab.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",

@@ -54,7 +54,24 @@ def _click_menu(driver, menu: str, command: str) -> None:
     item[0].click()
 
 
+KERNEL_IDLE_JS = ("const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
+                  "return s && s.getAttribute('data-status') === 'idle';")
+
+
 def test_explorer_updates_plots_in_jupyterlab(lab, chrome):
+    try:
+        _drive(lab, chrome)
+    except Exception:
+        # leave evidence: a picture of the page and the text of every output
+        SHOT.parent.mkdir(parents=True, exist_ok=True)
+        chrome.save_screenshot(str(SHOT.with_name("browser-04-failure.png")))
+        outs = chrome.execute_script(
+            "return Array.from(document.querySelectorAll('.jp-OutputArea-output')).map(e => e.innerText.slice(0, 300));")
+        print("outputs on the page:\n" + "\n---\n".join(outs or []))
+        raise
+
+
+def _drive(lab, chrome) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -68,15 +85,13 @@ def test_explorer_updates_plots_in_jupyterlab(lab, chrome):
     driver = chrome
     driver.get(lab.url(f"lab/tree/{NOTEBOOK.name}"))
     _wait("the notebook to open", lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell"), 120)
-    _wait("the kernel to be idle", lambda: driver.execute_script(
-        "const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
-        "return s && s.getAttribute('data-status') === 'idle';"), 120)
+    _wait("the kernel to be idle", lambda: driver.execute_script(KERNEL_IDLE_JS), 120)
+    _wait("the kernel name in the status bar", lambda: "Idle" in driver.find_element(By.CSS_SELECTOR, "#jp-main-statusbar").text, 120)
 
     _click_menu(driver, "Run", "runmenu:run-all")
     _wait(f"{N_PLOTS} explorer plots", lambda: len(driver.find_elements(By.CSS_SELECTOR, PLOTS)) >= N_PLOTS, 300)
-    _wait("every cell to finish", lambda: driver.execute_script(
-        "const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
-        "return s && s.getAttribute('data-status') === 'idle';"), 300)
+    _wait("every cell to finish", lambda: driver.execute_script(KERNEL_IDLE_JS) and not driver.find_elements(
+        By.XPATH, "//div[contains(@class,'jp-InputPrompt') and contains(text(),'[*]')]"), 300)
     errors = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     tracebacks = [e.text for e in errors if "Traceback" in e.text or "Error" in e.text]
     assert not tracebacks, f"a cell failed in the browser:\n{tracebacks[0][:2000]}"
