@@ -56,6 +56,7 @@ class LayerStats:
     x_cov: torch.Tensor | None = None         # (in, in) float64: C = sum_t x_t x_t^T (distortion="full")
     out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher")
     tokens: int = 0
+    shared_with: str | None = None            # x_sq / x_cov are the same tensors as this layer's (same input)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -84,16 +85,25 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
     """One pass over `text` (its first max_tokens tokens): input second moments per layer, and with
     fisher=True one backward pass for the squared loss gradient at every layer's output."""
     modules = dict(model.named_modules())
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :min(max_tokens, limit or max_tokens)]
     if ids.shape[1] < 2:
         raise ValueError("calibration text is too short: it must tokenise to at least 2 tokens")
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     stats: dict[str, LayerStats] = {}
     handles = []
+    last = {"x": None, "name": None}             # q/k/v (gate/up) see the very same input: count it once
 
     def pre_hook(name):
         def fn(module, args):
+            if args[0] is last["x"]:
+                src = stats[last["name"]]
+                stats[name] = LayerStats(src.x_sq, src.x_cov, None, src.tokens)
+                stats[name].shared_with = last["name"]
+                return
+            last["x"], last["name"] = args[0], name
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
             s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
             s.x_sq += x.pow(2).sum(0)
@@ -139,6 +149,7 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
         for h in handles:
             h.remove()
         model.train(was_training)
+        last["x"] = None
     return stats
 
 
@@ -343,37 +354,30 @@ def solve(points: dict[str, list[Point]], budget_total_bits: float, tolerance_bi
     return ch, lam
 
 
-def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,
-             kinds=("ecsq",), *, granularity: str = "channel", group_size: int | None = None,
-             steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
-             distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
-             window: float = 4.0, progress: bool = False) -> Allocation:
-    """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
+@dataclass
+class RDTable:
+    """Every layer's rate-distortion points, reusable for several budgets (see `allocate(..., rd=...)`)."""
+    points: dict                      # {module name: [Point, ...]} sorted by bits, dominated points dropped
+    shapes: dict                      # {module name: (out, in)}
+    settings: dict = field(default_factory=dict)
 
-    kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
-    int-b + rANS, b in `int_bits`), per `granularity`. sensitivity: "fisher" (weight outputs by the
-    squared loss gradient; causal LMs only), "output", or "auto" (fisher when the model has a LM head).
-    distortion: "diag" or "full" (see the module docstring). Budget counts every byte the
-    CompressedLinear layers hold (all overhead), over the layers compressed (embeddings and lm_head
-    are skipped, like compress_model); `tolerance` is relative. `window`: only ECSQ steps whose rate on
-    a layer is predicted within +-window bits of the budget are tried (rate ~ c - log2(step)).
 
-    >>> from slc.models import tiny_model                                    # doctest: +SKIP
-    >>> policy = allocate(model, tok, budget_bits=4.5)                      # doctest: +SKIP
-    >>> abs(policy.bits_per_weight - 4.5) < 0.02 * 4.5                       # doctest: +SKIP
-    True
-    """
+def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = None, kinds=("ecsq",), *,
+                    granularity: str = "channel", group_size: int | None = None, steps=DEFAULT_STEPS,
+                    int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto", distortion: str = "diag",
+                    max_tokens: int = 512, skip=None, budget_bits: float | None = None, window: float | None = 4.0,
+                    progress: bool = False) -> RDTable:
+    """Calibrate once (forward hooks, and a backward pass for sensitivity="fisher") and measure every
+    layer's rate-distortion points. budget_bits + window limit the ECSQ steps tried to those predicted
+    within +-window bits of the budget; budget_bits=None tries them all (for many budgets)."""
     from .models import calibration_text as default_text
-    from .nn import LinearSpec
 
-    if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
-        raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds={kinds!r}: use a tuple of {KINDS}, e.g. ('ecsq',)")
     if distortion not in ("diag", "full"):
         raise ValueError(f"distortion={distortion!r}: use 'diag' or 'full'")
-    has_head = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     if sensitivity == "auto":
         sensitivity = "fisher" if has_head else "output"
     if sensitivity not in ("fisher", "output"):
@@ -391,26 +395,70 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     missing = [n for n in layers if n not in stats]
     if missing:
         raise ValueError(f"calibration forward pass never reached {missing[:3]}: these layers are unused")
-    points = {}
+    points, shapes = {}, {}
     it = layers.items()
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="rate-distortion", unit="layer")
     for name, m in it:
         w = _weight(m)
-        points[name] = rd_points(w, stats[name], kinds, _window(w, steps, budget_bits, window, granularity, group_size),
-                                 int_bits, granularity, group_size, full=distortion == "full")
-    n_weights = {n: _weight(m).numel() for n, m in layers.items()}
-    total_w = sum(n_weights.values())
-    ch, lam = solve(points, budget_bits * total_w, tolerance * budget_bits * total_w)
-    total_d = sum(points[n][ch[n]].distortion for n in layers) or 1.0
-    specs, rows = {}, []
-    for n, m in layers.items():
-        p = points[n][ch[n]]
-        q = p.quantizer(granularity, group_size)
-        specs[n] = LinearSpec(kind="entropy", quantizer=q, predictor="none")
-        rows.append(AllocationRow(n, tuple(_weight(m).shape), p.kind, p.setting, p.bits / n_weights[n],
-                                  p.distortion, p.distortion / total_d))
+        shapes[name] = tuple(w.shape)
+        tried = steps if budget_bits is None else _window(w, steps, budget_bits, window, granularity, group_size)
+        points[name] = rd_points(w, stats[name], kinds, tried, int_bits, granularity, group_size,
+                                 full=distortion == "full")
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
-                "distortion": distortion, "max_tokens": max_tokens, "seconds": time.perf_counter() - t0}
+                "distortion": distortion, "max_tokens": max_tokens, "tokens": max(s.tokens for s in stats.values()),
+                "seconds": time.perf_counter() - t0}
+    return RDTable(points, shapes, settings)
+
+
+def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,
+             kinds=("ecsq",), *, granularity: str = "channel", group_size: int | None = None,
+             steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
+             distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
+             window: float | None = 4.0, rd: RDTable | None = None, progress: bool = False) -> Allocation:
+    """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
+
+    kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
+    int-b + rANS, b in `int_bits`), per `granularity`. sensitivity: "fisher" (weight outputs by the
+    squared loss gradient; causal LMs only), "output", or "auto" (fisher when the model has a LM head).
+    distortion: "diag" or "full" (see the module docstring). Budget counts every byte the
+    CompressedLinear layers hold (all overhead), over the layers compressed (embeddings and lm_head
+    are skipped, like compress_model); `tolerance` is relative. `window`: only ECSQ steps whose rate on
+    a layer is predicted within +-window bits of the budget are tried (rate ~ c - log2(step)).
+    rd: a `rate_distortion(...)` table to reuse (then the calibration arguments are not used again).
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> from slc.models import tiny_model
+    >>> from slc.model import compress_model
+    >>> tok = lambda text, return_tensors="pt": SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+    >>> model = tiny_model("llama")
+    >>> policy = allocate(model, tok, budget_bits=4.5, calibration_text="some calibration text " * 10)
+    >>> report = compress_model(model, policy, progress=False)
+    >>> abs(report.totals()["bits_per_weight"] - 4.5) < 0.02 * 4.5
+    True
+    """
+    from .nn import LinearSpec
+
+    if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
+        raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
+    t0 = time.perf_counter()
+    if rd is None:
+        rd = rate_distortion(model, tokenizer, calibration_text, kinds, granularity=granularity, group_size=group_size,
+                             steps=steps, int_bits=int_bits, sensitivity=sensitivity, distortion=distortion,
+                             max_tokens=max_tokens, skip=skip, budget_bits=budget_bits, window=window,
+                             progress=progress)
+    granularity, group_size = rd.settings["granularity"], rd.settings["group_size"]
+    n_weights = {n: shape[0] * shape[1] for n, shape in rd.shapes.items()}
+    total_w = sum(n_weights.values())
+    ch, lam = solve(rd.points, budget_bits * total_w, tolerance * budget_bits * total_w)
+    total_d = sum(rd.points[n][ch[n]].distortion for n in rd.points) or 1.0
+    specs, rows = {}, []
+    for n, pts in rd.points.items():
+        p = pts[ch[n]]
+        specs[n] = LinearSpec(kind="entropy", quantizer=p.quantizer(granularity, group_size), predictor="none")
+        rows.append(AllocationRow(n, rd.shapes[n], p.kind, p.setting, p.bits / n_weights[n],
+                                  p.distortion, p.distortion / total_d))
+    settings = {**rd.settings, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}
     return Allocation(specs, rows, float(budget_bits), lam, settings)

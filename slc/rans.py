@@ -727,6 +727,11 @@ def decode_stream(stream: RansStream, backend: str = "fast") -> np.ndarray:
     """Decode a RansStream into a 1-D uint16 array. Raises FormatError if it is corrupt."""
     _check_backend(backend)
     stream.validate()
+    if int(np.max(stream.freqs)) == 1 << stream.scale_bits:
+        # One symbol owns every slot, so D(x) = x: no lane ever reads a word. Answer at once
+        # instead of stepping: a forged 31-byte stream may claim 2**31 symbols (measured 45 s).
+        _check_end(stream.states, 0, len(stream.words))
+        return np.full(stream.n_symbols, int(np.argmax(stream.freqs)), dtype=np.uint16)
     N = stream.lanes
     T = -(-stream.n_symbols // N)
     if backend == "numpy":

@@ -274,6 +274,7 @@ class CompressedTensor:
             n_symbols=m["n_symbols"], lanes=m["lanes"], scale_bits=m["scale_bits"],
             freqs=b["freqs"].numpy().astype(np.uint32), states=b["states"].numpy().view(np.uint32),
             words=b["words"].numpy().view(np.uint16))
+        stream.validate()                                          # fields fit together: to_bytes needs that
         stream = rans.RansStream.from_bytes(stream.to_bytes())     # validates every field of the stream
         q = m["quantizer_obj"]
         _check_scales(b["scale"], b.get("zero_point"), q, m["shape"])
@@ -343,7 +344,7 @@ class CompressedTensor:
 
         try:
             meta = json.loads(take(hlen, "header").decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # "[[[[..." nests past the stack
             raise FormatError(f"compressed tensor header is not valid JSON: {e}") from None
         scale = take(take_len("scale"), "scale")
         zp = take(take_len("zero_point"), "zero_point")
@@ -432,6 +433,15 @@ def _check_meta(meta) -> dict:
                 raise FormatError(f"{key} must be an int")
         if meta["n_symbols"] != int(np.prod(shape)):
             raise FormatError(f"n_symbols {meta['n_symbols']} != number of weights {int(np.prod(shape))}")
+        if meta["lanes"] < rans.choose_lanes(meta["n_symbols"]) // 8:
+            # compress() always takes choose_lanes(n). Far fewer lanes would make the NumPy and torch
+            # decoders loop over n / lanes steps (lanes = 1: minutes on a GPU); allow 8x for future tuning.
+            raise FormatError(f"lanes {meta['lanes']} is too few for {meta['n_symbols']} symbols "
+                              f"(compress uses {rans.choose_lanes(meta['n_symbols'])})")
+        ent = meta.get("predictor_entropies", {})
+        if not (isinstance(ent, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in ent.values())):
+            raise FormatError(f"predictor_entropies must map predictor names to numbers, got {ent!r:.80}")
     except KeyError as e:
         raise FormatError(f"compressed tensor header is missing field {e}") from None
     except (TypeError, ValueError) as e:

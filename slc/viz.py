@@ -538,3 +538,30 @@ def tradeoff_figure(rows: list[dict], x: str = "bits/weight", y: str = "perplexi
                       annotation_position="bottom right")
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=440)
     return fig
+
+
+def spectrum_rows(spectra: dict[str, np.ndarray], kinds: dict[str, list[str]]) -> list[dict]:
+    """Per layer kind (medians over its layers): share of energy in the top quarter of σ, and the
+    rank that keeps 90 % of the energy as a fraction of the full rank."""
+    from .lowrank import choose_rank
+
+    rows = []
+    for kind, names in kinds.items():
+        full = len(spectra[names[0]])
+        top = [float((spectra[k][: full // 4].astype(np.float64) ** 2).sum() / (spectra[k].astype(np.float64) ** 2).sum())
+               for k in names]
+        r90 = [choose_rank(torch.from_numpy(np.asarray(spectra[k])), energy=0.9) for k in names]
+        rows.append({"kind": kind, "layers": len(names), "energy in top 25 % of σ": float(np.median(top)),
+                     "rank for 90 % energy / full": float(np.median(r90)) / full})
+    return rows
+
+
+def kind_spectrum_figure(spectra: dict[str, np.ndarray], kinds: dict[str, list[str]],
+                         title: str = "Median normalised singular spectrum per layer kind") -> go.Figure:
+    """One line per layer kind: the median over its layers of σᵢ/σ₁ against i / min(m, n)."""
+    fig = go.Figure()
+    for kind, names in kinds.items():
+        med = np.median(np.stack([spectra[k] / spectra[k][0] for k in names]), axis=0)
+        fig.add_trace(go.Scatter(x=_f32(np.arange(1, med.size + 1) / med.size), y=_f32(med), mode="lines", name=kind))
+    fig.update_layout(title=title, xaxis_title="i / min(m, n)", yaxis_title="σᵢ / σ₁", yaxis_type="log", height=380)
+    return fig

@@ -90,8 +90,8 @@ def test_perplexity_scores_every_token_once(window, stride):
 
 def test_perplexity_tiny_llama_is_finite_deterministic_and_vocab_scale():
     model, tok = tiny_model("llama"), ByteTokenizer()
-    a = metrics.perplexity(model, tok, TEXT, window=64, stride=32)
-    b = metrics.perplexity(model, tok, TEXT, window=64, stride=32)
+    a = metrics.perplexity(model, tok, TEXT, window=64, stride=48)
+    b = metrics.perplexity(model, tok, TEXT, window=64, stride=48)
     assert math.isfinite(a) and a == b
     assert 128 / 4 < a < 128 * 4                                               # random init: about uniform
 

@@ -221,3 +221,43 @@ def test_committed_notebook_form(path):
         f"{path.name} is not freshly executed top to bottom: run `python -m slc.render --update {path}`"
     assert "plotly.min.js" not in text and "window.PlotlyConfig" not in text
     assert not any(o.output_type == "error" for c in code for o in c.outputs)
+
+
+# --- generic charts ----------------------------------------------------------------------------
+
+def test_generic_charts():
+    rows = [{"m": "a", "x": 2.0, "y": 0.5}, {"m": "a", "x": 1.0, "y": 0.2}, {"m": "b", "x": 1.5, "y": 0.9}]
+    curve = viz.curve_figure(rows, "x", "y", "m", title="t")
+    assert [t.name for t in curve.data] == ["a", "b"] and list(curve.data[0].x) == [1.0, 2.0]
+    bars = viz.grouped_bars(rows, "m", ["x", "y"], title="t")
+    assert len(bars.data) == 2
+    stacked = viz.bytes_figure({"fp32": {"dense fp32": viz.MB, "total": viz.MB}, "int8": {"int8 codes": viz.MB // 4}})
+    assert stacked.layout.barmode == "stack" and {t.name for t in stacked.data} == {"dense fp32", "int8 codes"}
+    trade = viz.tradeoff_figure([{"family": "f", "config": "c", "bits/weight": 4.0, "perplexity": 10.0}], reference=9.0)
+    assert list(trade.data[0].text) == ["c"] and len(trade.layout.shapes) == 1
+
+
+def test_ranks_and_spectra_per_kind():
+    torch.manual_seed(0)
+    W = {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 48), "model.layers.1.self_attn.q_proj.weight": torch.randn(32, 48),
+         "model.layers.0.mlp.up_proj.weight": torch.randn(64, 48)}
+    r = viz.uniform_ranks(W, 0.5)
+    assert r["model.layers.0.self_attn.q_proj.weight"] == int(0.5 * 32 * 48 / 80)
+    assert len(viz.rank_figure({"uniform": r}).data) == 1
+    S = {k: viz.singular_values(w) for k, w in W.items()}
+    kinds = {"q": [k for k in W if "q_proj" in k], "up": [k for k in W if "up_proj" in k]}
+    rows = viz.spectrum_rows(S, kinds)
+    assert [x["kind"] for x in rows] == ["q", "up"] and all(0 < x["energy in top 25 % of σ"] < 1 for x in rows)
+    assert len(viz.kind_spectrum_figure(S, kinds).data) == 2
+
+
+def test_strip_script_check_and_fix(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "n.ipynb"
+    nbformat.write(_small_notebook(), p)
+    script = [sys.executable, str(ROOT / "scripts" / "strip_notebook.py")]
+    assert subprocess.run(script + ["--check", str(p)], capture_output=True).returncode == 1
+    assert subprocess.run(script + [str(p)], capture_output=True).returncode == 0
+    assert subprocess.run(script + ["--check", str(p)], capture_output=True).returncode == 0

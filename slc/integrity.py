@@ -1,0 +1,197 @@
+"""Integrity of saved files: a CRC32 per tensor, atomic writes, and a budget for the model skeleton.
+
+The parsers (`rans.RansStream.from_bytes`, `CompressedTensor.from_bytes`, `model.load_compressed`)
+check structure: magic, version, lengths, dtypes, shapes. Three things a plain safetensors file
+does not give on top of that:
+
+1. Bit rot in data that parses fine. A flipped bit in int8 codes or in a scale still loads and
+   gives a silently wrong weight. `tensor_checksums` stores a CRC32 per tensor (in the JSON
+   metadata) and `verify_checksums` checks them before any tensor is used; the error names the tensor.
+2. Interrupted saves. `atomic_write` writes a temp file next to the target, fsyncs it, renames it
+   over the target and fsyncs the folder. An exception removes the temp. A SIGKILL cannot be
+   handled by the dying process, so its temp stays; temp names carry the writer's pid, and the
+   next `atomic_write` to the same target removes the temps of writers that are no longer alive.
+3. A small file that builds a huge model. A model is built from the config stored in the file
+   before any tensor is read: num_hidden_layers = 10**6 takes minutes, and GPT-Neo allocates a
+   max_position_embeddings**2 mask per layer (40 GB from a 50 KB file). `check_skeleton` bounds
+   both before anything real is allocated.
+
+>>> import torch, tempfile, os
+>>> t = {"w": torch.arange(6, dtype=torch.int8)}
+>>> sums = tensor_checksums(t)
+>>> verify_checksums(t, sums)
+>>> t["w"][0] = 1
+>>> try:
+...     verify_checksums(t, sums)
+... except FormatError as e:
+...     print(e)
+tensor 'w': CRC32 mismatch (stored 30ebcf4a, computed fbb71cef): the file is corrupt
+>>> d = tempfile.mkdtemp()
+>>> p = atomic_write(os.path.join(d, "x.bin"), lambda tmp: open(tmp, "wb").write(b"hello"))
+>>> open(p, "rb").read(), os.listdir(d)
+(b'hello', ['x.bin'])
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+
+MAX_SKELETON_BUFFER_BYTES = 1 << 30   # buffers a model builds from its config alone (masks, rotary tables)
+STALE_UNOWNED_SECONDS = 3600          # a temp without a pid (older naming) is stale after an hour
+
+
+# --- checksums -----------------------------------------------------------------------------------
+
+def crc32_tensor(t: torch.Tensor) -> int:
+    """CRC32 of a tensor's bytes, row-major, as they sit on disk (any dtype, bfloat16 included)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return zlib.crc32(memoryview(t.view(torch.uint8).numpy())) if t.numel() else 0
+
+
+def tensor_checksums(tensors: dict) -> dict[str, str]:
+    """{name: 8 hex digits}: one CRC32 per tensor, for the file's JSON metadata."""
+    return {name: f"{crc32_tensor(t):08x}" for name, t in tensors.items()}
+
+
+def verify_checksums(tensors: dict, checksums, where: str = "") -> None:
+    """Raise FormatError naming the first tensor whose bytes do not match its stored CRC32.
+
+    Every tensor must have a checksum and every checksum a tensor: a file with a tensor added or
+    dropped is as wrong as one with a flipped bit.
+    """
+    at = f"{where}: " if where else ""
+    if not isinstance(checksums, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for k, v in checksums.items()):
+        raise FormatError(f"{at}checksums must map tensor names to 8 hex digits")
+    missing = sorted(set(tensors) - set(checksums))
+    extra = sorted(set(checksums) - set(tensors))
+    if missing or extra:
+        raise FormatError(f"{at}checksums disagree with the tensors: no checksum for {missing[:5]}, "
+                          f"no tensor for {extra[:5]}")
+    for name, t in tensors.items():
+        got = f"{crc32_tensor(t):08x}"
+        if got != checksums[name]:
+            raise FormatError(f"{at}tensor {name!r}: CRC32 mismatch (stored {checksums[name]}, computed {got}): "
+                              "the file is corrupt")
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+def _temp_pattern(path: Path) -> re.Pattern:
+    # ours: .NAME.PID.RAND.tmp ; model.py's mkstemp naming before this module: .NAME.RAND.tmp
+    return re.compile(r"\." + re.escape(path.name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp")
+
+
+def temp_files(path) -> list[Path]:
+    """Temp files an interrupted write to `path` may have left next to it."""
+    path = Path(path)
+    pat = _temp_pattern(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pat.fullmatch(p.name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, someone else's
+        return True
+    return True
+
+
+def clean_stale_temps(path, max_age: float = STALE_UNOWNED_SECONDS) -> list[Path]:
+    """Remove temps of writes to `path` whose writer died (same machine); returns what was removed.
+
+    A temp names its writer's pid: it is stale when that pid is gone. (A reused pid keeps a stale
+    temp until that process ends too: conservative, never removes a live writer's file.) A temp
+    without a pid is removed once it is `max_age` seconds old.
+    """
+    path = Path(path)
+    pat = _temp_pattern(path)
+    removed = []
+    for p in temp_files(path):
+        pid = pat.fullmatch(p.name).group(1)
+        try:
+            stale = (not _alive(int(pid)) and int(pid) != os.getpid()) if pid else \
+                time.time() - p.stat().st_mtime > max_age
+            if stale:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:   # another writer cleaned it first
+            pass
+    return removed
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Write `path` all or nothing: write_fn(temp path) writes the bytes; then fsync, rename, fsync dir.
+
+    If write_fn (or anything after it) raises, the temp is removed and `path` is untouched. The temp
+    lives in the target's folder (a rename across file systems would not be atomic) and is named
+    .NAME.PID.RAND.tmp, so a later call can tell a dead writer's leftovers from a live one's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 & ~umask, like open()
+    os.close(fd)
+    try:
+        write_fn(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())                  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:                                          # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:                               # some file systems cannot fsync a folder
+        pass
+    return path
+
+
+# --- the model skeleton ----------------------------------------------------------------------------
+
+def check_skeleton(cls, config, n_file_tensors: int, where: str = "",
+                   max_buffer_bytes: int = MAX_SKELETON_BUFFER_BYTES) -> None:
+    """Bound what building `cls(config)` costs before building it for real; raise FormatError.
+
+    - layers: every layer holds at least one tensor, so config.num_hidden_layers <= the number of
+      tensors in the file (read from the safetensors header, which safetensors bounds in size).
+    - buffers made from the config alone (causal masks, rotary tables): built first on the meta
+      device, which allocates nothing, and summed.
+    """
+    at = f"{where}: " if where else ""
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 <= layers <= n_file_tensors:
+        raise FormatError(f"{at}config has num_hidden_layers={layers} but the file holds {n_file_tensors} "
+                          "tensors: corrupt or forged config")
+    try:
+        with torch.device("meta"):
+            skeleton = cls(config)
+    except Exception as e:
+        raise FormatError(f"{at}could not build a {cls.__name__} from the stored config: {e}") from None
+    sizes = {n: b.numel() * b.element_size() for n, b in skeleton.named_buffers()}
+    total = sum(sizes.values())
+    if total > max_buffer_bytes:
+        big = max(sizes, key=sizes.get)
+        raise FormatError(f"{at}the stored config makes {total / 2**30:.1f} GiB of buffers before any weight "
+                          f"(largest: {big!r}, {sizes[big] / 2**30:.1f} GiB); limit "
+                          f"{max_buffer_bytes / 2**30:.1f} GiB: corrupt or forged config")

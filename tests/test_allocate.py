@@ -1,0 +1,99 @@
+"""Budgeted allocation: hits the budget (all overhead, as compress_model reports it), spends bits where they matter."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from slc.allocate import Allocation, Point, allocate, layer_stats, rd_points, solve, target_layers
+from slc.ecsq import sweep
+from slc.model import compress_model
+from slc.models import tiny_model
+from slc.nn import LinearSpec
+from slc import Quantizer
+
+TEXT = "The quick brown fox jumps over the lazy dog; calibration needs a few hundred tokens. " * 8
+
+
+class ByteTokenizer:
+    """Bytes mod 128: enough of a tokenizer for the tiny random models."""
+    def __call__(self, text, return_tensors="pt"):
+        return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
+
+
+@pytest.mark.parametrize("budget, sensitivity", [(3.5, "fisher"), (4.5, "output"), (6.5, "fisher")])
+def test_tiny_llama_hits_budget_within_2_percent(budget, sensitivity):
+    model = tiny_model("llama")
+    policy = allocate(model, ByteTokenizer(), budget_bits=budget, calibration_text=TEXT, sensitivity=sensitivity)
+    assert isinstance(policy, Allocation) and all(isinstance(s, LinearSpec) for s in policy.values())
+    assert set(policy) == set(target_layers(model))                         # embeddings and lm_head skipped
+    assert abs(policy.bits_per_weight - budget) <= 0.02 * budget
+    report = compress_model(model, policy, progress=False)                  # the real, all-overhead figure
+    assert report.totals()["layers"] == len(policy) and not report.unmatched_patterns
+    assert abs(report.totals()["bits_per_weight"] - budget) <= 0.02 * budget, report.totals()["bits_per_weight"]
+    assert "budget" in str(policy) and len(policy.table()) == len(policy)
+
+
+def test_mixed_kinds_and_group_granularity():
+    model = tiny_model("llama")
+    policy = allocate(model, ByteTokenizer(), budget_bits=5.0, calibration_text=TEXT, kinds=("ecsq", "int"),
+                      granularity="group", group_size=16, sensitivity="output")
+    report = compress_model(model, policy, progress=False)
+    assert abs(report.totals()["bits_per_weight"] - 5.0) <= 0.02 * 5.0
+
+
+def test_gpt2_conv1d_layers():
+    model = tiny_model("gpt2")
+    policy = allocate(model, ByteTokenizer(), budget_bits=4.0, calibration_text=TEXT)
+    assert any("c_attn" in n for n in policy)
+    assert abs(compress_model(model, policy, progress=False).totals()["bits_per_weight"] - 4.0) <= 0.08
+
+
+def test_sweep_matches_quantizer_exactly():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g) * torch.rand(24, 1, generator=g)
+    xs, ow = torch.rand(64, generator=g).double(), torch.rand(24, generator=g).double()
+    for gran, gs in (("channel", None), ("group", 16)):
+        steps = [0.05, 0.3, 1.7]
+        for r, s in zip(sweep(w, steps, xs, ow, gran, gs), steps):
+            dw = (Quantizer(mode="ecsq", step=s, granularity=gran, group_size=gs).quantize(w).dequantize() - w).double()
+            assert r["distortion"] == pytest.approx(float(((dw.pow(2) @ xs) * ow).sum()), rel=1e-9)
+
+
+def test_output_error_counts_important_inputs():
+    """With one input channel carrying all the activation energy, its weight column dominates D."""
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    x_sq = torch.zeros(16, dtype=torch.float64)
+    x_sq[3] = 1.0
+    from slc.allocate import LayerStats
+    pts = rd_points(w, LayerStats(x_sq), steps=[0.1, 0.5])
+    dw = Quantizer(mode="ecsq", step=0.5).quantize(w).dequantize() - w
+    assert pts[0].distortion == pytest.approx(float(dw[:, 3].double().pow(2).sum()), rel=1e-9)
+
+
+def test_solve_prefers_the_sensitive_layer():
+    pts = {"a": [Point("ecsq", s, b, d) for s, b, d in [(1, 100, 100.0), (2, 200, 25.0), (3, 300, 6.0)]],
+           "b": [Point("ecsq", s, b, d) for s, b, d in [(1, 100, 1.0), (2, 200, 0.25), (3, 300, 0.06)]]}
+    ch, lam = solve(pts, 400, 1)
+    assert ch == {"a": 2, "b": 0}
+
+
+def test_layer_stats_fisher_weights_are_positive():
+    model = tiny_model("llama")
+    names = list(target_layers(model))
+    st = layer_stats(model, ByteTokenizer(), TEXT, names, fisher=True)
+    assert set(st) == set(names)
+    for s in st.values():
+        assert s.tokens > 0 and bool((s.x_sq > 0).all()) and bool((s.out_weight >= 0).all()) and s.out_weight.sum() > 0
+    assert all(not p.grad is not None for p in model.parameters())          # no parameter gradients left behind
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(budget_bits=0.1), ValueError),
+    (dict(kinds=("vq",)), ValueError),
+    (dict(sensitivity="hessian"), ValueError),
+    (dict(distortion="max"), ValueError),
+])
+def test_bad_arguments(bad, err):
+    with pytest.raises(err):
+        allocate(tiny_model("llama"), ByteTokenizer(), calibration_text=TEXT, **bad)
