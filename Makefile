@@ -13,7 +13,7 @@ PIP         = $(PY) -m pip
 STAMP       = $(VENV)/.installed
 FUZZ_SECONDS ?= 600
 
-.PHONY: help install models demo test test-unit test-notebooks browser-test bench fuzz soak render lab clean
+.PHONY: help install models demo test test-unit test-notebooks browser-test bench fuzz soak render notebooks lab clean
 
 help:
 	@echo "make demo          create .venv, fetch the real models, compress them, print the table"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench         codec and model benchmarks (tables for the README)"
 	@echo "make fuzz          coverage-guided fuzzing of the stream and file parsers (FUZZ_SECONDS=$(FUZZ_SECONDS))"
 	@echo "make render        notebooks -> self-contained HTML in build/html/"
+	@echo "make notebooks     re-execute the notebooks in place (after changing what slc prints)"
 	@echo "make lab           JupyterLab on the project"
 
 $(STAMP): pyproject.toml Makefile
@@ -64,6 +65,10 @@ soak: models
 
 render: models
 	$(PY) -m slc.render notebooks build/html
+
+# Re-execute the notebooks in place (outputs kept, metadata stripped): run after changing slc output.
+notebooks: models
+	$(PY) -m slc.render --update notebooks/*.ipynb
 
 lab: models
 	$(VENV)/bin/jupyter lab notebooks

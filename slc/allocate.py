@@ -54,7 +54,8 @@ class LayerStats:
     """What allocation needs to know about one layer's inputs (and outputs)."""
     x_sq: torch.Tensor                        # (in,) float64: sum over tokens of x_j^2 = diag(C)
     x_cov: torch.Tensor | None = None         # (in, in) float64: C = sum_t x_t x_t^T (distortion="full")
-    out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher")
+    out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher-out")
+    weight_fisher: torch.Tensor | None = None # (out, in) float32: F_ij = sum_t (dLoss/dy_ti)^2 x_tj^2 (sensitivity="fisher")
     tokens: int = 0
     shared_with: str | None = None            # x_sq / x_cov are the same tensors as this layer's (same input)
 
@@ -81,9 +82,12 @@ def target_layers(model: nn.Module, skip=None) -> dict[str, nn.Module]:
 
 
 def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int = 512,
-                full: bool = False, fisher: bool = False) -> dict[str, LayerStats]:
+                full: bool = False, fisher: bool | str = False) -> dict[str, LayerStats]:
     """One pass over `text` (its first max_tokens tokens): input second moments per layer, and with
-    fisher=True one backward pass for the squared loss gradient at every layer's output."""
+    fisher one backward pass for the squared loss gradient at every layer's output: fisher="out" keeps
+    its per-output sum f_i, fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2."""
+    per_weight = fisher is True or fisher == "weight"
+    inputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     cfg = getattr(model, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -100,11 +104,15 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
         def fn(module, args):
             if args[0] is last["x"]:
                 src = stats[last["name"]]
-                stats[name] = LayerStats(src.x_sq, src.x_cov, None, src.tokens)
+                stats[name] = LayerStats(src.x_sq, src.x_cov, None, None, src.tokens)
                 stats[name].shared_with = last["name"]
+                if per_weight:
+                    inputs[name] = inputs[last["name"]]
                 return
             last["x"], last["name"] = args[0], name
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
+            if per_weight:
+                inputs[name] = x.pow(2).float()                                   # x_tj^2, kept for the backward
             s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
             s.x_sq += x.pow(2).sum(0)
             s.tokens += x.shape[0]
@@ -116,9 +124,14 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
         def fn(module, args, out):
             if out.requires_grad:
                 def grad_fn(g):
-                    g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+                    g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2)             # (tokens, out)
                     s = stats[name]
-                    s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
+                    if per_weight:
+                        f = g2.T @ inputs[name]                                      # (out, in) float32
+                        s.weight_fisher = f if s.weight_fisher is None else s.weight_fisher + f
+                    else:
+                        g2 = g2.double().sum(0)
+                        s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
                 out.register_hook(grad_fn)
         return fn
 
@@ -150,6 +163,7 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
             h.remove()
         model.train(was_training)
         last["x"] = None
+        inputs.clear()
     return stats
 
 
@@ -175,6 +189,8 @@ def _distortion(dw: torch.Tensor, st: LayerStats, use_full: bool) -> float:
         per_row = ((dw @ st.x_cov) * dw).sum(1)                     # diag(dW C dW^T)
     else:
         per_row = dw.pow(2) @ st.x_sq                               # sum_j dW_ij^2 C_jj
+    if st.weight_fisher is not None:
+        return float((dw.pow(2) * st.weight_fisher).sum())
     if st.out_weight is not None:
         return float((per_row * st.out_weight).sum())
     return float(per_row.sum())
@@ -186,7 +202,8 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
     pts = []
     for kind in kinds:
         if kind == "ecsq" and not (full and st.x_cov is not None):     # the compiled sweep: no codes built
-            for r in sweep(w, steps, st.x_sq, st.out_weight, granularity, group_size):
+            for r in sweep(w, steps, st.x_sq, st.out_weight, granularity, group_size,
+                           weight_importance=st.weight_fisher):
                 pts.append(Point("ecsq", r["step"], r["bits"] * w.numel(), r["distortion"]))
             continue
         for s in (steps if kind == "ecsq" else int_bits):
@@ -380,9 +397,9 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     if sensitivity == "auto":
         sensitivity = "fisher" if has_head else "output"
-    if sensitivity not in ("fisher", "output"):
-        raise ValueError(f"sensitivity={sensitivity!r}: use 'fisher', 'output' or 'auto'")
-    if sensitivity == "fisher" and not has_head:
+    if sensitivity not in ("fisher", "fisher-out", "output"):
+        raise ValueError(f"sensitivity={sensitivity!r}: use 'fisher', 'fisher-out', 'output' or 'auto'")
+    if sensitivity.startswith("fisher") and not has_head:
         raise ValueError("sensitivity='fisher' needs a language-model loss; this model has no LM head: "
                          "use sensitivity='output'")
     layers = target_layers(model, skip)
@@ -391,7 +408,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     t0 = time.perf_counter()
     text = calibration_text if calibration_text is not None else default_text()
     stats = layer_stats(model, tokenizer, text, list(layers), max_tokens, full=distortion == "full",
-                        fisher=sensitivity == "fisher")
+                        fisher={"fisher": "weight", "fisher-out": "out"}.get(sensitivity, False))
     missing = [n for n in layers if n not in stats]
     if missing:
         raise ValueError(f"calibration forward pass never reached {missing[:3]}: these layers are unused")

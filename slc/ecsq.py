@@ -349,12 +349,35 @@ def _sweep_kernel(w, scale, group, xsq, ow, dead_zone, hist):
     return dist
 
 
+@njit(cache=True, nogil=True)
+def _sweep_kernel_w(w, scale, group, fw, dead_zone, hist):
+    """As _sweep_kernel, with one weight per element: sum_ij fw_ij * (w_ij - code_ij * scale_i,g)^2."""
+    rows, cols = w.shape
+    cap = hist.size - 1
+    dist = 0.0
+    off = np.float32(0.5 - dead_zone)
+    for i in range(rows):
+        for g in range(cols // group):
+            s = scale[i, g]
+            for j in range(g * group, (g + 1) * group):
+                x = w[i, j]
+                m = np.floor(np.float32(abs(x) / s) + off)
+                c = np.int64(m) if m > 0 else np.int64(0)
+                e = np.float32(abs(x)) - np.float32(np.float32(c) * s)
+                z = 2 * c - 1 if (x < 0 and c > 0) else 2 * c
+                hist[z if z < cap else cap] += 1
+                dist += np.float64(e) * np.float64(e) * fw[i, j]
+    return dist
+
+
 def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str = "channel",
-          group_size: int | None = None, dead_zone: float = 0.0, reference: str = "rms") -> list[dict]:
+          group_size: int | None = None, dead_zone: float = 0.0, reference: str = "rms",
+          weight_importance=None) -> list[dict]:
     """Rate and weighted distortion of ecsq on `w` (out, in) at each step, without building codes.
 
     Per step: bits (estimated bits of the CompressedLinear buffers, all overhead), bytes_bits (the
-    to_bytes() estimate), distortion = sum_ij out_weight_i x_sq_j dW_ij^2 (weights default to 1).
+    to_bytes() estimate), distortion = sum_ij out_weight_i x_sq_j dW_ij^2 (weights default to 1), or
+    sum_ij weight_importance_ij dW_ij^2 when that (out, in) matrix is given.
     Matches Quantizer(mode="ecsq", ...) code for code (same float32 scales), in one compiled pass per step.
     """
     w = torch.as_tensor(w).detach().float()
@@ -378,6 +401,11 @@ def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str =
     xs = np.ones(cols) if x_sq is None else np.asarray(torch.as_tensor(x_sq).double().cpu().numpy(), dtype=np.float64)
     ow = np.ones(rows) if out_weight is None else np.asarray(torch.as_tensor(out_weight).double().cpu().numpy(),
                                                              dtype=np.float64)
+    fw = None
+    if weight_importance is not None:
+        fw = np.ascontiguousarray(torch.as_tensor(weight_importance).detach().cpu().numpy())
+        if fw.shape != (rows, cols):
+            raise ValueError(f"weight_importance has shape {fw.shape}, expected {(rows, cols)}")
     n, out = w.numel(), []
     for st in steps:
         scale = ref * float(st)
@@ -386,7 +414,10 @@ def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str =
         if float((peak / scale).max()) >= 2 ** 30:
             continue                                            # Quantizer refuses such a fine step
         hist = np.zeros(_HIST + 1, dtype=np.int64)
-        dist = _sweep_kernel(wn, sc, group, xs, ow, float(dead_zone), hist)
+        if fw is not None:
+            dist = _sweep_kernel_w(wn, sc, group, fw, float(dead_zone), hist)
+        else:
+            dist = _sweep_kernel(wn, sc, group, xs, ow, float(dead_zone), hist)
         vals = np.flatnonzero(hist)
         e = estimate_from_counts(vals, hist[vals], n)
         n_scales = sc.size

@@ -11,10 +11,12 @@ does not give on top of that:
    over the target and fsyncs the folder. An exception removes the temp. A SIGKILL cannot be
    handled by the dying process, so its temp stays; temp names carry the writer's pid, and the
    next `atomic_write` to the same target removes the temps of writers that are no longer alive.
-3. A small file that builds a huge model. A model is built from the config stored in the file
+3. A small file that builds a huge, or broken, model. A model is built from the config stored in the file
    before any tensor is read: num_hidden_layers = 10**6 takes minutes, and GPT-Neo allocates a
    max_position_embeddings**2 mask per layer (40 GB from a 50 KB file). `check_skeleton` bounds
-   both before anything real is allocated.
+   both before anything real is allocated, and `check_config_types` rejects values whose type
+   differs from the config class's default (transformers accepts output_hidden_states="float16"
+   and the model then fails inside forward).
 
 >>> import torch, tempfile, os
 >>> t = {"w": torch.arange(6, dtype=torch.int8)}
@@ -195,3 +197,36 @@ def check_skeleton(cls, config, n_file_tensors: int, where: str = "",
         raise FormatError(f"{at}the stored config makes {total / 2**30:.1f} GiB of buffers before any weight "
                           f"(largest: {big!r}, {sizes[big] / 2**30:.1f} GiB); limit "
                           f"{max_buffer_bytes / 2**30:.1f} GiB: corrupt or forged config")
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and abs(value) != float("inf")
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def check_config_types(config: dict, config_class, where: str = "") -> None:
+    """Every stored config value has the type of the class default (None defaults accept anything)."""
+    at = f"{where}: " if where else ""
+    if not isinstance(config, dict):
+        raise FormatError(f"{at}config must be a JSON object")
+    try:
+        default = config_class()
+    except Exception:                              # noqa: BLE001 - a class without defaults: nothing to compare
+        return
+    for key, value in config.items():
+        ref = getattr(default, key, None)
+        if ref is not None and not _type_ok(value, ref):
+            raise FormatError(f"{at}config field {key!r} is {value!r:.60} ({type(value).__name__}); "
+                              f"a {config_class.__name__} expects a {type(ref).__name__}")

@@ -166,13 +166,21 @@ def takeaway(nb: nbformat.NotebookNode) -> str:
     return ""
 
 
+def _inline_markdown(text: str) -> str:
+    """One paragraph of markdown (emphasis, code) as inline HTML."""
+    from nbconvert.filters import markdown2html
+
+    out = markdown2html(text).strip()
+    return out.removeprefix("<p>").removesuffix("</p>")
+
+
 def _index_html(rows: list[dict]) -> str:
     items = []
     for r in rows:
         status = "" if r["ok"] else ' <b style="color:#b00">(failed: see the page)</b>'
+        took = f' <span class="s">(ran in {r["seconds"]:.0f} s)</span>' if r["seconds"] >= 0.5 else ""
         items.append(f'<li><a href="{html.escape(r["href"])}">{html.escape(r["title"])}</a>{status}'
-                     f'<br><span class="t">{html.escape(r["takeaway"])}</span>'
-                     f' <span class="s">({r["seconds"]:.0f} s)</span></li>')
+                     f'<br><span class="t">{_inline_markdown(r["takeaway"])}</span>{took}</li>')
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>slc notebooks</title>"
             "<style>body{font-family:sans-serif;max-width:52em;margin:2em auto;line-height:1.5}"
             "li{margin-bottom:1em}.t{color:#444}.s{color:#999;font-size:85%}</style></head><body>"
@@ -182,7 +190,10 @@ def _index_html(rows: list[dict]) -> str:
 
 def render(src: Path, dest: Path, execute_cells: bool = True, timeout: int = TIMEOUT_S,
            only: list[str] | None = None) -> list[dict]:
-    """Execute (optionally) and render every notebook in `src` to `dest`; write dest/index.html."""
+    """Execute (optionally) and render every notebook in `src` to `dest`; write dest/index.html.
+
+    `only`: render just the notebooks whose file name contains one of these (index left as it is).
+    """
     from nbconvert.preprocessors import CellExecutionError
 
     src, dest = Path(src), Path(dest)
@@ -206,7 +217,8 @@ def render(src: Path, dest: Path, execute_cells: bool = True, timeout: int = TIM
         rows.append({"href": out.name, "title": title, "takeaway": takeaway(nb), "seconds": seconds, "ok": ok})
         print(f"{path.name}: {'ok' if ok else 'FAILED'} in {seconds:.1f} s -> {out} "
               f"({out.stat().st_size / 1e6:.1f} MB)", flush=True)
-    (dest / "index.html").write_text(_index_html(rows), encoding="utf-8")
+    if not only:                                 # a partial run leaves the full index alone
+        (dest / "index.html").write_text(_index_html(rows), encoding="utf-8")
     return rows
 
 

@@ -530,7 +530,7 @@ def tradeoff_figure(rows: list[dict], x: str = "bits/weight", y: str = "perplexi
     fig = go.Figure()
     for fam in dict.fromkeys(r[by] for r in rows):
         rs = sorted((r for r in rows if r[by] == fam), key=lambda r: r[x])
-        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="markers+text+lines",
+        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="markers+text",
                                  name=fam, text=[r[label] for r in rs], textposition="top center",
                                  hovertemplate="%{text}: %{x:.2f} bits/weight, %{y:.3f}<extra></extra>"))
     if reference is not None:

@@ -81,11 +81,21 @@ def test_solve_prefers_the_sensitive_layer():
 def test_layer_stats_fisher_weights_are_positive():
     model = tiny_model("llama")
     names = list(target_layers(model))
-    st = layer_stats(model, ByteTokenizer(), TEXT, names, fisher=True)
-    assert set(st) == set(names)
-    for s in st.values():
-        assert s.tokens > 0 and bool((s.x_sq > 0).all()) and bool((s.out_weight >= 0).all()) and s.out_weight.sum() > 0
-    assert all(not p.grad is not None for p in model.parameters())          # no parameter gradients left behind
+    per_weight = layer_stats(model, ByteTokenizer(), TEXT, names, fisher="weight")
+    per_out = layer_stats(model, ByteTokenizer(), TEXT, names, fisher="out")
+    assert set(per_weight) == set(per_out) == set(names)
+    for n in names:
+        fw, fo = per_weight[n].weight_fisher, per_out[n].out_weight
+        assert fw.shape == _shape(model, n) and bool((fw >= 0).all()) and float(fw.sum()) > 0
+        assert bool((per_weight[n].x_sq > 0).all()) and per_weight[n].tokens > 0
+        assert fo.shape == (fw.shape[0],) and bool((fo > 0).all())
+    assert per_weight["model.layers.0.self_attn.k_proj"].shared_with == "model.layers.0.self_attn.q_proj"
+    assert all(p.grad is None for p in model.parameters())                  # no parameter gradients left behind
+
+
+def _shape(model, name):
+    w = model.get_submodule(name).weight
+    return tuple(w.shape)
 
 
 @pytest.mark.parametrize("bad, err", [
