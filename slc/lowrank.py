@@ -183,3 +183,10 @@ def allocate_ranks(weights: dict, param_budget: int | float, x_covs: dict | None
             heapq.heappush(heap, (-spectra[k][ranks[k]] / cost, k))
     assert sum(r * sum(shapes[k]) for k, r in ranks.items()) <= param_budget
     return ranks
+
+
+def uniform_ranks(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, int]:
+    """The same parameter fraction for every layer: r = floor(fraction * m n / (m + n)), at least 1."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} must be in (0, 1]")
+    return {k: max(1, int(fraction * w.shape[0] * w.shape[1] / (w.shape[0] + w.shape[1]))) for k, w in weights.items()}

@@ -510,9 +510,7 @@ def curve_figure(rows: list[dict], x: str, y: str, by: str, title: str, log_y: b
     return fig
 
 
-def uniform_ranks(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, int]:
-    """The same parameter fraction for every layer: r = floor(fraction * m n / (m + n)), at least 1."""
-    return {k: max(1, int(fraction * w.shape[0] * w.shape[1] / (w.shape[0] + w.shape[1]))) for k, w in weights.items()}
+from .lowrank import uniform_ranks  # noqa: E402  (re-exported: the notebooks call viz.uniform_ranks)
 
 
 def rank_figure(ranks: dict[str, dict[str, int]], title: str = "Rank given to each layer") -> go.Figure:
