@@ -10,7 +10,7 @@ running longer than --timeout seconds, or the process growing past --rss-mb. Eac
 to .fuzz/crashes/ and counted once per signature (exception type + innermost slc frame); the run
 goes on. It prints the inputs tried and the crashes found, and exits 1 if there was any.
 
-An input is a selector byte + payload. (selector & 3) % 3 picks the parser; selector bit 2 asks the
+An input is a selector byte + payload. (selector & 3) picks the parser (modulo the --targets); selector bit 2 asks the
 harness to recompute the CRC32s before parsing (the stream's, and for a tensor every embedded
 stream's and the outer one), so the fuzzer gets past the checksums to the fields behind them:
 without that almost every mutation stops at "CRC32 mismatch".
@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FUZZ_DIR = ROOT / ".fuzz"
 TARGETS = ("stream", "tensor", "model")
+ENABLED = list(TARGETS)      # --targets narrows it; an input's selector picks among these
 FIX_CRC = 4
 DECODE_CAP = 1 << 22        # decode streams / tensors declaring at most this many symbols; parse the rest
 STEP_CAP = 2048             # compare with the NumPy and torch decoders when n / lanes <= this
@@ -56,7 +57,11 @@ STEP_CAP = 2048             # compare with the NumPy and torch decoders when n /
 # --- seeds ---------------------------------------------------------------------------------------
 
 def make_seeds() -> list[bytes]:
-    """Valid inputs for every target: streams of several shapes, tensors of every kind, a model file."""
+    """Valid inputs for every enabled target: streams of several shapes, tensors of every kind, a model file."""
+    return [bytes([ENABLED.index(kind)]) + payload for kind, payload in _seed_payloads() if kind in ENABLED]
+
+
+def _seed_payloads() -> list[tuple[str, bytes]]:
     import numpy as np
     import torch
     from slc import rans
@@ -71,20 +76,22 @@ def make_seeds() -> list[bytes]:
     seeds = []
     for n, k, lanes in [(0, 1, None), (1, 1, None), (7, 3, 2), (300, 40, 4), (3000, 256, None), (40000, 5, None)]:
         sym = rng.integers(0, k, n).astype(np.uint16)
-        seeds.append(bytes([0]) + rans.encode(sym, lanes=lanes))
+        seeds.append(("stream", rans.encode(sym, lanes=lanes)))
     sparse = (rng.integers(0, 4, 500) * 977).astype(np.uint16)                  # a sparse table
-    seeds.append(bytes([0]) + rans.encode(sparse))
+    seeds.append(("stream", rans.encode(sparse)))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 24, generator=g)
     for q in [Quantizer(), Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=8),
               Quantizer(granularity="tensor"), Quantizer(mode="ecsq", step=0.2)]:
-        seeds.append(bytes([1]) + CompressedTensor.compress(w, q).to_bytes())
-    seeds.append(bytes([1]) + CompressedTensor.compress(w.half(), predictor="left").to_bytes())
-    seeds.append(bytes([1]) + LosslessTensor.compress(w.to(torch.bfloat16)).to_bytes())
+        seeds.append(("tensor", CompressedTensor.compress(w, q).to_bytes()))
+    seeds.append(("tensor", CompressedTensor.compress(w.half(), predictor="left").to_bytes()))
+    seeds.append(("tensor", LosslessTensor.compress(w.to(torch.bfloat16)).to_bytes()))
+    if "model" not in ENABLED:
+        return seeds
     model = tiny_model("gpt2")
     compress_model(model, {"*.attn.*": LinearSpec("entropy"), "*": LinearSpec()}, progress=False)
     with tempfile.TemporaryDirectory() as d:
-        seeds.append(bytes([2]) + save_compressed(model, Path(d) / "m.safetensors").read_bytes())
+        seeds.append(("model", save_compressed(model, Path(d) / "m.safetensors").read_bytes()))
     return seeds
 
 
@@ -190,7 +197,7 @@ def run_one(data: bytes) -> None:
     from slc.errors import FormatError
     if not data:
         return
-    kind = TARGETS[(data[0] & 3) % 3]
+    kind = ENABLED[(data[0] & 3) % len(ENABLED)]
     payload = data[1:]
     if data[0] & FIX_CRC:
         payload = fix_crcs(kind, payload)
@@ -214,6 +221,7 @@ class Recorder:
     def __init__(self, crash_dir: Path, stats: Path | None = None):
         self.crash_dir, self.stats = crash_dir, stats
         self.inputs, self.crashes, self.signatures = 0, 0, {}
+        self.exceptions = []                                 # every crash (loop mode: for tests to inspect)
         self._last_flush = 0.0
         crash_dir.mkdir(parents=True, exist_ok=True)
 
@@ -223,6 +231,8 @@ class Recorder:
             run_one(data)
         except Exception as e:                               # noqa: BLE001 - anything but FormatError is a crash
             self.crashes += 1
+            if self.stats is None:
+                self.exceptions.append(e)
             sig = signature(e)
             name = f"crash-{hashlib.sha1(data).hexdigest()[:16]}"
             (self.crash_dir / name).write_bytes(data)
@@ -244,10 +254,14 @@ class Recorder:
 INTERESTING_U32 = (0, 1, 2, 255, 256, 4096, 65535, 65536, 1 << 31, (1 << 31) + 1, (1 << 32) - 1)
 
 
+JSON_SKIP: set = set()        # top-level metadata keys mutate_model_json leaves alone (tests: {"config"})
+
+
 def _mutate_json(rng: random.Random, obj, depth: int = 0):
     """Replace one value somewhere in a JSON tree by an edge case (or drop a key)."""
-    if isinstance(obj, dict) and obj and (depth < 2 or rng.random() < 0.7):
-        k = rng.choice(list(obj))
+    keys = [k for k in obj if depth or k not in JSON_SKIP] if isinstance(obj, dict) else []
+    if keys and (depth < 2 or rng.random() < 0.7):
+        k = rng.choice(keys)
         if rng.random() < 0.1:
             del obj[k]
         else:
@@ -278,7 +292,7 @@ def mutate_model_json(rng: random.Random, payload: bytes) -> bytes:
 def mutate(rng: random.Random, seed: bytes) -> bytes:
     """A few random edits, biased towards the first 64 bytes (headers), usually with CRC fix-up."""
     sel, payload = seed[0], bytearray(seed[1:])
-    if sel & 3 == 2 and rng.random() < 0.6:
+    if ENABLED[(sel & 3) % len(ENABLED)] == "model" and rng.random() < 0.6:
         return bytes([sel]) + mutate_model_json(rng, bytes(payload))
     for _ in range(rng.randint(1, 4)):
         if not payload:
@@ -367,16 +381,17 @@ def child(args, libfuzzer_args: list[str]) -> None:
 
 def fuzz(seconds: float, timeout: int, rss_mb: int, workdir: Path) -> dict:
     """Run atheris in child processes until `seconds` are used; a timeout / OOM ends a child, the next resumes."""
-    corpus, crash_dir = workdir / "corpus", workdir / "crashes"
+    corpus, crash_dir = workdir / f"corpus-{'-'.join(ENABLED)}", workdir / "crashes"
     corpus.mkdir(parents=True, exist_ok=True)
     crash_dir.mkdir(parents=True, exist_ok=True)
     for s in make_seeds():
         (corpus / f"seed-{hashlib.sha1(s).hexdigest()[:12]}").write_bytes(s)
     total = {"inputs": 0, "crashes": 0, "signatures": {}, "children": 0}
     t_end = time.monotonic() + seconds
-    while (left := t_end - time.monotonic()) > 5:
+    while (left := t_end - time.monotonic()) >= 1:
         stats = workdir / f"stats-{os.getpid()}-{total['children']}.json"
-        cmd = [sys.executable, __file__, "--child", "--stats", str(stats), "--crash-dir", str(crash_dir), "--",
+        cmd = [sys.executable, __file__, "--child", "--stats", str(stats), "--crash-dir", str(crash_dir),
+               "--targets", ",".join(ENABLED), "--",
                str(corpus), f"-max_total_time={int(left)}", f"-timeout={timeout}", f"-rss_limit_mb={rss_mb}",
                f"-artifact_prefix={crash_dir}/", "-print_final_stats=1", "-max_len=131072"]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -413,11 +428,15 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=20, help="seconds one input may take (default 20)")
     p.add_argument("--rss-mb", type=int, default=4096, help="memory limit of the fuzzing process (default 4096)")
     p.add_argument("--workdir", type=Path, default=FUZZ_DIR, help="corpus and crashes (default .fuzz/)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of stream,tensor,model")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stats", help=argparse.SUPPRESS)
     p.add_argument("--crash-dir", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
+    ENABLED[:] = [t for t in TARGETS if t in args.targets.split(",")]
+    if not ENABLED:
+        p.error(f"--targets must name some of {TARGETS}")
     if args.child:
         child(args, rest)
         return 0

@@ -9,9 +9,14 @@ int-b grid + rANS):
                 C = sum_t x_t x_t^T (captured with forward hooks). distortion="diag" keeps only
                 diag(C): sum_ij dW_ij^2 C_jj, exact in expectation when the quantisation errors of
                 different weights are uncorrelated, and d_in times cheaper; "full" uses all of C.
-    sensitivity "fisher" (causal LMs) weighs output channel i by f_i = sum_t (dLoss/dy_ti)^2 from
-                one backward pass on the calibration text, so D estimates the loss increase
-                (second-order, diagonal Fisher); "output" leaves every output unit-weighted.
+    sensitivity what an output error costs. "fisher" (causal LMs, the default there): the per-weight
+                diagonal empirical Fisher F_ij = sum_t (dLoss/dy_ti)^2 x_tj^2 from one backward pass
+                of the LM loss on the calibration text, so D = sum_ij F_ij dW_ij^2 estimates the loss
+                increase (second order). "gn" (encoders, the default there): the same with random
+                projections of the final hidden states in place of a loss, i.e. the Gauss-Newton
+                matrix of ||h(W + dW) - h(W)||^2. "fisher-out": F_ij ~ f_i C_jj (per output channel
+                only). "output": every output unit-weighted, D = tr(dW C dW^T) (on SmolLM2 at 4.5 bits
+                it lost to one uniform step: output error alone does not say what the loss feels).
 
 Then one Lagrange multiplier lam trades them off: every layer takes the point minimising
 D + lam * R, and lam is bisected (on log lam) until the summed rate meets the budget. The
@@ -41,6 +46,8 @@ from .ecsq import buffer_bits_estimate, sweep
 from .quant import Quantizer
 
 KINDS = ("ecsq", "int")
+SENSITIVITIES = ("fisher", "fisher-out", "gn", "output")
+GN_PROBES = 4             # random projections for sensitivity="gn": the estimate's noise falls as 1/sqrt(probes)
 # ECSQ steps (x row RMS): 2**(k/4) from 0.005 to ~3, i.e. about 0.25 bit apart from ~1.2 to ~9 bits/weight
 DEFAULT_STEPS = tuple(float(0.005 * 2 ** (k / 4)) for k in range(37))
 DEFAULT_INT_BITS = (2, 3, 4, 5, 6, 8)
@@ -82,10 +89,13 @@ def target_layers(model: nn.Module, skip=None) -> dict[str, nn.Module]:
 
 
 def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int = 512,
-                full: bool = False, fisher: bool | str = False) -> dict[str, LayerStats]:
+                full: bool = False, fisher: bool | str = False, probes: int = 0) -> dict[str, LayerStats]:
     """One pass over `text` (its first max_tokens tokens): input second moments per layer, and with
     fisher one backward pass for the squared loss gradient at every layer's output: fisher="out" keeps
-    its per-output sum f_i, fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2."""
+    its per-output sum f_i, fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2.
+    probes > 0 replaces the LM loss by `probes` random projections r . h of the final hidden states h
+    (r ~ N(0, I), seeded): E[g g^T] is then the Gauss-Newton matrix of ||h(W + dW) - h(W)||^2, which
+    needs no head and no labels (encoders such as MiniLM)."""
     per_weight = fisher is True or fisher == "weight"
     inputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
@@ -98,10 +108,12 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
     ids = ids.to(dev)
     stats: dict[str, LayerStats] = {}
     handles = []
-    last = {"x": None, "name": None}             # q/k/v (gate/up) see the very same input: count it once
+    last = {"x": None, "name": None, "first": True}   # q/k/v (gate/up) see the very same input: count it once
 
     def pre_hook(name):
         def fn(module, args):
+            if not last["first"]:                        # later probe passes: same inputs, already counted
+                return
             if args[0] is last["x"]:
                 src = stats[last["name"]]
                 stats[name] = LayerStats(src.x_sq, src.x_cov, None, None, src.tokens)
@@ -150,8 +162,15 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
                 p.requires_grad_(False)
             try:
                 with torch.enable_grad():
-                    loss = model(ids, labels=ids).loss
-                    loss.backward()
+                    if probes:
+                        gen = torch.Generator().manual_seed(0)
+                        for _ in range(probes):
+                            out = model(ids)
+                            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                            last["first"] = False
+                            (h * torch.randn(h.shape, generator=gen).to(h)).sum().backward()
+                    else:
+                        model(ids, labels=ids).loss.backward()
             finally:
                 for p, r in req.items():
                     p.requires_grad_(r)
@@ -162,7 +181,7 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
         for h in handles:
             h.remove()
         model.train(was_training)
-        last["x"] = None
+        last["x"], last["first"] = None, True
         inputs.clear()
     return stats
 
@@ -396,19 +415,20 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
         raise ValueError(f"distortion={distortion!r}: use 'diag' or 'full'")
     has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     if sensitivity == "auto":
-        sensitivity = "fisher" if has_head else "output"
-    if sensitivity not in ("fisher", "fisher-out", "output"):
-        raise ValueError(f"sensitivity={sensitivity!r}: use 'fisher', 'fisher-out', 'output' or 'auto'")
+        sensitivity = "fisher" if has_head else "gn"
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity={sensitivity!r}: use one of {SENSITIVITIES} or 'auto'")
     if sensitivity.startswith("fisher") and not has_head:
-        raise ValueError("sensitivity='fisher' needs a language-model loss; this model has no LM head: "
-                         "use sensitivity='output'")
+        raise ValueError(f"sensitivity={sensitivity!r} needs a language-model loss; this model has no LM head: "
+                         "use sensitivity='gn' (random projections of the final hidden states)")
     layers = target_layers(model, skip)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear / Conv1D layers outside the skipped ones")
     t0 = time.perf_counter()
     text = calibration_text if calibration_text is not None else default_text()
     stats = layer_stats(model, tokenizer, text, list(layers), max_tokens, full=distortion == "full",
-                        fisher={"fisher": "weight", "fisher-out": "out"}.get(sensitivity, False))
+                        fisher={"fisher": "weight", "fisher-out": "out", "gn": "weight"}.get(sensitivity, False),
+                        probes=GN_PROBES if sensitivity == "gn" else 0)
     missing = [n for n in layers if n not in stats]
     if missing:
         raise ValueError(f"calibration forward pass never reached {missing[:3]}: these layers are unused")
@@ -437,8 +457,8 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
 
     kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
-    int-b + rANS, b in `int_bits`), per `granularity`. sensitivity: "fisher" (weight outputs by the
-    squared loss gradient; causal LMs only), "output", or "auto" (fisher when the model has a LM head).
+    int-b + rANS, b in `int_bits`), per `granularity`. sensitivity: "fisher", "gn", "fisher-out",
+    "output" (see the module docstring) or "auto" (fisher when the model has a LM head, else gn).
     distortion: "diag" or "full" (see the module docstring). Budget counts every byte the
     CompressedLinear layers hold (all overhead), over the layers compressed (embeddings and lm_head
     are skipped, like compress_model); `tolerance` is relative. `window`: only ECSQ steps whose rate on

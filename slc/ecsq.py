@@ -23,6 +23,9 @@ The codes go to the rANS coder (16-bit alphabet) as symbols:
 Rate for a target: `step_for_bits(w, 4.0)` bisects log(step) on the estimated all-in bits
 per weight (`estimate_bits`: entropy + table + states + escapes + scales + header), which
 tracks the real `CompressedTensor.bits_per_weight` to within a fraction of a percent.
+`sweep(w, steps, ...)` gives rate and (weighted) squared error for many steps in one compiled
+pass each, code for code what the quantiser does, without building any codes: slc.allocate
+uses it for every layer's rate-distortion points.
 
 >>> import torch
 >>> from slc import Quantizer
@@ -251,12 +254,13 @@ def _quantizer(step, granularity, group_size, dead_zone, reference):
 
 def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size: int | None = None,
                   dead_zone: float = 0.0, reference: str = "rms", exact: bool = False,
-                  tol: float = 0.002, max_iter: int = 40) -> float:
+                  tol: float = 0.002, max_iter: int = 40, layout: str = "bytes") -> float:
     """The ecsq step whose all-in bits/weight on `w` is closest to `target_bpw` (bisection on log step).
 
     Rate falls as the step grows (about one bit per halving), so we bisect log(step) on
     [1e-5, 1e2] until the rate is within `tol` (relative) of the target. exact=True measures
     every candidate with a real CompressedTensor (slower); the default uses `estimate_bits`.
+    layout: "bytes" (to_bytes, the file) or "buffers" (what a CompressedLinear holds in memory).
 
     >>> import torch
     >>> w = torch.randn(128, 512, generator=torch.Generator().manual_seed(0))
@@ -271,8 +275,11 @@ def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size
         q = _quantizer(step, granularity, group_size, dead_zone, reference)
         if exact:
             from .tensor import CompressedTensor
-            return CompressedTensor.compress(w, q).bits_per_weight
-        return estimate_bits(w, q)
+            ct = CompressedTensor.compress(w, q)
+            if layout == "buffers":
+                return 8 * sum(v.numel() * v.element_size() for v in ct.buffers().values()) / ct.numel
+            return ct.bits_per_weight
+        return estimate_bits(w, q, layout)
 
     lo, hi = math.log(1e-5), math.log(1e2)             # rate(lo) high, rate(hi) low
     best_step, best_err = None, math.inf
@@ -295,28 +302,6 @@ def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size
     if best_step is None:
         raise ValueError(f"no step reaches {target_bpw} bits/weight on this tensor")
     return best_step
-
-
-def rd_points(w, steps, granularity: str = "channel", group_size: int | None = None,
-              dead_zone: float = 0.0, reference: str = "rms", x_cov: torch.Tensor | None = None):
-    """Rate-distortion points of ecsq on one weight: [{step, bits, mse, out_err}], one per step.
-
-    bits: estimated all-in bits/weight; mse: mean squared weight error; out_err: tr(dW C dW^T)
-    (the summed squared output error over the calibration tokens C = X^T X came from), or None.
-    """
-    w = torch.as_tensor(w).detach().float()
-    pts = []
-    for s in steps:
-        q = _quantizer(s, granularity, group_size, dead_zone, reference)
-        qt = q.quantize(w)
-        dw = qt.dequantize(torch.float32) - w
-        codes = qt.codes.reshape(-1).numpy()
-        bits = (stream_bits_estimate(codes) + 32 * qt.scale.numel() + HEADER_BITS_ESTIMATE) / codes.size
-        out = None
-        if x_cov is not None:
-            out = float(((dw.double() @ x_cov.double()) * dw.double()).sum())
-        pts.append({"step": float(s), "bits": bits, "mse": float(dw.pow(2).mean()), "out_err": out})
-    return pts
 
 
 # ----------------------------------------------------------------------------

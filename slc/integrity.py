@@ -7,10 +7,13 @@ does not give on top of that:
 1. Bit rot in data that parses fine. A flipped bit in int8 codes or in a scale still loads and
    gives a silently wrong weight. `tensor_checksums` stores a CRC32 per tensor (in the JSON
    metadata) and `verify_checksums` checks them before any tensor is used; the error names the tensor.
-2. Interrupted saves. `atomic_write` writes a temp file next to the target, fsyncs it, renames it
-   over the target and fsyncs the folder. An exception removes the temp. A SIGKILL cannot be
-   handled by the dying process, so its temp stays; temp names carry the writer's pid, and the
-   next `atomic_write` to the same target removes the temps of writers that are no longer alive.
+2. Interrupted saves. `atomic_write` writes into a private temp folder next to the target, fsyncs
+   the file, renames it over the target and fsyncs the folder. An exception removes the temp
+   folder. A SIGKILL cannot be handled by the dying process, so its temp folder stays; the folder
+   name carries the writer's pid, and the next `atomic_write` to the same target removes those of
+   writers that are no longer alive. (A folder, not a file, because safetensors' save_file itself
+   writes a ".tmpXXXXXX" file next to the name it is given and renames it: after a SIGKILL that
+   anonymous file, as big as the model, would be left where nobody can tell whose it is.)
 3. A small file that builds a huge, or broken, model. A model is built from the config stored in the file
    before any tensor is read: num_hidden_layers = 10**6 takes minutes, and GPT-Neo allocates a
    max_position_embeddings**2 mask per layer (40 GB from a 50 KB file). `check_skeleton` bounds
@@ -38,6 +41,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -88,12 +92,12 @@ def verify_checksums(tensors: dict, checksums, where: str = "") -> None:
 # --- atomic writes -------------------------------------------------------------------------------
 
 def _temp_pattern(path: Path) -> re.Pattern:
-    # ours: .NAME.PID.RAND.tmp ; model.py's mkstemp naming before this module: .NAME.RAND.tmp
+    # ours: .NAME.PID.RAND.tmp (a folder); model.py's mkstemp naming before this module: .NAME.RAND.tmp
     return re.compile(r"\." + re.escape(path.name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp")
 
 
 def temp_files(path) -> list[Path]:
-    """Temp files an interrupted write to `path` may have left next to it."""
+    """Temp files and folders an interrupted write to `path` may have left next to it."""
     path = Path(path)
     pat = _temp_pattern(path)
     if not path.parent.is_dir():
@@ -111,6 +115,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def clean_stale_temps(path, max_age: float = STALE_UNOWNED_SECONDS) -> list[Path]:
     """Remove temps of writes to `path` whose writer died (same machine); returns what was removed.
 
@@ -126,11 +137,11 @@ def clean_stale_temps(path, max_age: float = STALE_UNOWNED_SECONDS) -> list[Path
         try:
             stale = (not _alive(int(pid)) and int(pid) != os.getpid()) if pid else \
                 time.time() - p.stat().st_mtime > max_age
-            if stale:
-                p.unlink()
-                removed.append(p)
         except FileNotFoundError:   # another writer cleaned it first
-            pass
+            continue
+        if stale:
+            _remove(p)
+            removed.append(p)
     return removed
 
 
@@ -138,26 +149,24 @@ def atomic_write(path, write_fn) -> Path:
     """Write `path` all or nothing: write_fn(temp path) writes the bytes; then fsync, rename, fsync dir.
 
     If write_fn (or anything after it) raises, the temp is removed and `path` is untouched. The temp
-    lives in the target's folder (a rename across file systems would not be atomic) and is named
-    .NAME.PID.RAND.tmp, so a later call can tell a dead writer's leftovers from a live one's.
+    is a file inside a private folder .NAME.PID.RAND.tmp in the target's folder (a rename across file
+    systems would not be atomic), so whatever write_fn creates next to its file stays inside, and a
+    later call can tell a dead writer's leftovers from a live one's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 & ~umask, like open()
-    os.close(fd)
+    tmp_dir = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
     try:
         write_fn(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())                  # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o666 & ~_umask())          # writers like mkstemp make 0600; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    finally:
+        _remove(tmp_dir)
     try:                                          # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -167,6 +176,12 @@ def atomic_write(path, write_fn) -> Path:
     except OSError:                               # some file systems cannot fsync a folder
         pass
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- the model skeleton ----------------------------------------------------------------------------

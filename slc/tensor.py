@@ -227,9 +227,11 @@ class CompressedTensor:
     def buffers(self, device=None) -> dict[str, torch.Tensor]:
         """All tensor data, ready for register_buffer / safetensors (int views of the unsigned arrays)."""
         s = self.stream
+        # a parsed stream's arrays are read-only views of its bytes: copy those, or a tensor written
+        # to later (load_state_dict) would write into an immutable bytes object
         out = {
-            "words": torch.from_numpy(np.ascontiguousarray(s.words).view(np.int16)),
-            "states": torch.from_numpy(np.ascontiguousarray(s.states).view(np.int32)),
+            "words": torch.from_numpy(np.require(s.words, requirements=["C", "W"]).view(np.int16)),
+            "states": torch.from_numpy(np.require(s.states, requirements=["C", "W"]).view(np.int32)),
             "freqs": torch.from_numpy(np.ascontiguousarray(s.freqs).astype(np.int32)),
             "scale": self.scale,
         }

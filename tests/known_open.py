@@ -1,0 +1,21 @@
+"""Crashes the fuzzer and the property tests found that are not fixed yet, one line each.
+
+Each is pinned by a strict xfail test in tests/test_reliability.py; the property tests and the
+short fuzz run tolerate exactly these and nothing else. Delete an entry once its xfail test passes.
+Keyed by (exception type, innermost function in slc/nn.py, code on that line).
+"""
+import traceback
+
+KNOWN_OPEN = {
+    ("TypeError", "__init__", "Quantizer(**"): "test_layer_quantizer_junk_is_a_format_error",
+    ("TypeError", "<dictcomp>", "torch.empty("): "test_huge_buffer_length_is_a_format_error",   # in from_meta
+    ("TypeError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
+    ("ValueError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
+}
+
+
+def known_open(exc: BaseException) -> bool:
+    """Is this one of KNOWN_OPEN: raised at (or right under) that line of slc/nn.py?"""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith("slc/nn.py")]
+    return bool(frames) and any((type(exc).__name__, frames[-1].name) == k[:2] and k[2] in (frames[-1].line or "")
+                                for k in KNOWN_OPEN)
