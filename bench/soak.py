@@ -15,11 +15,12 @@ fp32) through the whole life of a stored layer:
 RSS is sampled every --every iterations. After a warm-up (the first 10 %: allocator pools, numba and
 torch caches fill), RSS must plateau: the last sample may exceed the warm-up one by at most --slack-mb.
 
-Phase 2, threads. Every linear weight of MiniLM is quantised and rANS-coded (36 streams, 9.6 M
+Phase 2, threads. Every linear weight of MiniLM is quantised and rANS-coded (37 streams, 10.8 M
 symbols); --threads threads then decode them all --rounds times, fast (numba, GIL released) and NumPy
 backends mixed, and every result must equal the original symbols. Then the same threads run forward
 passes of entropy layers sharing one small DecodeCache (constant evictions) and every output must be
-the single-threaded one.
+the single-threaded one; and they hammer one DecodeCache with get/put directly, where nothing may
+raise and its byte count must stay true.
 """
 from __future__ import annotations
 
@@ -153,15 +154,54 @@ def thread_phase(threads: int, rounds: int) -> dict:
             with lock:
                 errors.append(f"{type(e).__name__}: {e}")
 
-    n_fwd = rounds * 200
+    n_fwd = rounds * 400
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(forward, range(n_fwd)))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)                                  # switch threads often: races show up sooner
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(forward, range(n_fwd)))
+    finally:
+        sys.setswitchinterval(interval)
     print(f"  shared DecodeCache: {n_fwd - len(wrong) - len(errors)}/{n_fwd} forwards exact in "
           f"{time.perf_counter() - t0:.1f} s; {len(errors)} raised"
           + (f" (first: {errors[0]})" if errors else "") + f"; {cache!r}")
+    cache_errors, drift = cache_contention(threads)
     return {"decodes": len(jobs), "bad": bad, "forwards": n_fwd, "wrong": wrong, "errors": errors,
-            "ok": not bad and not wrong and not errors}
+            "cache_errors": cache_errors, "ok": not bad and not wrong and not errors and not cache_errors and not drift}
+
+
+def cache_contention(threads: int, ops: int = 20_000) -> tuple[list, int]:
+    """DecodeCache.get/put from many threads at once, as concurrent forwards do, with nothing else to
+    dilute the races: nothing may raise, and its byte count must match what it holds."""
+    cache = DecodeCache(max_bytes=3000)
+    items = [torch.zeros(1000, dtype=torch.int8) for _ in range(2 * threads)]
+    errors = []
+
+    def work(k):
+        try:
+            for i in range(ops):
+                key = (i + k) % len(items)
+                if cache.get(key) is None:
+                    cache.put(key, items[key])
+        except Exception as e:                                   # noqa: BLE001 - reported
+            errors.append(f"{type(e).__name__}: {e}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    held = sum(v.numel() for v in (cache.get(k) for k in range(len(items))) if v is not None)
+    drift = cache.nbytes - held
+    print(f"  DecodeCache contention: {threads} threads x {ops} get/put: {len(errors)} raised"
+          + (f" (first: {errors[0]})" if errors else "") + f"; byte count off by {drift}")
+    return errors, drift
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,7 @@ import torch
 from .errors import FormatError
 
 MAX_SKELETON_BUFFER_BYTES = 1 << 30   # buffers a model builds from its config alone (masks, rotary tables)
+MAX_LAYERS = 1024                     # the deepest real LLMs have ~128 blocks
 STALE_UNOWNED_SECONDS = 3600          # a temp without a pid (older naming) is stale after an hour
 
 
@@ -191,15 +192,15 @@ def check_skeleton(cls, config, n_file_tensors: int, where: str = "",
     """Bound what building `cls(config)` costs before building it for real; raise FormatError.
 
     - layers: every layer holds at least one tensor, so config.num_hidden_layers <= the number of
-      tensors in the file (read from the safetensors header, which safetensors bounds in size).
+      tensors in the file, and <= MAX_LAYERS (zero-size tensors cost a forger header bytes only).
     - buffers made from the config alone (causal masks, rotary tables): built first on the meta
       device, which allocates nothing, and summed.
     """
     at = f"{where}: " if where else ""
     layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and not 0 <= layers <= n_file_tensors:
+    if isinstance(layers, int) and not 0 <= layers <= min(n_file_tensors, MAX_LAYERS):
         raise FormatError(f"{at}config has num_hidden_layers={layers} but the file holds {n_file_tensors} "
-                          "tensors: corrupt or forged config")
+                          f"tensors (and slc allows at most {MAX_LAYERS} layers): corrupt or forged config")
     try:
         with torch.device("meta"):
             skeleton = cls(config)

@@ -6,7 +6,6 @@ import torch
 # Deterministic, and gentle on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ KNOWN_OPEN = {
     ("TypeError", "<dictcomp>", "torch.empty("): "test_huge_buffer_length_is_a_format_error",   # in from_meta
     ("TypeError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
     ("ValueError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
+    ("TypeError", "validate_loaded", "list(m.get("): "test_bad_tensor_quantizer_is_a_format_error",
 }
 
 

@@ -6,7 +6,7 @@ import torch
 from slc import CompressedTensor, FormatError, Quantizer
 from slc.ecsq import estimate_bits, join_escapes, split_escapes, step_for_bits, unzigzag, zigzag
 from slc.tensor import decompress_buffers
-from conftest import DTYPES
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 ECSQ = [
     Quantizer(mode="ecsq", step=0.1),

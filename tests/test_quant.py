@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slc import Quantizer, QuantizedTensor
-from conftest import DTYPES
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 QUANTIZERS = [
     Quantizer(bits=8),

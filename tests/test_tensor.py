@@ -5,7 +5,7 @@ import torch
 
 from slc import CompressedTensor, FormatError, Quantizer
 from slc.tensor import apply_predictor, order0_bits, undo_predictor
-from conftest import DTYPES
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 QUANTIZERS = [
     Quantizer(bits=8),
