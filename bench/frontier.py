@@ -174,11 +174,22 @@ def run_ecsq(b: Bench, quantizers: dict):
     return out, bits / b.numel, secs
 
 
-def svd_cache(b: Bench, x_covs: dict | None):
-    """Full thin SVD of every layer once (plain, or whitened by x_covs), timed."""
-    t0, cache = time.perf_counter(), {}
+def svd_cache(b: Bench, x_covs: dict | None, damp: float = 1e-6):
+    """Full thin SVD of every layer once (plain, or whitened by x_covs as slc.lowrank.svd does), timed.
+
+    Layers that share their input (q/k/v, gate/up) share one C, so C^(1/2) is computed once for them."""
+    from slc.lowrank import _sqrt_and_inv_sqrt
+    t0, cache, roots = time.perf_counter(), {}, {}
     for n, w in b.orig.items():
-        cache[n] = svd(w, None if x_covs is None else x_covs[n])
+        if x_covs is None:
+            cache[n] = svd(w)
+            continue
+        c = x_covs[n]
+        if id(c) not in roots:
+            roots[id(c)] = _sqrt_and_inv_sqrt(c, w.shape[1], damp)
+        root, inv_root = roots[id(c)]
+        U, S, Vh = torch.linalg.svd(w.double() @ root, full_matrices=False)      # W' = W C^(1/2)
+        cache[n] = (U.float(), S.float(), (Vh @ inv_root).float())               # Vh = Vh' C^(-1/2)
     return cache, time.perf_counter() - t0
 
 
@@ -194,6 +205,12 @@ def truncate(b: Bench, cache: dict, ranks: dict, factor_q: Quantizer | None = No
             out[n] = (uq.dequantize().T * S) @ vq.dequantize()
             bits += 8 * (uq.nbytes + vq.nbytes) + 32 * ranks[n]
     return out, bits / b.numel
+
+
+def _diag_frame(S: torch.Tensor, shape) -> torch.Tensor:
+    d = torch.zeros(shape)
+    d[range(S.numel()), range(S.numel())] = S
+    return d
 
 
 def uniform_ranks(b: Bench, frac: float) -> dict:
@@ -256,7 +273,8 @@ def bench_model(key: str, args) -> Bench:
         b.add("SVD act-aware", f"SVD act-aware {frac:.0%}", bits, w, s_white)
         t0 = time.perf_counter()
         budget = sum(r * sum(b.orig[n].shape) for n, r in ranks.items())
-        aranks = allocate_ranks({n: white[n][0] * white[n][1] for n in b.orig}, budget)
+        # allocate_ranks reads only each matrix's shape and singular values: hand it diag(S) in an (m, n) frame
+        aranks = allocate_ranks({n: _diag_frame(white[n][1], b.orig[n].shape) for n in b.orig}, budget)
         w, bits = truncate(b, white, aranks)
         b.add("SVD act-aware + alloc", f"SVD act-aware alloc {frac:.0%}", bits, w,
               s_white + time.perf_counter() - t0)

@@ -177,7 +177,7 @@ def bench_smollm2(args, tmp: Path) -> tuple[str, dict, list[str]]:
         if how[0] in ("dense", "spec", "lowrank"):
             r.update(measure_file(model, "smollm2-135m:" + name, tmp, args.runs))
         if info["note"]:
-            notes.append(f"{name}: {info['note']}")
+            notes.append(f"SmolLM2, {name}: {info['note']}")
         if how[0] == "dense":
             r["kept_mb"] = kept_dense_mb(base)
         res[name] = r
@@ -240,7 +240,7 @@ def bench_minilm(args, tmp: Path) -> tuple[str, dict, list[str]]:
         if how[0] in ("dense", "spec", "lowrank"):
             r.update(measure_file(model, "minilm-l6:" + name, tmp, args.runs))
         if info["note"]:
-            notes.append(f"{name}: {info['note']}")
+            notes.append(f"MiniLM, {name}: {info['note']}")
         if how[0] == "dense":
             r["kept_mb"] = kept_dense_mb(base)
         res[name] = r

@@ -269,8 +269,8 @@ class LosslessTensor:
             raise FormatError("lossless tensor header runs past the end")
         try:
             meta = json.loads(data[pos:pos + hlen].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"lossless tensor header is not valid JSON: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"lossless tensor header is not valid JSON: {e!r}") from None
         pos += hlen
         m = _check_meta(meta)
         planes = {}

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import FormatError
+from .integrity import atomic_write, check_config_types, check_skeleton, tensor_checksums, verify_checksums
 from .nn import (CompressedEmbedding, CompressedLinear, LinearSpec, TiedLinear, _conv1d_class, check_meta,
                  dense_weight_of, validate_loaded)
 
@@ -287,21 +288,8 @@ def save_compressed(model: nn.Module, path) -> Path:
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         meta["generation_config"] = json.loads(gen.to_json_string(use_diff=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"slc": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())                            # the bytes are on disk before the name points at them
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    meta["checksums"] = tensor_checksums(tensors)          # CRC32 of every tensor, checked before use on load
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"slc": json.dumps(meta)}))
     return path
 
 
@@ -319,7 +307,7 @@ def _read_meta(path: Path) -> dict:
         raise FormatError(f"{path} has no 'slc' metadata: not written by slc.save_compressed")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:    # "[[[[..." nests past the stack
         raise FormatError(f"{path}: slc metadata is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
@@ -328,7 +316,7 @@ def _read_meta(path: Path) -> dict:
         raise FormatError(f"{path} has format version {meta.get('version')!r}; this slc reads version "
                           f"{FORMAT_VERSION} (a newer file needs a newer slc)")
     for key, typ in (("architecture", str), ("config", dict), ("layers", dict), ("tied", dict), ("tied_heads", dict),
-                     ("dtypes", dict)):
+                     ("dtypes", dict), ("checksums", dict)):
         if not isinstance(meta.get(key), typ):
             raise FormatError(f"{path}: metadata field {key!r} is missing or not a {typ.__name__}")
     return meta
@@ -359,10 +347,12 @@ def load_compressed(path, device="cpu", cache=None) -> nn.Module:
         raise FileNotFoundError(f"{path} does not exist")
     meta = _read_meta(path)
     cls = _model_class(meta["architecture"])
+    check_config_types(meta["config"], cls.config_class, where=str(path))
     try:
         config = cls.config_class.from_dict(meta["config"])
     except Exception as e:
         raise FormatError(f"{path}: stored config does not build a {cls.config_class.__name__}: {e}") from None
+    check_skeleton(cls, config, n_file_tensors=len(meta["checksums"]), where=str(path))   # before allocating
     # Parameters on the meta device (no memory, no random init); buffers stay real, so the ones a file
     # does not hold (non-persistent: rotary inv_freq, attention masks) are computed as usual.
     # (plain `with torch.device("meta")` would leave those as data-less meta tensors.)
@@ -407,6 +397,7 @@ def load_compressed(path, device="cpu", cache=None) -> nn.Module:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
         raise FormatError(f"{path}: could not read tensors: {e}") from None
+    file_tensors = dict(tensors)
     for alias, src in meta["tied"].items():
         if not isinstance(src, str) or src not in tensors:
             raise FormatError(f"{path}: tied tensor {alias!r} points at missing {src!r}")
@@ -426,6 +417,7 @@ def load_compressed(path, device="cpu", cache=None) -> nn.Module:
             raise FormatError(f"{path}: tensor {k!r} is {got.dtype}, expected {want.dtype}")
         if meta["dtypes"].get(k) != str(got.dtype).removeprefix("torch."):
             raise FormatError(f"{path}: tensor {k!r} is {got.dtype} but the metadata says {meta['dtypes'].get(k)}")
+    verify_checksums(file_tensors, meta["checksums"], where=str(path))     # the bytes, before any is used
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -436,8 +428,11 @@ def load_compressed(path, device="cpu", cache=None) -> nn.Module:
         parent, src_mod = model.get_submodule(parent_name), model.get_submodule(src_parent)
         if attr in parent._parameters and src_attr in src_mod._parameters:
             parent._parameters[attr] = src_mod._parameters[src_attr]
-    for layer in compressed_layers(model).values():
-        validate_loaded(layer)
+    for name, layer in compressed_layers(model).items():
+        try:
+            validate_loaded(layer)
+        except FormatError as e:
+            raise FormatError(f"{path}: layer {name!r}: {e}") from None
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     assert not leftover, f"parameters left on the meta device: {leftover[:5]}"
     return model.to(device).eval()

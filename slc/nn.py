@@ -20,6 +20,7 @@ stored format. The output always has the input's dtype.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -63,9 +64,14 @@ class DecodeCache:
         self.nbytes = 0
         self.hits = self.misses = 0
         self._items: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()                               # forwards may run in several threads
 
     def get(self, key, owner: torch.Tensor | None = None):
         """The cached tensor, or None; with `owner`, only if it was put with that very tensor object."""
+        with self._lock:
+            return self._get(key, owner)
+
+    def _get(self, key, owner):
         item = self._items.get(key)
         if item is None or (owner is not None and item[0]() is not owner):
             self.misses += 1                                         # a moved / reloaded / copied layer misses
@@ -75,6 +81,10 @@ class DecodeCache:
         return item[1]
 
     def put(self, key, t: torch.Tensor, owner: torch.Tensor | None = None) -> None:
+        with self._lock:
+            self._put(key, t, owner)
+
+    def _put(self, key, t, owner) -> None:
         size = t.numel() * t.element_size()
         self.discard(key)
         if size > self.max_bytes:
@@ -86,13 +96,22 @@ class DecodeCache:
         self.nbytes += size
 
     def discard(self, key) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.nbytes -= item[1].numel() * item[1].element_size()
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is not None:
+                self.nbytes -= item[1].numel() * item[1].element_size()
+
+    def __getstate__(self):                                          # copy / deepcopy / pickle: a lock is not data
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -615,6 +634,11 @@ def check_meta(meta) -> None:
             raise FormatError(f"dtype {meta['dtype']!r} is not one of {_FLOATS}")
         if kind != "lowrank" and not isinstance(meta.get("quantizer"), dict):
             raise FormatError(f"kind {kind!r} needs a quantizer")
+        for key in ("quantizer", "factor_quantizer"):           # __init__ builds both when present
+            if meta.get(key) is not None:
+                if not isinstance(meta[key], dict):
+                    raise FormatError(f"{key} must be a JSON object or null, got {meta[key]!r:.60}")
+                Quantizer(**meta[key])                          # TypeError / ValueError -> FormatError below
         if kind == "entropy" and not isinstance(meta.get("tensor"), dict):
             raise FormatError("entropy layer is missing its compressed-tensor header 'tensor'")
         if not isinstance(meta["buffers"], dict):
@@ -625,7 +649,7 @@ def check_meta(meta) -> None:
         for name, (dt, shape) in expected.items():
             got = meta["buffers"][name]
             if not (isinstance(got, list) and len(got) == 2 and got[0] in _DTYPES and isinstance(got[1], list)
-                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in got[1])):
+                    and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in got[1])):
                 raise FormatError(f"buffer {name!r}: expected [dtype, shape], got {got!r}")
             allowed = _FLOATS if dt is None else (dt,) if isinstance(dt, str) else dt
             if got[0] not in allowed:
@@ -646,8 +670,9 @@ def validate_loaded(layer: CompressedLinear) -> None:
         if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise FormatError(f"buffer {k!r} holds NaN/Inf")
     if layer.kind == "entropy":
-        m = layer.meta["tensor"]
-        if list(m.get("shape", [])) != [layer.out_features, layer.in_features] or \
-                not isinstance(m.get("quantizer"), dict) or Quantizer(**m["quantizer"]) != layer.quantizer:
+        from .tensor import _check_meta
+        m = _check_meta(layer.meta["tensor"])                   # FormatError for any malformed field
+        if m["shape"] != [layer.out_features, layer.in_features] or m["quantizer_obj"] != layer.quantizer:
             raise FormatError("entropy tensor header disagrees with the layer (shape or quantizer)")
+        m = layer.meta["tensor"]
         CompressedTensor.from_buffers({k: v for k, v in layer._buffers.items() if k != "bias" and v is not None}, m)

@@ -6,13 +6,7 @@ Keyed by (exception type, innermost function in slc/nn.py, code on that line).
 """
 import traceback
 
-KNOWN_OPEN = {
-    ("TypeError", "__init__", "Quantizer(**"): "test_layer_quantizer_junk_is_a_format_error",
-    ("TypeError", "<dictcomp>", "torch.empty("): "test_huge_buffer_length_is_a_format_error",   # in from_meta
-    ("TypeError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
-    ("ValueError", "validate_loaded", "Quantizer(**"): "test_bad_tensor_quantizer_is_a_format_error",
-    ("TypeError", "validate_loaded", "list(m.get("): "test_bad_tensor_quantizer_is_a_format_error",
-}
+KNOWN_OPEN: dict = {}   # all fixed; add a line here (with its strict xfail test) when a new crash is found
 
 
 def known_open(exc: BaseException) -> bool:

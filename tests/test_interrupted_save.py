@@ -12,7 +12,6 @@ slc.integrity.atomic_write puts both inside one pid-named temp folder that the n
 once its writer is dead; until slc/model.py uses it, those two tests are strict xfails.
 """
 import hashlib
-import json
 import os
 import random
 import signal
@@ -215,9 +214,6 @@ def test_sigkill_leaves_the_target_whole(killed_saves):
         load_compressed(target)
 
 
-@pytest.mark.xfail(strict=True, reason="safetensors.save_file writes its own '.tmpXXXXXX' next to the target; "
-                                       "a kill leaves that anonymous model-sized file behind. atomic_write keeps "
-                                       "it inside the writer's pid-named temp folder: use it in save_compressed")
 def test_sigkill_mid_write_leaves_only_the_writers_own_temp(killed_saves):
     """What a kill can leave: the dying writer's temp (it cannot clean up), named so it can be told apart."""
     for how, target, _, left in killed_saves:
@@ -225,8 +221,6 @@ def test_sigkill_mid_write_leaves_only_the_writers_own_temp(killed_saves):
             assert len(left) == 1 and [p.name for p in temp_files(target)] == left, left
 
 
-@pytest.mark.xfail(strict=True, reason="save_compressed names temps with mkstemp (no pid) and never removes "
-                                       "stale ones: switch it to slc.integrity.atomic_write")
 def test_next_save_removes_what_a_killed_save_left(killed_saves, models):
     how, target, _, left = killed_saves[1]
     assert left, "the mid-write kill left nothing: it did not land mid-write"

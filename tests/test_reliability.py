@@ -309,6 +309,12 @@ def test_tensor_header_regressions():
             CompressedTensor.from_bytes(_tensor_with_header(seed, {**header, "predictor_entropies": bad}))
 
 
+def test_deeply_nested_lossless_header_is_a_format_error():
+    nested = b"[" * 100_000
+    with pytest.raises(FormatError, match="JSON"):
+        CompressedTensor.from_bytes(fix_stream_crc(b"SLCT" + struct.pack("<BI", 3, len(nested)) + nested + b"\0" * 4))
+
+
 def test_from_buffers_rejects_inconsistent_buffers_with_format_error():
     """What a model file hands CompressedTensor.from_buffers: fields that do not fit together."""
     ct = CompressedTensor.compress(torch.randn(64, 300, generator=torch.Generator().manual_seed(1)))
@@ -365,6 +371,7 @@ def saved_model(tmp_path_factory):
 
 IDS = torch.tensor([[1, 5, 9, 2]])
 
+
 def _load_outcome(path):
     """FormatError, or the logits of the loaded model (a model that loads must also run).
 
@@ -420,11 +427,6 @@ def _rewrite(tmp_path_factory, tensors, meta_json: str):
     return p
 
 
-def _hangs_today(path) -> bool:
-    """Config values can hang the loader today (10**6 layers), so they are tested one by one below."""
-    return bool(path) and path[0] == "config"
-
-
 @settings(HYPO, max_examples=150)
 @given(st.data())
 def test_any_model_metadata_field_may_be_anything(saved_model, tmp_path_factory, data):
@@ -433,7 +435,6 @@ def test_any_model_metadata_field_may_be_anything(saved_model, tmp_path_factory,
     paths = [p for p in _paths(meta) if p]
     path = data.draw(st.sampled_from(paths))
     value = data.draw(st.sampled_from(EDGE_VALUES + [KeyError]))
-    assume(not _hangs_today(path))
     _load_outcome(_rewrite(tmp_path_factory, tensors, json.dumps(_replace(meta, path, value))))
 
 
@@ -445,8 +446,6 @@ def _flip_in_tensor(raw: bytes, name: str, byte: int = 5) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.xfail(strict=True, reason="model files carry no per-tensor CRC32 yet: wire slc.integrity."
-                                       "tensor_checksums / verify_checksums into save/load_compressed")
 @pytest.mark.parametrize("tensor", ["transformer.h.0.mlp.c_fc.codes", "transformer.h.0.mlp.c_fc.scale",
                                     "transformer.wte.weight"])
 def test_a_flipped_bit_in_tensor_data_is_detected(saved_model, tmp_path, tensor):
@@ -466,15 +465,12 @@ def test_a_flipped_bit_in_coded_words_is_detected(saved_model, tmp_path):
     assert _load_outcome(p) is FormatError
 
 
-@pytest.mark.xfail(strict=True, reason="model._read_meta catches JSONDecodeError but not RecursionError")
 def test_deeply_nested_metadata_is_a_format_error(saved_model, tmp_path_factory):
     tensors = saved_model.tensors
     with pytest.raises(FormatError):
         load_compressed(_rewrite(tmp_path_factory, tensors, "[" * 100_000))
 
 
-@pytest.mark.xfail(strict=True, reason="nn.check_meta does not check 'quantizer' / 'factor_quantizer' of every "
-                                       "kind; CompressedLinear.__init__ then calls Quantizer(**junk)")
 @pytest.mark.parametrize("field,value", [("factor_quantizer", "xxx"), ("factor_quantizer", [1]),
                                          ("factor_quantizer", 0)])
 def test_layer_quantizer_junk_is_a_format_error(saved_model, tmp_path_factory, field, value):
@@ -484,8 +480,6 @@ def test_layer_quantizer_junk_is_a_format_error(saved_model, tmp_path_factory, f
         load_compressed(_rewrite(tmp_path_factory, tensors, json.dumps(m)))
 
 
-@pytest.mark.xfail(strict=True, reason="nn.validate_loaded reads the entropy tensor header (Quantizer(**...), "
-                                       "list(shape)) before it is checked: TypeError / ValueError")
 @pytest.mark.parametrize("change", ["unknown key", "bits=0", "bits=1e308", "shape=0"])
 def test_bad_tensor_quantizer_is_a_format_error(saved_model, tmp_path_factory, change):
     tensors, meta = saved_model.tensors, saved_model.meta
@@ -502,8 +496,6 @@ def test_bad_tensor_quantizer_is_a_format_error(saved_model, tmp_path_factory, c
         load_compressed(_rewrite(tmp_path_factory, tensors, json.dumps(m)))
 
 
-@pytest.mark.xfail(strict=True, reason="nn.check_meta accepts any int as a buffer length; torch.empty then "
-                                       "overflows (TypeError). Bound lengths, e.g. < 2**40")
 def test_huge_buffer_length_is_a_format_error(saved_model, tmp_path_factory):
     tensors, meta = saved_model.tensors, saved_model.meta
     m = _replace(meta, ("layers", "transformer.h.0.attn.c_attn", "buffers", "words", 1, 0), 2**63)
@@ -511,8 +503,6 @@ def test_huge_buffer_length_is_a_format_error(saved_model, tmp_path_factory):
         load_compressed(_rewrite(tmp_path_factory, tensors, json.dumps(m)))
 
 
-@pytest.mark.xfail(strict=True, reason="load_compressed does not check config value types "
-                                       "(slc.integrity.check_config_types); forward then fails in transformers")
 def test_config_value_of_the_wrong_type_is_a_format_error(saved_model, tmp_path_factory):
     tensors, meta = saved_model.tensors, saved_model.meta
     m = _replace(meta, ("config", "output_hidden_states"), "float16")
@@ -520,8 +510,6 @@ def test_config_value_of_the_wrong_type_is_a_format_error(saved_model, tmp_path_
 
 
 @pytest.mark.timeout(8)
-@pytest.mark.xfail(strict=True, reason="load_compressed builds the model before checking its size "
-                                       "(slc.integrity.check_skeleton): 10**6 layers take minutes")
 def test_config_with_a_million_layers_fails_fast(saved_model, tmp_path_factory):
     tensors, meta = saved_model.tensors, saved_model.meta
     m = _replace(meta, ("config", "n_layer"), 10**6)
@@ -554,8 +542,6 @@ NEO_BOMB = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="GPT-Neo allocates a max_position_embeddings**2 mask per layer from the "
-                                       "config alone, before any check (slc.integrity.check_skeleton)")
 def test_config_that_allocates_gigabytes_is_a_format_error(tmp_path):
     """A 50 KB file whose config asks for 1.2 GB of masks: FormatError, before allocating them."""
     res = subprocess.run([sys.executable, "-c", NEO_BOMB, str(tmp_path)], capture_output=True, text=True,
