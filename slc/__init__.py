@@ -11,6 +11,7 @@ from .nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, 
 from .lowrank import LowRank, allocate_ranks, low_rank
 from .model import (CompressionReport, compress_model, compressed_layers, load_compressed, lowrank_policy,
                     save_compressed)
+from .allocate import Allocation, allocate   # the function shadows the submodule name on purpose
 from . import metrics, memory, models, rans
 
 __all__ = [
@@ -18,6 +19,6 @@ __all__ = [
     "CompressedLinear", "CompressedEmbedding", "DecodeCache", "LinearSpec", "TiedLinear",
     "LowRank", "allocate_ranks", "low_rank",
     "CompressionReport", "compress_model", "compressed_layers", "load_compressed", "lowrank_policy",
-    "save_compressed", "metrics", "memory", "models", "rans",
+    "save_compressed", "allocate", "Allocation", "metrics", "memory", "models", "rans",
 ]
 __version__ = "0.1.0"
