@@ -7,13 +7,18 @@ scales), the rANS stream alone (the like-for-like figure against zstd, which see
 only the int8 codes), compression ratio against fp32 / fp16 / int8, the order-0 entropy bound of
 the codes, zstd-19 on the very same int8 bytes, and seconds.
 
-    python -m slc.demo [--models smollm2-135m minilm-l6] [--no-zstd]
+Then the model round trip on SmolLM2: compress it (int8 per channel, and int8 + rANS),
+save one file each, load each back in a fresh process (RSS growth measured there),
+and compare perplexity, tokens/s and one greedy sentence with the fp32 model.
+
+    python -m slc.demo [--models smollm2-135m minilm-l6] [--no-zstd] [--no-model]
 """
 from __future__ import annotations
 
 import argparse
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -82,10 +87,48 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
+PROMPT = "The three most useful things to know about Python lists are"
+
+
+def model_round_trip(folder, n_tokens: int = 24, text_chars: int = 4000) -> list[dict]:
+    """SmolLM2 fp32 vs int8 vs int8 + rANS: compress, save, reload (fresh process for RSS), measure."""
+    import functools
+
+    from . import memory, metrics
+    from .model import compress_model, load_compressed, save_compressed
+    from .models import evaluation_text, load, model_dir
+    from .nn import LinearSpec
+
+    text = evaluation_text(text_chars)
+    model, tok = load("smollm2-135m")
+    fp32 = memory.measure_load(functools.partial(memory.load_pretrained, str(model_dir("smollm2-135m"))))
+    ppl0 = metrics.perplexity(model, tok, text)
+    sample0, tps0 = metrics.generate_greedy(model, tok, PROMPT, n_tokens)
+    rows = [{"model": "fp32", "bits/weight": 32.0, "file MB": (model_dir("smollm2-135m") / "model.safetensors").stat().st_size / 1e6,
+             "perplexity": ppl0, "Δppl %": 0.0, "load RSS MB": fp32["growth"] / 2**20, "RSS × fp32": 1.0,
+             "tok/s": tps0, "sample": sample0}]
+    for label, kind in (("int8/channel", "quantized"), ("int8/channel + rANS", "entropy")):
+        model, _ = load("smollm2-135m")
+        report = compress_model(model, LinearSpec(kind), progress=True)
+        path = save_compressed(model, Path(folder) / f"smollm2-{kind}.slc.safetensors")
+        del model
+        loaded = load_compressed(path)
+        rss = memory.measure_load(functools.partial(load_compressed, str(path)))
+        ppl = metrics.perplexity(loaded, tok, text)
+        row = {"model": label, "bits/weight": report.totals()["bits_per_weight"],
+               "file MB": path.stat().st_size / 1e6, "perplexity": ppl, "Δppl %": 100 * (ppl / ppl0 - 1),
+               "load RSS MB": rss["growth"] / 2**20, "RSS × fp32": rss["growth"] / fp32["growth"]}
+        if kind == "quantized":           # rANS layers decode every weight on every token: see bench/model.py
+            row["sample"], row["tok/s"] = metrics.generate_greedy(loaded, tok, PROMPT, n_tokens)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(REAL_MODELS), choices=list(REAL_MODELS))
     ap.add_argument("--no-zstd", action="store_true", help="skip the zstd-19 peer (it is the slow part)")
+    ap.add_argument("--no-model", action="store_true", help="skip the SmolLM2 save / load / perplexity round trip")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     for name in args.models:
@@ -96,6 +139,18 @@ def main(argv=None) -> None:
             print("\nNote: SmolLM2 ships as GGUF Q4_1, so its fp32 weights sit on a 16-level grid per group "
                   "of 32; int8 codes of such weights carry less entropy than a true float model's would.")
     print("\ndecode ok: every tensor decoded bit-identical to its int8 quantisation")
+    if not args.no_model:
+        from .models import CACHE
+        out = CACHE / "demo"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = model_round_trip(out)
+        print("\n## SmolLM2-135M: compress, save, load back in a fresh process\n")
+        print(markdown_table([{k: v for k, v in r.items() if k != "sample"} for r in rows]))
+        print("\nbits/weight: the compressed linear layers (all overhead); embeddings stay fp32 and count in "
+              "file MB and RSS. tok/s: greedy, this process. rANS layers decode on every forward (tok/s: bench/model.py).")
+        for r in rows:
+            if "sample" in r:
+                print(f"\n[{r['model']}] {PROMPT}{r['sample']}")
 
 
 if __name__ == "__main__":
