@@ -88,48 +88,59 @@ def target_layers(model: nn.Module, skip=None) -> dict[str, nn.Module]:
             if _is_linear(m) and not any(fnmatch.fnmatchcase(n, p) for p in skip)}
 
 
+CHUNK_TOKENS = 512        # calibration runs in sequences of at most this many tokens (and the model's limit)
+
+
 def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int = 512,
                 full: bool = False, fisher: bool | str = False, probes: int = 0) -> dict[str, LayerStats]:
-    """One pass over `text` (its first max_tokens tokens): input second moments per layer, and with
-    fisher one backward pass for the squared loss gradient at every layer's output: fisher="out" keeps
-    its per-output sum f_i, fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2.
+    """Calibration statistics of every layer in `names` from the first `max_tokens` tokens of `text`.
+
+    The text runs in sequences of CHUNK_TOKENS (or the model's position limit). Always: the inputs'
+    sum x_j^2 (and with full=True C = sum x x^T). With fisher, one backward pass per sequence for the
+    squared loss gradient at every layer's output: fisher="out" keeps its per-output sum f_i,
+    fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2.
     probes > 0 replaces the LM loss by `probes` random projections r . h of the final hidden states h
     (r ~ N(0, I), seeded): E[g g^T] is then the Gauss-Newton matrix of ||h(W + dW) - h(W)||^2, which
-    needs no head and no labels (encoders such as MiniLM)."""
+    needs no head and no labels (encoders such as MiniLM). Layers fed the very same input tensor
+    (q/k/v, gate/up) share one x_sq / C (`shared_with`)."""
     per_weight = fisher is True or fisher == "weight"
-    inputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :min(max_tokens, limit or max_tokens)]
-    if ids.shape[1] < 2:
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or CHUNK_TOKENS
+    all_ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    size = min(limit, CHUNK_TOKENS)
+    chunks = [all_ids[:, i:i + size] for i in range(0, all_ids.shape[1], size)]
+    chunks = [c for c in chunks if c.shape[1] >= 2]
+    if not chunks:
         raise ValueError("calibration text is too short: it must tokenise to at least 2 tokens")
     dev = next(model.parameters()).device
-    ids = ids.to(dev)
     stats: dict[str, LayerStats] = {}
-    handles = []
-    last = {"x": None, "name": None, "first": True}   # q/k/v (gate/up) see the very same input: count it once
+    inputs: dict[str, torch.Tensor] = {}                     # x^2 of the current sequence, for the backward
+    state = {"x": None, "name": None, "count": True}         # count: first pass over this sequence
 
     def pre_hook(name):
         def fn(module, args):
-            if not last["first"]:                        # later probe passes: same inputs, already counted
+            if not state["count"]:                           # later probe passes: same inputs, already counted
                 return
-            if args[0] is last["x"]:
-                src = stats[last["name"]]
-                stats[name] = LayerStats(src.x_sq, src.x_cov, None, None, src.tokens)
-                stats[name].shared_with = last["name"]
+            if args[0] is state["x"]:                        # same tensor as the previous layer's input
+                src = stats[state["name"]]
+                if name not in stats:
+                    stats[name] = LayerStats(src.x_sq, src.x_cov, shared_with=state["name"])
+                stats[name].tokens = src.tokens
                 if per_weight:
-                    inputs[name] = inputs[last["name"]]
+                    inputs[name] = inputs[state["name"]]
                 return
-            last["x"], last["name"] = args[0], name
+            state["x"], state["name"] = args[0], name
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
-            if per_weight:
-                inputs[name] = x.pow(2).float()                                   # x_tj^2, kept for the backward
             s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
             s.x_sq += x.pow(2).sum(0)
             s.tokens += x.shape[0]
             if full:
-                s.x_cov = (x.T @ x) if s.x_cov is None else s.x_cov + x.T @ x
+                if s.x_cov is None:
+                    s.x_cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                s.x_cov += x.T @ x                                                # in place: shared layers see it
+            if per_weight:
+                inputs[name] = x.pow(2).float()
         return fn
 
     def fwd_hook(name):
@@ -147,41 +158,45 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
                 out.register_hook(grad_fn)
         return fn
 
+    handles = []
     for n in names:
         handles.append(modules[n].register_forward_pre_hook(pre_hook(n)))
         if fisher:
             handles.append(modules[n].register_forward_hook(fwd_hook(n)))
     was_training = model.training
     model.eval()
+    req = {p: p.requires_grad for p in model.parameters()}
     try:
         if fisher:
             emb = model.get_input_embeddings()
             handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
-            req = {p: p.requires_grad for p in model.parameters()}
             for p in model.parameters():
                 p.requires_grad_(False)
-            try:
-                with torch.enable_grad():
-                    if probes:
-                        gen = torch.Generator().manual_seed(0)
-                        for _ in range(probes):
-                            out = model(ids)
-                            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                            last["first"] = False
-                            (h * torch.randn(h.shape, generator=gen).to(h)).sum().backward()
-                    else:
-                        model(ids, labels=ids).loss.backward()
-            finally:
-                for p, r in req.items():
-                    p.requires_grad_(r)
-        else:
-            with torch.inference_mode():
-                model(ids)
+        gen = torch.Generator().manual_seed(0)
+        for ids in chunks:
+            ids = ids.to(dev)
+            state.update(x=None, name=None, count=True)
+            if not fisher:
+                with torch.inference_mode():
+                    model(ids)
+                continue
+            with torch.enable_grad():
+                if probes:
+                    for _ in range(probes):
+                        out = model(ids)
+                        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                        state["count"] = False
+                        (h * torch.randn(h.shape, generator=gen).to(h)).sum().backward()
+                else:
+                    model(ids, labels=ids).loss.backward()
+            inputs.clear()
     finally:
         for h in handles:
             h.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
         model.train(was_training)
-        last["x"], last["first"] = None, True
+        state.update(x=None, name=None, count=True)
         inputs.clear()
     return stats
 
@@ -499,3 +514,85 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
                                   p.distortion, p.distortion / total_d))
     settings = {**rd.settings, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}
     return Allocation(specs, rows, float(budget_bits), lam, settings)
+
+
+# ----------------------------------------------------------------------------
+# GPTQ codes for a whole model, stored as compress_model would store them
+
+def _spec_for(name: str, policy):
+    from .nn import LinearSpec
+    if isinstance(policy, LinearSpec):
+        return policy
+    if name in policy:
+        return policy[name]
+    for pat, spec in policy.items():
+        if fnmatch.fnmatchcase(name, pat):
+            return spec
+    return None
+
+
+def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: str | None = None,
+                        max_tokens: int = 2048, block: int = 128, damp: float = 0.01, skip=None,
+                        progress: bool = False):
+    """compress_model with GPTQ codes: same policy, same grids, same CompressedLinear layers, less damage.
+
+    Each layer the policy gives an "entropy" spec is quantised by `slc.ecsq.gptq` on that spec's grid
+    with C = sum x x^T of its calibration inputs (all captured from the original model in one pass),
+    then rANS-coded exactly as compress_model would, so the file format, bits/weight and loading are
+    unchanged. Works with an `allocate()` policy. Returns the CompressionReport compress_model returns.
+
+    slc.nn has no constructor from precomputed codes yet, so the layer is assembled here from the
+    public CompressedLinear(meta, buffers) constructor, with the meta that from_linear writes.
+    """
+    from dataclasses import asdict
+
+    from .ecsq import gptq
+    from .model import CompressionReport, LayerRow
+    from .models import calibration_text as default_text
+    from .nn import CompressedLinear, check_meta
+    from .tensor import CompressedTensor, dtype_name
+
+    layers = target_layers(model, skip)
+    chosen = {}
+    for n, m in layers.items():
+        spec = _spec_for(n, policy)
+        if spec is None:
+            continue
+        if spec.kind != "entropy":
+            raise ValueError(f"compress_model_gptq stores rANS-coded codes: layer {n!r} has kind={spec.kind!r}; "
+                             "use kind='entropy' (what allocate() returns) or compress_model for other kinds")
+        chosen[n] = (m, spec)
+    if not chosen:
+        raise ValueError("the policy selects no layer: pass allocate()'s result or {pattern: LinearSpec('entropy', ...)}")
+    text = calibration_text if calibration_text is not None else default_text()
+    stats = layer_stats(model, tokenizer, text, list(chosen), max_tokens, full=True)
+    report = CompressionReport()
+    it = chosen.items()
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="gptq", unit="layer")
+    for name, (module, spec) in it:
+        t0 = time.perf_counter()
+        w = _weight(module)
+        qt = gptq(w, stats[name].x_cov, spec.quantizer, block=block, damp=damp)
+        qt.original_dtype = module.weight.dtype
+        ct = CompressedTensor.from_quantized(qt, predictor=spec.predictor)
+        buffers = {k: v.to(module.weight.device) for k, v in ct.buffers().items()}
+        if getattr(module, "bias", None) is not None:
+            buffers["bias"] = module.bias.detach().clone()
+        out_f, in_f = w.shape
+        meta = {"kind": "entropy", "in_features": in_f, "out_features": out_f,
+                "dtype": dtype_name(module.weight.dtype), "spec": spec.to_dict(), "quantizer": asdict(spec.quantizer),
+                "factor_quantizer": None, "tensor": ct.meta,
+                "buffers": {k: [dtype_name(v.dtype), list(v.shape)] for k, v in buffers.items()}}
+        check_meta(meta)
+        layer = CompressedLinear(meta, buffers, cache=spec.cache)
+        seconds = time.perf_counter() - t0
+        w_hat = qt.dequantize(torch.float32)
+        rel = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        report.rows.append(LayerRow(name, "entropy", spec.describe() + " (GPTQ)", (out_f, in_f),
+                                    w.numel() * module.weight.element_size(), layer.nbytes, layer.bits_per_weight,
+                                    rel, seconds))
+    return report

@@ -191,16 +191,17 @@ class LosslessTensor:
 
     # --- buffers ----------------------------------------------------------------------------
     def buffers(self, device=None) -> dict[str, torch.Tensor]:
-        """{plane.words/states/freqs} for coded planes, {plane.raw} for raw ones (int views, safetensors-ready)."""
+        """{plane_words/_states/_freqs} for coded planes, {plane_raw} for raw ones (int views; no dots, so
+        they are valid register_buffer names)."""
         out = {}
         for name, p in self.planes.items():
             if isinstance(p, rans.RansStream):
-                out[f"{name}.words"] = torch.from_numpy(np.ascontiguousarray(p.words).view(np.int16))
-                out[f"{name}.states"] = torch.from_numpy(np.ascontiguousarray(p.states).view(np.int32))
-                out[f"{name}.freqs"] = torch.from_numpy(np.ascontiguousarray(p.freqs).astype(np.int32))
+                out[f"{name}_words"] = torch.from_numpy(np.ascontiguousarray(p.words).view(np.int16))
+                out[f"{name}_states"] = torch.from_numpy(np.ascontiguousarray(p.states).view(np.int32))
+                out[f"{name}_freqs"] = torch.from_numpy(np.ascontiguousarray(p.freqs).astype(np.int32))
             else:
                 raw = np.ascontiguousarray(p)
-                out[f"{name}.raw"] = torch.from_numpy(raw if raw.dtype == np.uint8 else raw.view(np.int16))
+                out[f"{name}_raw"] = torch.from_numpy(raw if raw.dtype == np.uint8 else raw.view(np.int16))
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
         return out
@@ -225,7 +226,7 @@ class LosslessTensor:
         for d in m["planes"]:
             name, bits = d["name"], plane_bits(m["dtype_obj"], d["name"])
             if d["coded"]:
-                keys = [f"{name}.{k}" for k in ("words", "states", "freqs")]
+                keys = [f"{name}_{k}" for k in ("words", "states", "freqs")]
                 if any(k not in b for k in keys):
                     raise FormatError(f"lossless tensor is missing one of the buffers {keys}")
                 s = rans.RansStream(n_symbols=d["n_symbols"], lanes=d["lanes"], scale_bits=d["scale_bits"],
@@ -233,9 +234,9 @@ class LosslessTensor:
                                     states=b[keys[1]].numpy().view(np.uint32), words=b[keys[0]].numpy().view(np.uint16))
                 planes[name] = _check_stream(rans.RansStream.from_bytes(s.to_bytes()), name, bits, m["numel"])
             else:
-                if f"{name}.raw" not in b:
-                    raise FormatError(f"lossless tensor is missing buffer {name + '.raw'!r}")
-                raw = b[f"{name}.raw"].numpy()
+                if f"{name}_raw" not in b:
+                    raise FormatError(f"lossless tensor is missing buffer {name + '_raw'!r}")
+                raw = b[f"{name}_raw"].numpy()
                 planes[name] = _check_raw(raw.view(_raw_dtype(bits)) if raw.dtype != np.uint8 else raw,
                                           name, bits, m["numel"])
         return cls(planes, tuple(m["shape"]), m["dtype_obj"])
@@ -357,11 +358,11 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
         for d in m["planes"]:
             name = d["name"]
             if d["coded"]:
-                b = {k: buffers[f"{name}.{k}"].to(device) for k in ("words", "states", "freqs")}
+                b = {k: buffers[f"{name}_{k}"].to(device) for k in ("words", "states", "freqs")}
                 planes[name] = rans.decode_torch(b["words"], b["states"], b["freqs"], d["n_symbols"],
                                                  d["lanes"], d["scale_bits"])
             else:
-                raw = buffers[f"{name}.raw"].to(device)
+                raw = buffers[f"{name}_raw"].to(device)
                 planes[name] = raw.to(torch.int64) & ((1 << (8 * raw.element_size())) - 1)
         out = join_planes(planes, m["dtype_obj"], tuple(m["shape"]))
     return out if dtype is None else out.to(dtype)

@@ -69,6 +69,9 @@ class Quantizer:
     >>> qt = q.quantize(w)
     >>> bool(((qt.dequantize() - w).abs() <= qt.max_error() + 1e-6).all())
     True
+    >>> e = Quantizer(mode="ecsq", step=0.1).quantize(w)      # step = 0.1 x row RMS, no level limit
+    >>> e.codes.dtype, bool(((e.dequantize() - w).abs() <= e.max_error() + 1e-6).all())
+    (torch.int16, True)
     """
     bits: int = 8                    # 2..8 bits per code
     scheme: str = "symmetric"        # "symmetric" (zero_point 0) or "asymmetric" (min/max range)

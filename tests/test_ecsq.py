@@ -142,3 +142,23 @@ def test_too_fine_step_is_refused():
     w[0, 0] = 1.0                                   # peak / (step x RMS) = sqrt(1.2e6) / 1e-6 > 2**30
     with pytest.raises(ValueError, match="too fine"):
         Quantizer(mode="ecsq", step=1e-6, granularity="tensor").quantize(w)
+
+
+def test_compressed_linear_entropy_kind_with_ecsq(tmp_path):
+    """slc.nn stores ECSQ codes unchanged: forward, state_dict and a save/load round trip agree."""
+    from slc import CompressedLinear, LinearSpec, compress_model, load_compressed, save_compressed
+    from slc.models import tiny_model
+    lin = torch.nn.Linear(64, 32)
+    q = Quantizer(mode="ecsq", step=0.2)
+    cl = CompressedLinear.from_linear(lin, LinearSpec("entropy", q))
+    w_hat = q.quantize(lin.weight.detach()).dequantize()
+    assert torch.equal(cl.weight_dense(), w_hat)
+    x = torch.randn(3, 64)
+    assert torch.allclose(cl(x), torch.nn.functional.linear(x, w_hat, lin.bias), atol=1e-5)
+    model = tiny_model("llama")
+    compress_model(model, LinearSpec("entropy", q), progress=False)
+    ids = torch.arange(16).reshape(1, 16)
+    save_compressed(model, tmp_path / "m.slc")
+    back = load_compressed(tmp_path / "m.slc")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

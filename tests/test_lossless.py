@@ -95,3 +95,12 @@ def test_corrupt_or_mismatched_input_raises():
 def test_bad_input(bad, err):
     with pytest.raises(err):
         CompressedTensor.compress(**bad, lossless=True)
+
+
+def test_buffers_are_valid_module_buffers():
+    lt = LosslessTensor.compress(torch.randn(16, 32, dtype=torch.float16))
+    m = torch.nn.Module()
+    for k, v in lt.buffers().items():
+        m.register_buffer(k, v)                        # no dots in the names
+    assert torch.equal(decompress_buffers(dict(m.named_buffers()), lt.meta).view(torch.int16),
+                       lt.decompress().view(torch.int16))
