@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rans
+from . import kernels, rans
 from .errors import FormatError
 from .lowrank import low_rank, quantize_factors
 from .ecsq import join_escapes
@@ -236,8 +236,10 @@ def _int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_
                       dequantise + linear 206 us | dense fp32 linear 70 us
       fp32, 1 row, 49152x576 (SmolLM2's tied lm_head): converting all codes at once 157 ms (a 113 MB
                       temporary, page faults included) | 1024 rows at a time 9.5 ms | dense fp32 18 ms
-    So: bf16 with <= 16 rows uses the int8 kernel; fp32/bf16 otherwise scale after the matmul
-    (one scale per output row commutes with it); fp16 dequantises (codes * x sums can overflow fp16).
+      fp32, 1 row:    slc.kernels.int8_linear (numba, reads int8 directly) 21 us vs dense fp32 70 us
+    So: bf16 with <= 16 rows uses torch's int8 kernel; fp32 with <= kernels.MAX_ROWS rows (generation)
+    uses slc.kernels; fp32/bf16 otherwise scale after the matmul (one scale per output row commutes
+    with it); fp16 dequantises (codes * x sums can overflow fp16).
     """
     if q.mode == "affine" and zero_point is None and q.bits == 8 and q.granularity == "channel" and q.axis in (0, -2) and codes.dtype == torch.int8:
         k, rows = x.shape[-1], x.numel() // max(x.shape[-1], 1)
@@ -245,6 +247,8 @@ def _int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_
             # the CPU kernel reads out of bounds unless K is a multiple of 16 (found by test; 32 for margin)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k).contiguous(), codes, scale.reshape(-1).to(x.dtype))
             return y.reshape(*x.shape[:-1], codes.shape[0])
+        if kernels.usable(x, codes):                                 # fp32, a few rows: read the int8 codes directly
+            return kernels.int8_linear(x, codes, scale)
         if x.dtype in (torch.float32, torch.bfloat16, torch.float64):
             s = scale.reshape(-1).to(x.dtype)
             if codes.numel() * x.element_size() <= _CHUNK_BYTES:
