@@ -31,12 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, rans
+from . import kernels
 from .errors import FormatError
 from .lowrank import low_rank, quantize_factors
-from .ecsq import join_escapes
 from .quant import QuantizedTensor, Quantizer
-from .tensor import PREDICTORS, CompressedTensor, _scale_shape, dtype_name, undo_predictor
+from .tensor import PREDICTORS, CompressedTensor, _scale_shape, decode_codes, dtype_name
 
 KINDS = ("quantized", "entropy", "lowrank")
 LAYER_KINDS = KINDS + ("embedding",)                                # what a saved layer's metadata may say
@@ -384,25 +383,10 @@ class CompressedLinear(nn.Module):
             if hit is not None:
                 return hit
         t0 = time.perf_counter()
-        m, q = self.meta["tensor"], self.quantizer
-        on_cpu = self.words.device.type == "cpu" and self.decode_backend != "torch"
-        if on_cpu:
-            stream = rans.RansStream(n_symbols=m["n_symbols"], lanes=m["lanes"], scale_bits=m["scale_bits"],
-                                     freqs=self.freqs.numpy().astype(np.uint32), states=self.states.numpy().view(np.uint32),
-                                     words=self.words.numpy().view(np.uint16))
-            sym = rans.decode_stream(stream, backend="fast")
-        else:                                                       # decode where the words live (e.g. CUDA)
-            sym = rans.decode_torch(self.words, self.states.to(torch.int64) & 0xFFFFFFFF, self.freqs,
-                                    m["n_symbols"], m["lanes"], m["scale_bits"])
-        if q.mode == "ecsq":                                        # zig-zag symbols + escaped big codes
-            codes = join_escapes(sym, m["escape_symbol"], self.escapes.numpy() if on_cpu else self.escapes)
-            codes = (torch.from_numpy(codes) if on_cpu else codes).to(torch.int32).reshape(self.shape)
-        elif on_cpu:
-            sym = undo_predictor(sym, m["predictor"], q.bits, self.shape)
-            codes = QuantizedTensor.codes_from_symbols(sym, q, self.shape)
-        else:
-            sym = undo_predictor(sym.to(torch.int64), m["predictor"], q.bits, self.shape)
-            codes = (sym + q.qmin).to(torch.uint8 if q.scheme == "asymmetric" else torch.int8).reshape(self.shape)
+        names = ("words", "states", "freqs", "escapes")
+        buffers = {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
+        backend = "torch" if self.decode_backend == "torch" else "auto"
+        codes = decode_codes(buffers, {**self.meta["tensor"], "quantizer": self.meta["quantizer"]}, backend=backend)
         self.n_decodes += 1
         self.decode_seconds += time.perf_counter() - t0
         if self.cache is not None:

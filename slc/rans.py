@@ -796,7 +796,7 @@ def decode_torch(words, states, freqs, n_symbols: int, lanes: int, scale_bits: i
     if n_words == 0:
         w = torch.zeros(1, dtype=torch.int16, device=dev)  # reads are clamped; give them one word
     mask = (1 << scale_bits) - 1
-    x = states.to(dev, torch.int64)
+    x = states.to(dev, torch.int64) & 0xFFFFFFFF              # states may arrive as int32 views of uint32
     out = torch.empty((T, N), dtype=torch.int32, device=dev)
     ptr = torch.zeros((), dtype=torch.int64, device=dev)  # stays on the device: no sync per step
     for t in range(T):

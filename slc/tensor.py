@@ -453,6 +453,41 @@ def _check_meta(meta) -> dict:
     return {**meta, "quantizer_obj": q}
 
 
+def decode_codes(buffers: dict[str, torch.Tensor], meta: dict, device=None, backend: str = "auto") -> torch.Tensor:
+    """The integer codes of a quantized CompressedTensor, decoded from its buffers on `device`.
+
+    backend "auto": numba on CPU, the torch decoder elsewhere (e.g. CUDA, where the words live);
+    "torch": the torch decoder everywhere (the CUDA path, testable on CPU). Codes come back in the
+    storage dtype of QuantizedTensor: int8 (symmetric) / uint8 (asymmetric), int16/int32 for ecsq.
+    """
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    q = Quantizer(**meta["quantizer"])
+    shape = tuple(meta["shape"])
+    words = buffers["words"]
+    device = torch.device(device) if device is not None else words.device
+    if backend == "auto" and device.type == "cpu" and words.device.type == "cpu":
+        stream = rans.RansStream(n_symbols=meta["n_symbols"], lanes=meta["lanes"], scale_bits=meta["scale_bits"],
+                                 freqs=buffers["freqs"].numpy().astype(np.uint32),
+                                 states=buffers["states"].numpy().view(np.uint32),
+                                 words=words.numpy().view(np.uint16))
+        sym = rans.decode_stream(stream, backend="fast")
+        if q.mode == "ecsq":
+            from .ecsq import code_dtype, join_escapes
+            codes = join_escapes(sym, meta["escape_symbol"], buffers["escapes"].numpy())
+            return torch.from_numpy(codes.astype(code_dtype(codes)).reshape(shape))
+        return QuantizedTensor.codes_from_symbols(undo_predictor(sym, meta["predictor"], q.bits, shape), q, shape)
+    b = {k: buffers[k].to(device) for k in ("words", "states", "freqs")}
+    sym = rans.decode_torch(b["words"], b["states"], b["freqs"], meta["n_symbols"], meta["lanes"], meta["scale_bits"])
+    if q.mode == "ecsq":
+        from .ecsq import join_escapes
+        codes = join_escapes(sym, meta["escape_symbol"], buffers["escapes"].to(device))
+        big = codes.numel() and (int(codes.min()) < -2 ** 15 or int(codes.max()) >= 2 ** 15)
+        return codes.to(torch.int32 if big else torch.int16).reshape(shape)
+    codes = undo_predictor(sym.to(torch.int64), meta["predictor"], q.bits, shape) + q.qmin
+    return codes.to(torch.uint8 if q.scheme == "asymmetric" else torch.int8).reshape(shape)
+
+
 def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None, device=None) -> torch.Tensor:
     """Decode on the buffers' device: numba on CPU, the torch backend elsewhere (e.g. CUDA).
 
@@ -462,34 +497,10 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
         from .lossless import decompress_buffers as lossless_decompress
         return lossless_decompress(buffers, meta, dtype, device)
     q = Quantizer(**meta["quantizer"])
-    shape, bits = tuple(meta["shape"]), q.bits
+    shape = tuple(meta["shape"])
     dtype = dtype or _DTYPES[meta["dtype"]]
-    words = buffers["words"]
-    device = torch.device(device) if device is not None else words.device
-    if device.type == "cpu" and words.device.type == "cpu":
-        stream = rans.RansStream(n_symbols=meta["n_symbols"], lanes=meta["lanes"], scale_bits=meta["scale_bits"],
-                                 freqs=buffers["freqs"].numpy().astype(np.uint32),
-                                 states=buffers["states"].numpy().view(np.uint32),
-                                 words=words.numpy().view(np.uint16))
-        if q.mode == "ecsq":
-            from .ecsq import join_escapes
-            codes = join_escapes(rans.decode_stream(stream, backend="fast"), meta["escape_symbol"],
-                                 buffers["escapes"].numpy())
-            codes_t = torch.from_numpy(codes.reshape(shape))       # int64; dequantize casts to float
-        else:
-            codes = undo_predictor(rans.decode_stream(stream, backend="fast"), meta["predictor"], bits, shape)
-            codes_t = QuantizedTensor.codes_from_symbols(codes, q, shape)
-    else:
-        b = {k: v.to(device) for k, v in buffers.items()}
-        residuals = rans.decode_torch(b["words"], b["states"], b["freqs"], meta["n_symbols"],
-                                      meta["lanes"], meta["scale_bits"])
-        if q.mode == "ecsq":
-            from .ecsq import join_escapes
-            codes_t = join_escapes(residuals, meta["escape_symbol"], b["escapes"]).reshape(shape)
-        else:
-            codes = undo_predictor(residuals.to(torch.int64), meta["predictor"], bits, shape)
-            codes_t = (codes + q.qmin).reshape(shape)      # integer codes; dequantize casts to float
-        buffers = b
+    device = torch.device(device) if device is not None else buffers["words"].device
+    codes = decode_codes(buffers, meta, device)
     zp = buffers.get("zero_point")
-    qt = QuantizedTensor(codes_t, buffers["scale"].to(device), None if zp is None else zp.to(device), q, shape, dtype)
+    qt = QuantizedTensor(codes, buffers["scale"].to(device), None if zp is None else zp.to(device), q, shape, dtype)
     return qt.dequantize(dtype=dtype, device=device)

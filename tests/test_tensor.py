@@ -119,3 +119,23 @@ def test_corrupt_bytes_raise_format_error(minilm_query):
 def test_bad_input(bad, err):
     with pytest.raises(err):
         CompressedTensor.compress(**bad)
+
+
+@pytest.mark.parametrize("quantizer,predictor", [
+    (Quantizer(), "none"), (Quantizer(), "left"),
+    (Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=16), "left"),
+    (Quantizer(mode="ecsq", step=0.002), "none"),                  # fine step: large codes, and an outlier
+])
+def test_decode_codes_torch_backend_equals_numba(quantizer, predictor):
+    """decode_codes with the torch decoder (the CUDA path, run on CPU) gives the very same codes, dtype included."""
+    from slc.tensor import decode_codes
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3))
+    w[0, 0] = 40.0                                                  # an outlier: escapes in ecsq
+    ct = CompressedTensor.compress(w, quantizer, predictor=predictor) if quantizer.mode != "ecsq" \
+        else CompressedTensor.compress(w, quantizer)
+    numba_codes = decode_codes(ct.buffers(), ct.meta)
+    torch_codes = decode_codes(ct.buffers(), ct.meta, backend="torch")
+    assert numba_codes.dtype == torch_codes.dtype and torch.equal(numba_codes, torch_codes)
+    assert torch.equal(numba_codes.to(torch.int64), quantizer.quantize(w).codes.to(torch.int64))
+    with pytest.raises(ValueError, match="backend"):
+        decode_codes(ct.buffers(), ct.meta, backend="cuda")
