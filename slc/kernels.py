@@ -43,6 +43,29 @@ def _int8_rows(x, codes, scale, out):
             out[i, j] = acc * scale[j]
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _packed_rows(x, packed, scale, zero_point, has_zp, qmin, gs, out):
+    """out[i, j] = sum_g scale[j, g] * sum_{t in g} x[i, t] * (code[j, t] - zp[j, g]) for 4-bit codes
+    packed two per byte, row-major, low nibble first (code = nibble + qmin); k and gs even."""
+    r, k = x.shape
+    n_groups = k // gs
+    for j in prange(out.shape[1]):
+        base = (j * k) >> 1
+        for i in range(r):
+            acc = np.float32(0.0)
+            for g in range(n_groups):
+                a = np.float32(0.0)
+                xs = np.float32(0.0)
+                for t in range(g * gs, (g + 1) * gs, 2):
+                    b = packed[base + (t >> 1)]
+                    x0, x1 = x[i, t], x[i, t + 1]
+                    a += x0 * np.float32(b & 15) + x1 * np.float32(b >> 4)
+                    xs += x0 + x1
+                off = np.float32(qmin) - (zero_point[j, g] if has_zp else np.float32(0.0))
+                acc += scale[j, g] * (a + off * xs)
+            out[i, j] = acc
+
+
 def usable(x: torch.Tensor, codes: torch.Tensor) -> bool:
     """True when int8_linear applies: CPU float32 input of at most MAX_ROWS rows, no autograd needed."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and codes.device.type == "cpu"
@@ -72,3 +95,38 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         _int8_rows(x2.numpy(), codes.contiguous().numpy(), s.numpy(), out.numpy())
     return out.reshape(*x.shape[:-1], n)
+
+
+def packed_usable(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """True when packed4_linear applies: CPU float32 input of at most MAX_ROWS rows, no autograd,
+    an even input width k and an even group size dividing it."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == k and k % 2 == 0
+            and group_size % 2 == 0 and k % group_size == 0
+            and x.numel() // max(k, 1) <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def packed4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int,
+                   shape, group_size: int) -> torch.Tensor:
+    """x @ W^T for 2..4-bit codes packed two per byte (slc.nn's layout), scales (and zero points) per
+    group of `group_size` inputs (group_size = k: one per row): W[j, t] = (nibble + qmin - zp[j, g]) * scale[j, g].
+
+    >>> packed = torch.tensor([0x21, 0x43], dtype=torch.uint8)      # codes 1, 2 / 3, 4 with qmin 0
+    >>> packed4_linear(torch.tensor([[1.0, 1.0]]), packed, torch.tensor([[1.0], [0.5]]), None, 0, (2, 2), 2)
+    tensor([[3.0000, 3.5000]])
+    """
+    n, k = shape
+    if not packed_usable(x, k, group_size) or packed.dtype != torch.uint8 or packed.numel() != n * k // 2:
+        raise ValueError("packed4_linear needs a CPU float32 input of at most MAX_ROWS rows without autograd, an even "
+                         f"width and group size, and n*k/2 packed bytes; got x {x.dtype} {tuple(x.shape)}, shape {shape}, "
+                         f"group_size {group_size}, packed {packed.dtype} {packed.numel()}")
+    groups = k // group_size
+    s = scale.detach().to(torch.float32).reshape(n, groups).contiguous()
+    zp = (torch.zeros(1, 1) if zero_point is None else zero_point.detach().to(torch.float32)).reshape(-1, groups if zero_point is not None else 1).contiguous()
+    x2 = x.detach().reshape(-1, k).contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    with _lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        _packed_rows(x2.numpy(), packed.contiguous().numpy(), s.numpy(), zp.numpy(), zero_point is not None,
+                     int(qmin), int(group_size), out.numpy())
+    return out.reshape(*x.shape[:-1], n)
+

@@ -418,11 +418,23 @@ class CompressedLinear(nn.Module):
             return ((ut.T * self.s) @ vh).to(dtype)
         return self.quantized().dequantize(dtype=dtype)
 
+    def _packed_group(self) -> int:
+        """quantized kind with 2..4-bit packed codes: inputs per scale (0 where slc.kernels cannot use it)."""
+        q = self.quantizer
+        if self.kind != "quantized" or not _packed(q):
+            return 0
+        if q.granularity == "group":
+            return q.group_size
+        return self.in_features if q.granularity == "channel" and q.axis in (0, -2) else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "lowrank":
             r = self.s.numel()
             z = F.linear(x, self._factor("vh", r, self.in_features, x.dtype)) * self.s.to(x.dtype)   # (..., r)
             y = z @ self._factor("ut", r, self.out_features, x.dtype)                                # (..., out)
+        elif (gs := self._packed_group()) and kernels.packed_usable(x, self.in_features, gs):
+            y = kernels.packed4_linear(x, self.codes, self.scale, getattr(self, "zero_point", None),   # generation
+                                       self.quantizer.qmin, self.shape, gs)
         else:
             codes = self._decode() if self.kind == "entropy" else self._codes()
             y = _int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from slc import kernels
 from slc.nn import CompressedLinear, LinearSpec
+from slc.quant import Quantizer
 
 
 def int8_weight(n: int, k: int, seed: int = 0):
@@ -106,3 +107,32 @@ def test_gradients_still_flow_through_x():
     cl(x).sum().backward()                                          # falls back to torch ops
     w = cl.weight_dense(torch.float32)
     assert torch.allclose(x.grad, w.sum(0, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", [
+    Quantizer(bits=4, granularity="group", group_size=16),
+    Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=32),
+    Quantizer(bits=3, granularity="channel"),
+    Quantizer(bits=2, scheme="asymmetric", granularity="group", group_size=8),
+], ids=["int4-g16", "uint4-g32", "int3-channel", "uint2-g8"])
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS])
+def test_packed_kernel_matches_dequantised_weight(quantizer, rows):
+    lin = torch.nn.Linear(96, 40, bias=False)
+    cl = CompressedLinear.from_linear(lin, LinearSpec("quantized", quantizer)).eval()
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2))
+    gs = cl._packed_group()
+    assert gs and kernels.packed_usable(x, 96, gs)
+    with torch.no_grad():
+        y = kernels.packed4_linear(x, cl.codes, cl.scale, getattr(cl, "zero_point", None), quantizer.qmin, cl.shape, gs)
+        ref = F.linear(x.double(), cl.weight_dense(torch.float64))
+        assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(cl(x).double(), ref, rtol=1e-5, atol=1e-5)          # forward takes the kernel
+
+
+def test_packed_kernel_refuses_what_it_cannot_do():
+    cl = CompressedLinear.from_linear(torch.nn.Linear(10, 4), LinearSpec("quantized", Quantizer(bits=4, granularity="group", group_size=5)))
+    x = torch.randn(1, 10)
+    assert not kernels.packed_usable(x, 10, 5)                      # odd group size: torch path instead
+    assert torch.allclose(cl(x), F.linear(x, cl.weight_dense(torch.float32), cl.bias), atol=1e-5)
+    with pytest.raises(ValueError, match="packed4_linear needs"):
+        kernels.packed4_linear(x, cl.codes, cl.scale, None, -7, cl.shape, 5)
