@@ -107,10 +107,13 @@ def model_round_trip(folder, n_tokens: int = 24, text_chars: int = 4000) -> list
     rows = [{"model": "fp32", "bits/weight": 32.0, "file MB": (model_dir("smollm2-135m") / "model.safetensors").stat().st_size / 1e6,
              "perplexity": ppl0, "Δppl %": 0.0, "load RSS MB": fp32["growth"] / 2**20, "RSS × fp32": 1.0,
              "tok/s": tps0, "sample": sample0}]
-    for label, kind in (("int8/channel", "quantized"), ("int8/channel + rANS", "entropy")):
+    variants = (("int8/channel", "quantized", None), ("int8/channel + rANS", "entropy", None),
+                ("int8/channel, embeddings int8", "quantized", LinearSpec("quantized")))
+    for label, kind, embeddings in variants:
         model, _ = load("smollm2-135m")
-        report = compress_model(model, LinearSpec(kind), progress=True)
-        path = save_compressed(model, Path(folder) / f"smollm2-{kind}.slc.safetensors")
+        report = compress_model(model, LinearSpec(kind), progress=True, embeddings=embeddings)
+        stem = f"smollm2-{kind}{'-emb' if embeddings else ''}"
+        path = save_compressed(model, Path(folder) / f"{stem}.slc.safetensors")
         del model
         loaded = load_compressed(path)
         rss = memory.measure_load(functools.partial(load_compressed, str(path)))
@@ -146,8 +149,9 @@ def main(argv=None) -> None:
         rows = model_round_trip(out)
         print("\n## SmolLM2-135M: compress, save, load back in a fresh process\n")
         print(markdown_table([{k: v for k, v in r.items() if k != "sample"} for r in rows]))
-        print("\nbits/weight: the compressed linear layers (all overhead); embeddings stay fp32 and count in "
-              "file MB and RSS. tok/s: greedy, this process. rANS layers decode on every forward (tok/s: bench/model.py).")
+        print("\nbits/weight: the compressed linear layers (all overhead). Embeddings stay fp32 and count in "
+              "file MB and RSS, except in the last row (int8 token table; the tied lm_head multiplies with its codes). "
+              "tok/s: greedy, this process. rANS layers decode on every forward (tok/s: bench/model.py).")
         for r in rows:
             if "sample" in r:
                 print(f"\n[{r['model']}] {PROMPT}{r['sample']}")
