@@ -15,17 +15,26 @@ Its cost grows linearly with the rows (no blocking over rows), so it pays up to 
 (126 us vs 174 us dense at 1536 x 576) and `MAX_ROWS` keeps it to those. Many rows (a prompt, a
 perplexity window) are compute-bound and go to torch's GEMM instead.
 
-The kernel is a numba function (parallel over output rows). numba's "workqueue" threading layer
-must not be entered from two Python threads at once, so calls are serialised by a lock.
+The kernels are numba functions, parallel over output rows. numba would pick its "omp" layer
+(GNU OpenMP) where it can, and a process that forks after using it is killed ("fork() called from
+a process already using GNU OpenMP"): DataLoader workers, multiprocessing. So, unless the user
+chose a layer (NUMBA_THREADING_LAYER) or numba already started one, importing this module selects
+"workqueue", which survives fork; it must not be entered from two Python threads at once, so
+calls are serialised by a lock.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+if (numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ
+        and not numba.np.ufunc.parallel._is_initialized):
+    numba.config.THREADING_LAYER = "workqueue"
 
 MAX_ROWS = 8                    # rows of x up to which int8_linear beats dequantise-then-matmul (measured)
 _lock = threading.Lock()

@@ -136,3 +136,22 @@ def test_packed_kernel_refuses_what_it_cannot_do():
     assert torch.allclose(cl(x), F.linear(x, cl.weight_dense(torch.float32), cl.bias), atol=1e-5)
     with pytest.raises(ValueError, match="packed4_linear needs"):
         kernels.packed4_linear(x, cl.codes, cl.scale, None, -7, cl.shape, 5)
+
+
+def test_a_forked_child_can_still_use_the_kernel():
+    """numba's OpenMP layer kills a process that forks after using it; slc.kernels selects workqueue."""
+    import multiprocessing as mp
+    codes, scale = int8_weight(64, 32)
+    x = torch.randn(1, 32)
+    y = kernels.int8_linear(x, codes, scale)                        # the parent has used the thread pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_kernel, args=(q, x, codes, scale))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0, f"forked child died (exit code {p.exitcode})"
+    assert torch.equal(torch.tensor(q.get(timeout=5)), y)
+
+
+def _child_kernel(q, x, codes, scale):
+    q.put(kernels.int8_linear(x, codes, scale).tolist())      # plain floats: no shared-memory handles
