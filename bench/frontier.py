@@ -1,10 +1,11 @@
 """Quality per bit: slc's quantisers against GGUF on SmolLM2-135M and all-MiniLM-L6-v2, one run.
 
-    python bench/frontier.py            # full run (about 15-25 minutes on a busy 2-core CPU)
+    python bench/frontier.py            # full run (10 minutes on 2 idle CPU cores, 50 on a busy shared one)
     python bench/frontier.py --quick    # fewer rows, shorter text (a few minutes)
 
-Writes bench/results/frontier.md (the table and which targets are met) and build/frontier.html
-(plotly chart; a PNG beside it only if kaleido is installed).
+Writes bench/results/frontier.md (the table and which targets are met), bench/results/frontier.json
+(the same rows and verdicts as plain JSON, for notebook 07) and build/frontier.html (the plotly chart
+of slc.viz.frontier_figure; a PNG beside it only if kaleido is installed).
 
 Every row compresses the same layers: each nn.Linear inside the blocks (embeddings, norms and
 lm_head stay as they are, like compress_model's default), and is measured in this run against the
@@ -37,11 +38,12 @@ lossless on it and is left out; results near 4-5 bits can depend on that grid.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -425,35 +427,31 @@ def targets(s: Bench, m: Bench) -> list[str]:
     return out
 
 
-def chart(s: Bench, m: Bench, html_path: Path) -> list[str]:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def row_dicts(*benches: Bench) -> list[dict]:
+    """Every row as a plain dict (what frontier.json holds and slc.viz.frontier_figure draws); infinite SNR
+    (exact rows) becomes None, since JSON has no infinity."""
+    out = []
+    for bb in benches:
+        for r in bb.rows:
+            d = asdict(r)
+            for k in ("snr", "ppl", "cos", "seconds"):
+                d[k] = None if d[k] is not None and not math.isfinite(d[k]) else d[k]
+            d["extra"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["extra"].items()}
+            out.append(d)
+    return out
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "SmolLM2-135M: perplexity vs bits/weight", "all-MiniLM-L6-v2: 1 - embedding cosine vs bits/weight"))
-    styles = {"GGUF": ("black", "square"), "RTN": ("gray", "circle-open"), "RTN + rANS": ("gray", "circle"),
-              "ECSQ (one step)": ("#1f77b4", "diamond"), "ECSQ allocated": ("#d62728", "star"),
-              "ECSQ allocated + GPTQ": ("#ff7f0e", "star-diamond"),
-              "SVD plain": ("#9467bd", "x"), "SVD act-aware": ("#8c564b", "cross"),
-              "SVD act-aware + alloc": ("#e377c2", "triangle-up"), "lossless": ("#2ca02c", "hexagon")}
-    for col, bb in ((1, s), (2, m)):
-        for fam, (color, symbol) in styles.items():
-            rs = sorted((r for r in bb.rows if r.family == fam), key=lambda r: r.bits)
-            if not rs:
-                continue
-            y = [r.ppl for r in rs] if col == 1 else [max(1 - r.cos, 1e-7) for r in rs]
-            fig.add_trace(go.Scatter(x=[r.bits for r in rs], y=y, mode="lines+markers", name=fam,
-                                     legendgroup=fam, showlegend=col == 1, text=[r.name for r in rs],
-                                     marker=dict(color=color, symbol=symbol, size=9), line=dict(color=color, width=1)),
-                          row=1, col=col)
-        ref = bb.rows[0]
-        if col == 1:
-            fig.add_hline(y=ref.ppl, line_dash="dot", annotation_text="fp32", row=1, col=1)
-    fig.update_xaxes(title_text="bits per weight (all overhead)", range=[2.5, 17])
-    fig.update_yaxes(title_text="perplexity (log)", type="log", range=[math.log10(s.rows[0].ppl * 0.98),
-                                                                        math.log10(s.rows[0].ppl * 1.6)], row=1, col=1)
-    fig.update_yaxes(title_text="1 - cosine (log)", type="log", row=1, col=2)
-    fig.update_layout(height=520, width=1250, template="plotly_white")
+
+def write_json(path: Path, rows: list[dict], meta: dict, target_lines: list[str]) -> None:
+    """bench/results/frontier.json: the run's settings, the target verdicts and every row (plain JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "targets": target_lines, "rows": rows}, indent=1,
+                               ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def chart(rows: list[dict], html_path: Path) -> list[str]:
+    from slc.viz import frontier_figure
+
+    fig = frontier_figure(rows)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(str(html_path), include_plotlyjs=True)
     made = [str(html_path)]
@@ -483,22 +481,32 @@ def main(argv=None) -> None:
     p.add_argument("--cov-tokens", type=int, default=2048, help="calibration tokens for C = sum x x^T (GPTQ, SVD)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier.md"))
     p.add_argument("--html", default=str(ROOT / "build" / "frontier.html"))
+    p.add_argument("--json", default=None, help="rows as JSON (default: --out with .json)")
     args = p.parse_args(argv)
     args.chars = args.chars or (2000 if args.quick else 12000)
+    args.json = args.json or str(Path(args.out).with_suffix(".json"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
     t0 = time.perf_counter()
     s = bench_model("smollm2-135m", args)
     m = bench_model("minilm-l6", args)
-    made = chart(s, m, Path(args.html))
+    rows, target_lines = row_dicts(s, m), targets(s, m)
     n_tok = len(s.tok(s.text).input_ids)
+    meta = {"command": "python bench/frontier.py" + (" --quick" if args.quick else ""), "quick": args.quick,
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
+            "eval_tokens": n_tok, "chars": args.chars, "calib_tokens": args.calib_tokens,
+            "cov_tokens": args.cov_tokens, "svd_damp": SVD_DAMP}
+    write_json(Path(args.json), rows, meta, target_lines)     # before the chart: a chart failure loses no run
+    made = [args.json] + chart(rows, Path(args.html))
+    made = [str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f for f in made]
     md = [f"# Quality per bit (bench/frontier.py{' --quick' if args.quick else ''})", "",
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"total {time.perf_counter() - t0:.0f} s. SmolLM2 perplexity on {n_tok} tokens of evaluation_text "
           f"(window 512, stride 512); calibration_text: {args.calib_tokens} tokens for allocation, "
           f"{args.cov_tokens} for the input second moments of GPTQ and activation-aware SVD (damping {SVD_DAMP}). "
           "Every row compresses the nn.Linear layers inside the blocks (embeddings, norms, lm_head untouched).", "",
-          "## Targets (issue 6)", "", *targets(s, m), "",
+          "## Targets (issue 6)", "", *target_lines, "",
           "## SmolLM2-135M", "", table(s.rows, s.rows[0]), "",
           "Allocated bits/weight by weight kind (estimated, all overhead):", "", allocation_summary(s), "",
           "## all-MiniLM-L6-v2", "", table(m.rows, m.rows[0]), "",
@@ -519,7 +527,7 @@ def main(argv=None) -> None:
           "(one pass, not layer by layer on the already-quantised model).",
           "- Perplexity differences below ~0.2 % are within what one particular rounding of the weights moves "
           "it on this short slice; read the Q8_0-level comparisons with that in mind.",
-          f"- Chart: {', '.join(made)}"]
+          f"- Rows as JSON, and the chart: {', '.join(made)}"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(md) + "\n")

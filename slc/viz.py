@@ -563,3 +563,158 @@ def kind_spectrum_figure(spectra: dict[str, np.ndarray], kinds: dict[str, list[s
         fig.add_trace(go.Scatter(x=_f32(np.arange(1, med.size + 1) / med.size), y=_f32(med), mode="lines", name=kind))
     fig.update_layout(title=title, xaxis_title="i / min(m, n)", yaxis_title="σᵢ / σ₁", yaxis_type="log", height=380)
     return fig
+
+
+# ----------------------------------------------------------------------------
+# 07: the quality-per-bit frontier (bench/frontier.py's rows)
+
+# family -> (colour, marker); bench/frontier.py names its rows' families with these keys
+FRONTIER_STYLES = {
+    "GGUF": ("black", "square"), "RTN": ("gray", "circle-open"), "RTN + rANS": ("gray", "circle"),
+    "ECSQ (one step)": ("#1f77b4", "diamond"), "ECSQ allocated": ("#d62728", "star"),
+    "ECSQ allocated + GPTQ": ("#ff7f0e", "star-diamond"), "SVD plain": ("#9467bd", "x"),
+    "SVD act-aware": ("#8c564b", "cross"), "SVD act-aware + alloc": ("#e377c2", "triangle-up"),
+    "lossless": ("#2ca02c", "hexagon")}
+# model -> (panel title, quality key, y axis title); one panel per model present, in this order
+FRONTIER_PANELS = {
+    "smollm2-135m": ("SmolLM2-135M: perplexity vs bits/weight", "ppl", "perplexity (log)"),
+    "minilm-l6": ("all-MiniLM-L6-v2: 1 - embedding cosine vs bits/weight", "cos", "1 - cosine (log)")}
+MIN_ONE_MINUS_COS = 1e-7        # exact rows have 1 - cos ~ 0 (1e-9 from float noise): drawn at this floor
+
+
+def _frontier_y(row: dict, key: str) -> float:
+    v = row.get(key)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"frontier row {row.get('name')!r} ({row['model']}) has {key}={v!r}; "
+                         f"its panel needs a finite {key!r} in every row (bench/frontier.py writes it)")
+    return float(v) if key == "ppl" else max(1.0 - float(v), MIN_ONE_MINUS_COS)
+
+
+def frontier_figure(rows: list[dict], title: str = "Quality per bit: slc vs GGUF (every nn.Linear in the blocks)",
+                    x_range: tuple = (2.5, 17.0), ppl_span: tuple = (0.98, 1.6),
+                    one_minus_cos_range: tuple = (3e-6, 1.0)) -> go.Figure:
+    """bench/frontier.py's rows (dicts: model, family, name, bits, ppl or cos) -> one panel per model,
+    quality against bits/weight on a log y axis, one trace per family; dotted line at the fp32 row's
+    perplexity. The axes are zoomed on 2.5-17 bits and ppl within ppl_span x fp32: plain SVD (ppl > 1e6)
+    and the fp32/lossless-fp32 rows lie outside the view, the table has them."""
+    rows = list(rows)
+    for r in rows:
+        for k in ("model", "family", "bits"):
+            if k not in r:
+                raise ValueError(f"frontier row {r.get('name')!r} has no {k!r}; every row needs model, family "
+                                 f"and bits (bits per weight, all overhead), e.g. bench/results/frontier.json")
+        if not isinstance(r["bits"], (int, float)) or not math.isfinite(r["bits"]):
+            raise ValueError(f"frontier row {r.get('name')!r} has bits={r['bits']!r}; give a finite bits per weight")
+        if r["model"] not in FRONTIER_PANELS:
+            raise ValueError(f"frontier row {r.get('name')!r} is for model {r['model']!r}; "
+                             f"the chart draws {sorted(FRONTIER_PANELS)}: filter the rows first")
+    models = [m for m in FRONTIER_PANELS if any(r["model"] == m for r in rows)]
+    if not models:
+        raise ValueError("frontier_figure got no rows")
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=[FRONTIER_PANELS[m][0] for m in models])
+    families = list(FRONTIER_STYLES) + [f for f in dict.fromkeys(r["family"] for r in rows)
+                                        if f not in FRONTIER_STYLES and f != "fp32"]
+    shown = set()
+    for col, model in enumerate(models, start=1):
+        _, key, y_title = FRONTIER_PANELS[model]
+        mine = [r for r in rows if r["model"] == model]
+        for i, fam in enumerate(families):
+            rs = sorted((r for r in mine if r["family"] == fam), key=lambda r: r["bits"])
+            if not rs:
+                continue
+            color, symbol = FRONTIER_STYLES.get(fam, (COLORS[i % len(COLORS)], "circle"))
+            fig.add_trace(go.Scatter(
+                x=[float(r["bits"]) for r in rs], y=[_frontier_y(r, key) for r in rs], mode="lines+markers",
+                name=fam, legendgroup=fam, showlegend=fam not in shown, text=[r.get("name", fam) for r in rs],
+                marker=dict(color=color, symbol=symbol, size=9), line=dict(color=color, width=1),
+                hovertemplate="%{text}: %{x:.3f} bits/weight, %{y:.4g}<extra></extra>"), row=1, col=col)
+            shown.add(fam)
+        fig.update_xaxes(title_text="bits per weight (all overhead)", range=list(x_range), row=1, col=col)
+        ref = next((r for r in mine if r["family"] == "fp32"), None)
+        if key == "ppl":
+            lo, hi = (ref["ppl"] * ppl_span[0], ref["ppl"] * ppl_span[1]) if ref else (None, None)
+            fig.update_yaxes(title_text=y_title, type="log", row=1, col=col,
+                             range=[math.log10(lo), math.log10(hi)] if ref else None)
+            if ref:
+                fig.add_hline(y=ref["ppl"], line_dash="dot", line_color="#666", annotation_text="fp32",
+                              annotation_position="bottom right", row=1, col=col)
+        else:
+            fig.update_yaxes(title_text=y_title, type="log", exponentformat="power", row=1, col=col,
+                             range=[math.log10(one_minus_cos_range[0]), math.log10(one_minus_cos_range[1])])
+    fig.update_layout(title=title, height=540, width=620 * len(models) + 160, margin=dict(t=90))
+    return fig
+
+
+def frontier_point(reference, tokenizer, config, name: str) -> dict:
+    """One frontier row measured live on a copy of `reference` (a sentence encoder such as MiniLM).
+
+    config: a GGUF type name ("Q4_0": slc.gguf_peers' round trip) or a policy for compress_model (a
+    LinearSpec or {pattern: LinearSpec}, e.g. an slc.allocate result). Both touch the same layers
+    (every linear but embeddings and lm_head). Returns the row: bits/weight with all overhead, weight
+    SNR over those layers, 10 log10(sum w^2 / sum (w - w_hat)^2), and the sentence-embedding cosine vs
+    `reference` (slc.metrics.embedding_cosine)."""
+    import copy
+
+    from . import gguf_peers, metrics
+    from .model import compress_model
+    from .nn import CompressedLinear, dense_weight_of
+
+    model = copy.deepcopy(reference)
+    if isinstance(config, str):
+        layers = [r["layer"] for r in gguf_peers.apply_gguf(model, config)]
+        bits = gguf_peers.gguf_bits_per_weight(config)
+    else:
+        report = compress_model(model, config, progress=False)
+        layers, bits = [r.name for r in report.rows], report.totals()["bits_per_weight"]
+    energy = err = 0.0
+    for n in layers:
+        w = dense_weight_of(reference.get_submodule(n)).double()
+        layer = model.get_submodule(n)
+        w_hat = (layer.weight_dense() if isinstance(layer, CompressedLinear) else dense_weight_of(layer)).double()
+        energy += float(w.pow(2).sum())
+        err += float((w_hat - w).pow(2).sum())
+    cos = metrics.embedding_cosine(reference, model, tokenizer)
+    return {"config": name, "bits/weight": bits, "weight SNR dB": 10 * math.log10(energy / err) if err else math.inf,
+            "embedding cosine": cos, "1 - cos": 1 - cos}
+
+
+def lossless_rows(model, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
+    """The whole state dict cast to each dtype and stored with CompressedTensor.compress(lossless=True):
+    bytes before / after, ratio, and whether every tensor decodes bit for bit."""
+    from .tensor import CompressedTensor
+
+    rows = []
+    for dtype in dtypes:
+        before = after = 0
+        exact = True
+        for t in model.state_dict().values():
+            if not (t.is_floating_point() and t.numel()):
+                continue
+            t = t.to(dtype).contiguous()
+            ct = CompressedTensor.compress(t, lossless=True)
+            before += t.numel() * t.element_size()
+            after += ct.nbytes
+            exact &= bool(torch.equal(ct.decompress().view(torch.uint8), t.view(torch.uint8)))
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "MB before": before / MB, "MB after": after / MB,
+                     "ratio": after / before, "bit-exact": "yes" if exact else "NO"})
+    return rows
+
+
+def frontier_table(rows: list[dict], model: str, families=None) -> list[dict]:
+    """bench/frontier.py's rows for one model, in the columns of bench/results/frontier.md, for print_table:
+    SmolLM2 gets perplexity and its change vs the fp32 row, MiniLM the embedding cosine and 1 - cos."""
+    mine = [r for r in rows if r["model"] == model and (families is None or r["family"] in families)]
+    ref = next((r for r in rows if r["model"] == model and r["family"] == "fp32"), None)
+    out = []
+    for r in mine:
+        row = {"row": r["name"], "bits/w": r["bits"]}
+        if r.get("ppl") is not None:
+            row["ppl"] = r["ppl"]
+            row["Δ %"] = 100 * (r["ppl"] / ref["ppl"] - 1) if ref else None
+        else:
+            row["cos"], row["1 - cos"] = r["cos"], 1 - r["cos"]
+        row["SNR dB"] = "∞" if r.get("snr") is None else r["snr"]       # None in the JSON: exact
+        out.append(row)
+    return out
