@@ -1,12 +1,21 @@
 """Low rank: exactness at full rank, rank targets on real MiniLM weights, whitening, the rank allocator."""
 import doctest
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import slc.lowrank
-from slc.lowrank import allocate_ranks, choose_rank, low_rank, quantize_factors, svd
-from slc.models import linear_weights
+from slc.allocate import _weight, target_layers
+from slc.lowrank import (
+    allocate_ranks,
+    choose_rank,
+    low_rank,
+    quantize_factors,
+    rank_sensitivity,
+    svd,
+)
+from slc.models import linear_weights, tiny_model
 from slc.quant import Quantizer
 
 
@@ -135,6 +144,124 @@ def test_adaptive_keeps_more_energy_than_uniform_at_the_same_budget(minilm):
             lost.append(float(S2[rank_of(k):].sum() / S2.sum()))
         return sum(lost)
     assert mean_rel_energy_lost(ranks.get) <= mean_rel_energy_lost(lambda k: r_uniform)
+
+
+def tail(sens, r):
+    return float(sens[r:].sum())
+
+
+def test_sensitivity_gives_the_sensitive_layer_more_rank():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    weights = {"cold": w, "hot": w.clone()}                                  # identical spectra
+    plain = allocate_ranks(weights, 32 * 80)                                 # 32 rank steps of 48 + 32
+    assert plain["cold"] == plain["hot"] == 16
+    S2 = torch.linalg.svdvals(w.double()) ** 2
+    sens = {"cold": S2, "hot": 10 * S2}                                      # "hot" costs the loss 10x more
+    ranks = allocate_ranks(weights, 32 * 80, sensitivity=sens, power=1)
+    assert ranks["hot"] > ranks["cold"] + 4, ranks
+    assert sum(r * 80 for r in ranks.values()) == 32 * 80                    # every step is 80: spent exactly
+    # power=1 is the exact optimum here (decreasing sensitivities): no single swap of one rank lowers sum D
+    total = lambda r: tail(sens["cold"], r["cold"]) + tail(sens["hot"], r["hot"])
+    for a, b in (("cold", "hot"), ("hot", "cold")):
+        moved = {a: ranks[a] + 1, b: ranks[b] - 1}
+        assert total(moved) >= total(ranks)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.8, 50_000])
+def test_sensitivity_allocation_respects_the_budget_and_floor(minilm, budget):
+    gen = torch.Generator().manual_seed(1)
+    sens = {k: torch.rand(min(w.shape), generator=gen, dtype=torch.float64) for k, w in minilm.items()}
+    shapes = {k: tuple(w.shape) for k, w in minilm.items()}                  # shapes are enough with sensitivity
+    dense = sum(w.numel() for w in minilm.values())
+    limit = int(budget * dense) if isinstance(budget, float) else budget
+    for power in (1, 2, 4):
+        ranks = allocate_ranks(shapes, budget, sensitivity=sens, power=power, min_rank=8)
+        used = sum(r * sum(shapes[k]) for k, r in ranks.items())
+        assert limit - max(sum(s) for s in shapes.values()) < used <= limit, (power, used, limit)
+        assert all(8 <= r <= min(shapes[k]) for k, r in ranks.items())
+    everything = sum(min(s) * sum(s) for s in shapes.values())               # full rank costs more than m * n
+    assert allocate_ranks(shapes, everything, sensitivity=sens) == {k: min(s) for k, s in shapes.items()}
+
+
+def test_power_spreads_the_estimated_damage():
+    sens = {"steep": torch.logspace(0, -3, 64, dtype=torch.float64),       # a few vectors matter a lot
+            "flat": torch.full((64,), 0.02, dtype=torch.float64)}           # every vector matters a little
+    shapes = {"steep": (64, 64), "flat": (64, 64)}
+    D = lambda ranks: {k: tail(sens[k], r) for k, r in ranks.items()}
+    one, two = (D(allocate_ranks(shapes, 40 * 128, sensitivity=sens, power=p)) for p in (1, 2))
+    assert sum(one.values()) <= sum(two.values())                           # power 1 minimises the sum
+    assert max(two.values()) < max(one.values())                            # power 2 the larger share
+
+
+def test_sensitivity_argument_errors(minilm):
+    sens = {k: torch.ones(min(w.shape)) for k, w in minilm.items()}
+    k0 = next(iter(minilm))
+    with pytest.raises(ValueError, match="x_covs"):
+        allocate_ranks(minilm, 0.5, x_covs={}, sensitivity=sens)
+    with pytest.raises(ValueError, match="no entry"):
+        allocate_ranks(minilm, 0.5, sensitivity={k: v for k, v in sens.items() if k != k0})
+    with pytest.raises(ValueError, match="singular vectors"):
+        allocate_ranks(minilm, 0.5, sensitivity={**sens, k0: torch.ones(3)})
+    with pytest.raises(ValueError, match="power"):
+        allocate_ranks(minilm, 0.5, sensitivity=sens, power=0.5)
+    with pytest.raises(ValueError, match="cannot even hold"):
+        allocate_ranks(minilm, 100, sensitivity=sens)
+    with pytest.raises(TypeError, match="param_budget"):
+        allocate_ranks(minilm, "half", sensitivity=sens)
+
+
+def byte_tok(text, return_tensors="pt"):
+    return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rank_sensitivity_is_the_rank1_empirical_fisher(arch):
+    """Against an explicit computation: per sequence, g = d(summed loss)/d(layer output), one layer at a time."""
+    model = tiny_model(arch)
+    layers = target_layers(model)
+    factors = {n: svd(_weight(m)) for n, m in layers.items()}
+    text = "Low rank keeps the directions that the loss needs; calibration text feeds it. " * 2   # 3 chunks of <= 64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = rank_sensitivity(model, byte_tok, factors, text)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())                   # restored as it was
+    ids = byte_tok(text).input_ids
+    for name in (next(iter(layers)), list(layers)[-1]):
+        U, S, Vh = factors[name]
+        acc, tokens = torch.zeros(S.numel(), dtype=torch.float64), 0
+        for i in range(0, ids.shape[1], 64):
+            chunk = ids[:, i:i + 64]
+            seen = {}
+
+            def keep(module, args, out, seen=seen):
+                seen.update(x=args[0], y=out)
+                out.retain_grad()
+            h = layers[name].register_forward_hook(keep)
+            loss = model(chunk, labels=chunk).loss * (chunk.shape[1] - 1)                   # summed over tokens
+            h.remove()
+            loss.backward()
+            model.zero_grad()
+            x, g = seen["x"].detach().reshape(-1, Vh.shape[1]), seen["y"].grad.reshape(-1, U.shape[0])
+            acc += ((g @ U).pow(2) * (x @ Vh.T).pow(2)).sum(0).double()
+            tokens += chunk.shape[1] - 1
+        expect = S.double() ** 2 * acc / (2 * tokens)
+        assert torch.allclose(sens[name], expect, rtol=1e-4, atol=1e-12 * float(expect.max())), name
+    assert all(s.shape == (min(_weight(layers[n]).shape),) and bool((s >= 0).all()) for n, s in sens.items())
+
+
+def test_rank_sensitivity_errors():
+    model = tiny_model("llama")
+    name, m = next(iter(target_layers(model).items()))
+    U, S, Vh = svd(_weight(m))
+    with pytest.raises(ValueError, match="not a module"):
+        rank_sensitivity(model, byte_tok, {"nope": (U, S, Vh)}, "some text")
+    with pytest.raises(ValueError, match="do not fit"):
+        rank_sensitivity(model, byte_tok, {name: (U[:, :3], S, Vh)}, "some text")
+    with pytest.raises(ValueError, match="too short"):
+        rank_sensitivity(model, byte_tok, {name: (U, S, Vh)}, "a")
+    with pytest.raises(ValueError, match="empty"):
+        rank_sensitivity(model, byte_tok, {}, "some text")
 
 
 def test_docstring_examples():
