@@ -8,43 +8,36 @@ the bytes of a float32 weight, and accumulates in float32:
 
     y[i, j] = scale[j] * sum_t x[i, t] * codes[j, t]
 
-Measured on this repo's 2-core CPU (torch 2.13, 2 threads, one row; script in the issue-3 notes):
-    weight 1536 x 576: dense fp32 F.linear 70 us | codes.to(fp32) + F.linear 111 us | this kernel 21 us
-    weight  576 x 576: dense fp32 F.linear 28 us | codes.to(fp32) + F.linear  83 us | this kernel  9 us
-Its cost grows linearly with the rows (no blocking over rows), so it pays up to about 8 rows
-(126 us vs 174 us dense at 1536 x 576) and `MAX_ROWS` keeps it to those. Many rows (a prompt, a
-perplexity window) are compute-bound and go to torch's GEMM instead.
+Measured with bench/kernels.py on this repo's 2-core CPU (torch 2.13, torch on 2 threads, the
+kernel on 1; one row; medians; full table in bench/results/kernels.md):
+    weight   576 x 576: dense fp32 F.linear 27 us | codes.to(fp32) + F.linear 78 us | this kernel 25-40 us
+    weight  1536 x 576: dense fp32 F.linear 69 us | this kernel 50 us
+    weight 49152 x 576 (SmolLM2's tied head): dense fp32 9.6 ms | this kernel 1.5 ms
+With 8 rows it is 0.65-0.8 x dense, still well ahead of converting the codes; `MAX_ROWS` keeps it
+to those. Many rows (a prompt, a perplexity window) are compute-bound and go to torch's GEMM.
+`packed4_linear` (2..4-bit codes) is correct but not vectorised yet: 350 us at 576 x 576, about
+half the unpack-and-dequantise path it replaces, far from dense.
 
-The kernels are numba functions, parallel over output rows. numba would pick its "omp" layer
-(GNU OpenMP) where it can, and a process that forks after using it is killed ("fork() called from
-a process already using GNU OpenMP"): DataLoader workers, multiprocessing. So, unless the user
-chose a layer (NUMBA_THREADING_LAYER) or numba already started one, importing this module selects
-"workqueue", which survives fork; it must not be entered from two Python threads at once, so
-calls are serialised by a lock.
+The kernels are serial numba functions (one thread, no GIL held). A parallel version measured
+9 us instead of 21 us at 1536 x 576 with numba's OpenMP layer, but that layer kills a process
+that forks after using it (DataLoader workers, multiprocessing), and the fork-safe "workqueue"
+layer costs 80-150 us per launch, more than the whole matmul. Serial keeps them thread-safe and
+fork-safe with no global numba setting.
 """
 from __future__ import annotations
 
-import os
-import threading
-
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
-
-if (numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ
-        and not numba.np.ufunc.parallel._is_initialized):
-    numba.config.THREADING_LAYER = "workqueue"
+from numba import njit
 
 MAX_ROWS = 8                    # rows of x up to which int8_linear beats dequantise-then-matmul (measured)
-_lock = threading.Lock()
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _int8_rows(x, codes, scale, out):
     """out[i, j] = scale[j] * dot(x[i], codes[j]) for x (r, k) f32, codes (n, k) int8, scale (n,) f32."""
     r, k = x.shape
-    for j in prange(codes.shape[0]):
+    for j in range(codes.shape[0]):
         for i in range(r):
             acc = np.float32(0.0)
             for t in range(k):
@@ -52,26 +45,35 @@ def _int8_rows(x, codes, scale, out):
             out[i, j] = acc * scale[j]
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _packed_rows(x, packed, scale, zero_point, has_zp, qmin, gs, out):
     """out[i, j] = sum_g scale[j, g] * sum_{t in g} x[i, t] * (code[j, t] - zp[j, g]) for 4-bit codes
-    packed two per byte, row-major, low nibble first (code = nibble + qmin); k and gs even."""
+    packed two per byte, row-major, low nibble first (code = nibble + qmin); k and gs even.
+    Each weight row is unpacked once into a float buffer, then dotted with every x row (vectorises)."""
     r, k = x.shape
     n_groups = k // gs
-    for j in prange(out.shape[1]):
+    row = np.empty(k, dtype=np.float32)
+    xs = np.zeros((r, n_groups), dtype=np.float32)                 # per-group sums of x: the zero-point term
+    for i in range(r):
+        for g in range(n_groups):
+            acc = np.float32(0.0)
+            for t in range(g * gs, (g + 1) * gs):
+                acc += x[i, t]
+            xs[i, g] = acc
+    for j in range(out.shape[1]):
         base = (j * k) >> 1
+        for t in range(k >> 1):
+            b = packed[base + t]
+            row[2 * t] = np.float32(b & 15)
+            row[2 * t + 1] = np.float32(b >> 4)
         for i in range(r):
             acc = np.float32(0.0)
             for g in range(n_groups):
                 a = np.float32(0.0)
-                xs = np.float32(0.0)
-                for t in range(g * gs, (g + 1) * gs, 2):
-                    b = packed[base + (t >> 1)]
-                    x0, x1 = x[i, t], x[i, t + 1]
-                    a += x0 * np.float32(b & 15) + x1 * np.float32(b >> 4)
-                    xs += x0 + x1
+                for t in range(g * gs, (g + 1) * gs):
+                    a += x[i, t] * row[t]
                 off = np.float32(qmin) - (zero_point[j, g] if has_zp else np.float32(0.0))
-                acc += scale[j, g] * (a + off * xs)
+                acc += scale[j, g] * (a + off * xs[i, g])
             out[i, j] = acc
 
 
@@ -100,9 +102,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
     s = scale.detach().reshape(-1).to(torch.float32).contiguous()
     if s.numel() != n:
         raise ValueError(f"int8_linear needs one scale per output row ({n}), got {s.numel()}")
-    with _lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _int8_rows(x2.numpy(), codes.contiguous().numpy(), s.numpy(), out.numpy())
+    _int8_rows(x2.numpy(), codes.contiguous().numpy(), s.numpy(), out.numpy())
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -133,9 +133,7 @@ def packed4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     zp = (torch.zeros(1, 1) if zero_point is None else zero_point.detach().to(torch.float32)).reshape(-1, groups if zero_point is not None else 1).contiguous()
     x2 = x.detach().reshape(-1, k).contiguous()
     out = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    with _lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _packed_rows(x2.numpy(), packed.contiguous().numpy(), s.numpy(), zp.numpy(), zero_point is not None,
-                     int(qmin), int(group_size), out.numpy())
+    _packed_rows(x2.numpy(), packed.contiguous().numpy(), s.numpy(), zp.numpy(), zero_point is not None,
+                 int(qmin), int(group_size), out.numpy())
     return out.reshape(*x.shape[:-1], n)
 
