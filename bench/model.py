@@ -85,21 +85,42 @@ def linear_targets(model) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach() for n, m in model.named_modules() if _default_filter(n, m)}
 
 
-def lowrank_policy(model, how: str) -> tuple[dict, str]:
-    """Policy {exact layer name: LinearSpec(lowrank, rank)} with sum r(m+n) <= 50 % of sum mn."""
+CALIB_TOKENS = 2048       # calibration tokens for the input second moments and the rank sensitivities
+SVD_DAMP = 0.1            # C + 0.1 mean(eig C) I before whitening, as bench/frontier.py (1e-6 lost to plain SVD)
+
+
+def lowrank_policy(model, tok, how: str) -> tuple[dict, dict, str]:
+    """Activation-aware low rank at 50 % of the parameters: (policy, x_covs for compress_model, note).
+
+    uniform:  every layer keeps the same fraction, r = 0.5 mn / (m + n) (the stronger of the uniform
+              baselines: one rank for all layers is far worse, see bench/results/frontier.md)
+    adaptive: ranks from allocate_ranks; for a causal LM weighted by rank_sensitivity (each whitened
+              singular vector's Fisher estimate of the loss increase), for MiniLM (no LM loss) by
+              whitened energy per parameter."""
+    from slc.allocate import layer_stats
+    from slc.lowrank import rank_sensitivity, svd
     weights = linear_targets(model)
     budget = sum(w.numel() for w in weights.values()) // 2
+    st = layer_stats(model, tok, models.calibration_text(12_000), list(weights), CALIB_TOKENS, full=True)
+    covs = {}
+    for n in weights:
+        c = st[n].x_cov / st[n].tokens
+        covs[n] = c + SVD_DAMP * (torch.trace(c) / c.shape[0]) * torch.eye(c.shape[0], dtype=c.dtype)
     if how == "uniform":
-        r = budget // sum(sum(w.shape) for w in weights.values())
-        ranks = {n: min(r, min(w.shape)) for n, w in weights.items()}
-        note = f"rank {r} everywhere"
+        ranks = {n: max(1, w.numel() // (2 * sum(w.shape))) for n, w in weights.items()}
+        note = "activation-aware; the same fraction of each layer's parameters"
+    elif model.can_generate():                                       # a causal LM: its loss gives sensitivities
+        factors = {n: svd(w, covs[n]) for n, w in weights.items()}
+        sens = rank_sensitivity(model, tok, factors, models.calibration_text(12_000), max_tokens=CALIB_TOKENS)
+        ranks = allocate_ranks({n: tuple(w.shape) for n, w in weights.items()}, budget, sensitivity=sens)
+        note = "activation-aware; ranks by loss sensitivity (rank_sensitivity, power 2)"
     else:
-        ranks = allocate_ranks(weights, budget)
-        rs = sorted(ranks.values())
-        note = f"ranks {rs[0]}..{rs[-1]}, median {rs[len(rs) // 2]}"
+        ranks = allocate_ranks(weights, budget, x_covs=covs)
+        note = "activation-aware; ranks by whitened energy per parameter"
+    rs = sorted(ranks.values())
     used = sum(r * sum(weights[n].shape) for n, r in ranks.items())
-    note += f"; {100 * used / (2 * budget):.1f} % of the dense parameters"
-    return {n: LinearSpec("lowrank", rank=r) for n, r in ranks.items()}, note
+    note += f"; ranks {rs[0]}..{rs[-1]}, median {rs[len(rs) // 2]}; {100 * used / (2 * budget):.1f} % of the dense parameters"
+    return {n: LinearSpec("lowrank", rank=r) for n, r in ranks.items()}, covs, note
 
 
 def kept_dense_mb(base) -> float:
@@ -108,7 +129,7 @@ def kept_dense_mb(base) -> float:
     return (memory.tensor_bytes(base)["total"] - linear) / MB
 
 
-def build(base, how) -> tuple[object, dict]:
+def build(base, how, tok=None) -> tuple[object, dict]:
     """A compressed copy of `base` and facts about it (bits/w, compress seconds, note)."""
     model = copy.deepcopy(base)
     info = {"note": ""}
@@ -119,12 +140,13 @@ def build(base, how) -> tuple[object, dict]:
         apply_gguf(model, how[1])
         info["bits"] = gguf_bits_per_weight(how[1])
     else:
+        x_covs = None
         if how[0] == "lowrank":
-            policy, info["note"] = lowrank_policy(model, how[1])
+            policy, x_covs, info["note"] = lowrank_policy(model, tok, how[1])
         else:
             policy = how[1]
         embeddings = how[2] if len(how) > 2 else None               # also the token embedding (and a tied head)
-        report = compress_model(model, policy, progress=False, embeddings=embeddings)
+        report = compress_model(model, policy, progress=False, embeddings=embeddings, x_covs=x_covs)
         info["bits"] = report.totals()["bits_per_weight"]
     info["compress_s"] = time.perf_counter() - t0 if how[0] != "dense" else None
     return model.eval(), info
@@ -170,7 +192,7 @@ def bench_smollm2(args, tmp: Path) -> tuple[str, dict, list[str]]:
     built, res, notes = {}, {}, []
     ref_logits = metrics.final_logits(base, tok, calib, max_tokens=256)
     for name, how in tqdm(VARIANTS, desc="SmolLM2 rows", unit="row"):
-        model, info = build(base, how)
+        model, info = build(base, how, tok)
         r = dict(info)
         r["ppl"] = metrics.perplexity(model, tok, text, window=512, stride=256)
         if how[0] != "dense":
@@ -235,7 +257,7 @@ def bench_minilm(args, tmp: Path) -> tuple[str, dict, list[str]]:
     base, tok = models.load("minilm-l6")
     res, notes = {}, []
     for name, how in tqdm(VARIANTS, desc="MiniLM rows", unit="row"):
-        model, info = build(base, how)
+        model, info = build(base, how, tok)
         r = dict(info)
         if how[0] != "dense":
             r["cos_mean"] = metrics.embedding_cosine(base, model, tok)
