@@ -88,6 +88,43 @@ def target_layers(model: nn.Module, skip=None) -> dict[str, nn.Module]:
             if _is_linear(m) and not any(fnmatch.fnmatchcase(n, p) for p in skip)}
 
 
+class _Restore:
+    """A handle whose remove() runs `undo` once (used beside torch hook handles)."""
+
+    def __init__(self, undo):
+        self._undo = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def _eval_mode(model: nn.Module) -> _Restore:
+    """model.eval() now; the returned handle's remove() restores training mode."""
+    was_training = model.training
+    model.eval()
+    return _Restore(lambda: model.train(was_training))
+
+
+def activation_grads(model: nn.Module) -> _Restore:
+    """Ready `model` for backward passes that need gradients at activations only: eval mode, every
+    parameter frozen, and the input embeddings' output made a leaf that requires grad. Returns a handle
+    whose remove() undoes all three (call it in a finally)."""
+    mode = _eval_mode(model)
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+
+    def undo():
+        hook.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        mode.remove()
+    return _Restore(undo)
+
+
 CHUNK_TOKENS = 512        # calibration runs in sequences of at most this many tokens (and the model's limit)
 
 
@@ -163,15 +200,11 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
         handles.append(modules[n].register_forward_pre_hook(pre_hook(n)))
         if fisher:
             handles.append(modules[n].register_forward_hook(fwd_hook(n)))
-    was_training = model.training
-    model.eval()
-    req = {p: p.requires_grad for p in model.parameters()}
     try:
         if fisher:
-            emb = model.get_input_embeddings()
-            handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
-            for p in model.parameters():
-                p.requires_grad_(False)
+            handles.append(activation_grads(model))
+        else:
+            handles.append(_eval_mode(model))
         gen = torch.Generator().manual_seed(0)
         for ids in chunks:
             ids = ids.to(dev)
@@ -193,9 +226,6 @@ def layer_stats(model: nn.Module, tokenizer, text: str, names, max_tokens: int =
     finally:
         for h in handles:
             h.remove()
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was_training)
         state.update(x=None, name=None, count=True)
         inputs.clear()
     return stats

@@ -300,7 +300,7 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
     >>> used <= 0.5 * sum(m.weight.numel() for m in layers.values())
     True
     """
-    from .allocate import CHUNK_TOKENS, _weight
+    from .allocate import CHUNK_TOKENS, _weight, activation_grads
     from .models import calibration_text as default_text
 
     if not factors:
@@ -344,14 +344,9 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in fac]
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out.detach().requires_grad_(True)))                  # gradients flow, weights need none
-    was_training, req = model.training, {p: p.requires_grad for p in model.parameters()}
-    model.eval()
     tokens = 0
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        handles.append(activation_grads(model))                               # gradients flow, weights need none
         for chunk in chunks:
             state["scale"] = chunk.shape[1] - 1
             tokens += chunk.shape[1] - 1
@@ -360,9 +355,6 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
     finally:
         for h in handles:
             h.remove()
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was_training)
     return {n: fac[n][1] ** 2 * acc[n] / (2 * tokens) for n in fac}
 
 

@@ -93,6 +93,16 @@ def test_layer_stats_fisher_weights_are_positive():
     assert all(p.grad is None for p in model.parameters())                  # no parameter gradients left behind
 
 
+def test_layer_stats_restores_the_model_as_it_was():
+    model = tiny_model("llama").train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    layer_stats(model, ByteTokenizer(), TEXT, list(target_layers(model)), fisher="out")
+    assert model.training and not frozen.requires_grad
+    assert all(p.requires_grad for p in model.parameters() if p is not frozen)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())   # every hook removed
+
+
 def _shape(model, name):
     w = model.get_submodule(name).weight
     return tuple(w.shape)
