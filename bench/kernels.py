@@ -69,11 +69,9 @@ def main(argv=None) -> None:
     rows = []
     with torch.no_grad():
         for label, w in shapes().items():
-            l8 = CompressedLinear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False), LinearSpec("quantized", INT8))
-            l8.codes.copy_(INT8.quantize(w).codes)
-            l8.scale.copy_(INT8.quantize(w).scale)
             lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             lin.weight.copy_(w)
+            l8 = CompressedLinear.from_linear(lin, LinearSpec("quantized", INT8))
             l4 = CompressedLinear.from_linear(lin, LinearSpec("quantized", INT4))
             reps = args.reps if w.numel() < 10_000_000 else max(10, args.reps // 20)
             for n_rows in (1, kernels.MAX_ROWS):

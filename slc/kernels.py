@@ -49,7 +49,8 @@ def _int8_rows(x, codes, scale, out):
 def _packed_rows(x, packed, scale, zero_point, has_zp, qmin, gs, out):
     """out[i, j] = sum_g scale[j, g] * sum_{t in g} x[i, t] * (code[j, t] - zp[j, g]) for 4-bit codes
     packed two per byte, row-major, low nibble first (code = nibble + qmin); k and gs even.
-    Each weight row is unpacked once into a float buffer, then dotted with every x row (vectorises)."""
+    Each weight row is unpacked once into a float buffer, then dotted with every x row (numba does not
+    vectorise this yet: see the module docstring)."""
     r, k = x.shape
     n_groups = k // gs
     row = np.empty(k, dtype=np.float32)
