@@ -42,7 +42,7 @@ Stream layout (`RansStream.to_bytes`, all little-endian)
     20+4N       2*W    16-bit words, in decode order
     20+4N+2W    ...    frequency table: Rice-coded differences of neighbouring
                        frequencies (dense) or varint (gap, freq) pairs (sparse),
-                       whichever is smaller; see `_pack_table`
+                       whichever is smaller; see `pack_table`
     end-4       4      CRC32 (zlib.crc32) of everything before it
 
 States and words come first so that they are aligned in the buffer and can be
@@ -61,7 +61,7 @@ Why the constants are what they are
   no inner while loop, which is what makes the whole-array decoder possible.
 - scale_bits <= 16: L must be a multiple of M for C and D to keep x exactly
   inside [L, 2**32). Within that, `encode` picks scale_bits per stream
-  (`_auto_scale_bits`): a finer M quantises the frequencies better, but makes
+  (`auto_scale_bits`): a finer M quantises the frequencies better, but makes
   the table bigger and loses more to the rounding inside C (x // f[s] is
   coarse when x is near L). For int8 weights it lands on 12 to 15.
 - lanes (`choose_lanes`): each lane ends with a 4-byte state, of which about
@@ -322,7 +322,7 @@ def table_nbytes(freqs: np.ndarray) -> int:
     return min(dense, sparse)
 
 
-def _pack_table(freqs: np.ndarray) -> tuple[int, bytes]:
+def pack_table(freqs: np.ndarray) -> tuple[int, bytes]:
     """(flags, table bytes) for a dense freqs array with at least one nonzero."""
     dense_n, sparse_n, k = _table_sizes(freqs)
     if sparse_n < dense_n:
@@ -362,7 +362,7 @@ def _read_varints(buf: bytes, count: int, pos: int) -> tuple[list[int], int]:
     return values, pos
 
 
-def _unpack_table(buf: bytes, sparse: bool, scale_bits: int) -> np.ndarray:
+def unpack_table(buf: bytes, sparse: bool, scale_bits: int) -> np.ndarray:
     """Parse and validate a table; returns dense freqs (uint32, len = max symbol + 1)."""
     M = 1 << scale_bits
     if sparse:
@@ -435,7 +435,7 @@ class RansStream:
         return _HEADER.size + 4 * self.lanes + 2 * len(self.words) + table_nbytes(self.freqs) + _CRC_BYTES
 
     def to_bytes(self) -> bytes:
-        flags, table = _pack_table(self.freqs)
+        flags, table = pack_table(self.freqs)
         head = _HEADER.pack(MAGIC, VERSION, flags, self.scale_bits, self.lanes.bit_length() - 1,
                             self.n_symbols, len(self.words), len(table))
         parts = [head, self.states.astype("<u4", copy=False).data, self.words.astype("<u2", copy=False).data, table]
@@ -482,7 +482,7 @@ class RansStream:
         pos = _HEADER.size
         states = np.frombuffer(buf, dtype="<u4", count=lanes, offset=pos)
         words = np.frombuffer(buf, dtype="<u2", count=n_words, offset=pos + 4 * lanes)
-        freqs = _unpack_table(bytes(body[len(body) - n_table:]), bool(flags & FLAG_SPARSE), scale_bits)
+        freqs = unpack_table(bytes(body[len(body) - n_table:]), bool(flags & FLAG_SPARSE), scale_bits)
         return cls(n_symbols, lanes, scale_bits, freqs, states, words).validate()
 
     def validate(self) -> "RansStream":
@@ -580,7 +580,7 @@ def _check_end(x, ptr: int, n_words: int):
 # symbol needs.
 
 @njit(cache=True, nogil=True)
-def _encode_kernel(sym, lanes, sym_tab, scale_bits, buf):
+def encode_kernel(sym, lanes, sym_tab, scale_bits, buf):
     """sym: (T*N,) padded symbols; sym_tab[s] = f | c << 17. Fills buf from the end.
 
     Returns (final states, index in buf of the first word).
@@ -642,7 +642,7 @@ def _decode_kernel(states, words, slot_tab, scale_bits, T, out):
     return x, ptr
 
 
-def _symbol_table(freqs: np.ndarray) -> np.ndarray:
+def symbol_table(freqs: np.ndarray) -> np.ndarray:
     """Per symbol: f | c << 17 (int64), for the fast encoder."""
     f = freqs.astype(np.int64)
     return f | ((np.cumsum(f) - f) << 17)
@@ -667,11 +667,11 @@ def _check_backend(backend: str, allowed=("numpy", "fast")):
 # The coder itself loses a little to the integer rounding in C, growing ~4x per
 # extra bit of scale (measured: ~0.005 bits/symbol at scale_bits = 16, 0.3 %
 # of that at 12), while a finer scale quantises the frequencies better but
-# makes the table bigger. _auto_scale_bits weighs all three.
+# makes the table bigger. auto_scale_bits weighs all three.
 _CODER_LOSS_AT_16 = 0.005  # bits per symbol at scale_bits = 16
 
 
-def _auto_scale_bits(counts: np.ndarray) -> int:
+def auto_scale_bits(counts: np.ndarray) -> int:
     """The scale_bits minimising payload + coder loss + table, estimated for all at once.
 
     The estimate rounds counts * M / n (at least 1) instead of running build_freqs
@@ -708,7 +708,7 @@ def encode_stream(symbols, scale_bits: int | None = None, lanes: int | None = No
         raise ValueError(f"lanes must be a power of two in 1..{1 << MAX_LANES_LOG2}, got {lanes}")
     counts = count_symbols(sym) if n else np.ones(1, dtype=np.int64)  # empty: a dummy one-symbol table
     if scale_bits is None:
-        scale_bits = _auto_scale_bits(counts)
+        scale_bits = auto_scale_bits(counts)
     freqs = build_freqs(counts, int(scale_bits))
     T = -(-n // lanes)
     pad = T * lanes - n
@@ -718,7 +718,7 @@ def encode_stream(symbols, scale_bits: int | None = None, lanes: int | None = No
         states, words = _encode_numpy(sym.reshape(T, lanes), freqs, scale_bits)
     else:
         buf = np.empty(T * lanes, dtype=np.uint16)
-        x, pos = _encode_kernel(sym, lanes, _symbol_table(freqs), scale_bits, buf)
+        x, pos = encode_kernel(sym, lanes, symbol_table(freqs), scale_bits, buf)
         states, words = x.astype(np.uint32), buf[pos:]
     return RansStream(n, lanes, int(scale_bits), freqs, states, words)
 
