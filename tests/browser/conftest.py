@@ -6,6 +6,7 @@ settings and workspace folders, and is always shut down (its kernels with it).
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -27,10 +28,14 @@ CHROMEDRIVER = os.environ.get("SLC_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 @pytest.fixture(scope="session")
 def browser_paths() -> tuple[str, str]:
+    """Skip where Chromium or chromedriver is absent; once both are there the check runs and can fail."""
     for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromedriver")):
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             pytest.skip(f"{what} not found at {path} (apt-get install chromium chromium-driver)")
-    pytest.importorskip("selenium", reason="selenium is not installed")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail("Chromium is installed but selenium is not: pip install -e '.[dev]'")
     return CHROMIUM, CHROMEDRIVER
 
 
@@ -62,11 +67,12 @@ class LabServer:
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
         # user settings: render every cell (no virtual scrolling that drops off-screen outputs from
         # the DOM) and no news pop-up
-        for rel, text in (("@jupyterlab/notebook-extension/tracker.jupyterlab-settings", '{"windowingMode": "none"}'),
-                          ("@jupyterlab/apputils-extension/notification.jupyterlab-settings", '{"fetchNews": "false"}')):
+        for rel, text in (
+                ("@jupyterlab/notebook-extension/tracker.jupyterlab-settings", '{"windowingMode": "none"}'),
+                ("@jupyterlab/apputils-extension/notification.jupyterlab-settings", '{"fetchNews": "false"}')):
             (home / "settings" / rel).parent.mkdir(parents=True, exist_ok=True)
             (home / "settings" / rel).write_text(text)
-        self.log = open(root.parent / "lab.log", "w")
+        self.log = open(root.parent / "lab.log", "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
@@ -79,6 +85,24 @@ class LabServer:
     def url(self, path: str = "") -> str:
         sep = "&" if "?" in path else "?"
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}{sep}token={self.token}"
+
+    def api(self, path: str) -> object:
+        """GET a Jupyter server REST endpoint (e.g. "api/sessions") and return its JSON."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/{path.lstrip('/')}",
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def kernel_state(self, notebook: str) -> str | None:
+        """The server's execution_state ("starting", "busy", "idle", ...) of the kernel behind a notebook.
+
+        The server tracks it from the kernel's own status messages, whatever the page shows.
+        None while no session for that notebook exists.
+        """
+        for s in self.api("api/sessions"):
+            if s.get("path") == notebook and s.get("kernel"):
+                return s["kernel"].get("execution_state")
+        return None
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -135,7 +159,8 @@ def chrome(browser_paths, tmp_path):
     opts.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1100", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+                 "--disable-dev-shm-usage", "--window-size=1400,1100",
+                 f"--user-data-dir={tmp_path / 'chrome-profile'}"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
     try:
