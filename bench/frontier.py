@@ -46,7 +46,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +128,8 @@ class Bench:
             res = {"ppl": self.rows[0].ppl, "cos": self.rows[0].cos, "snr": math.inf}
         else:
             res = self.score(w_hat)
-        row = Row(self.key, family, name, bits, seconds, res.get("snr"), res.get("ppl"), res.get("cos"), note, slc, extra)
+        row = Row(self.key, family, name, bits, seconds, res.get("snr"), res.get("ppl"), res.get("cos"),
+                  note, slc, extra)
         self.rows.append(row)
         shown = f"ppl {row.ppl:.4f}" if row.ppl is not None else f"cos {row.cos:.5f}"
         print(f"  {self.key:12s} {name:34s} {bits:6.3f} bits/w  {shown}  SNR {row.snr:.1f} dB"
@@ -318,7 +318,7 @@ def bench_model(key: str, args) -> Bench:
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         t0, nbytes, exact = time.perf_counter(), 0, True
         w_cast = {n: w.to(dtype) for n, w in b.orig.items()}
-        for n, w in w_cast.items():
+        for w in w_cast.values():
             lt = CompressedTensor.compress(w, lossless=True)
             nbytes += lt.nbytes
             exact &= torch.equal(lt.decompress().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
@@ -369,7 +369,8 @@ def table(rows: list[Row], ref: Row) -> str:
             q, d = fmt(r.ppl, ".4g" if r.ppl > 1e4 else ".3f"), fmt(100 * (r.ppl / ref.ppl - 1), "+.2f")
         else:
             q, d = fmt(r.cos, ".5f"), fmt(1 - r.cos, ".2e")
-        lines.append(f"| {r.name} | {r.bits:.3f} | {q} | {d} | {fmt(r.snr, '.1f')} | {fmt(r.seconds, '.1f')} | {r.note} |")
+        lines.append(f"| {r.name} | {r.bits:.3f} | {q} | {d} | {fmt(r.snr, '.1f')} | {fmt(r.seconds, '.1f')} "
+                     f"| {r.note} |")
     return "\n".join(lines)
 
 
@@ -384,8 +385,8 @@ def targets(s: Bench, m: Bench) -> list[str]:
         best = min(reach, key=lambda r: r.bits, default=None)
         ok = best is not None and best.bits <= 0.85 * bits
         out.append(f"- {qtype} quality (ppl ≤ {peer.ppl:.3f}) with ≥ 15 % fewer bits (≤ {0.85 * bits:.3f}): "
-                   + (f"**{'MET' if ok else 'MISSED'}** — fewest bits reaching it: {best.name}, {best.bits:.3f} bits/w, "
-                      f"ppl {best.ppl:.3f} ({100 * (1 - best.bits / bits):.1f} % fewer bits)"
+                   + (f"**{'MET' if ok else 'MISSED'}** — fewest bits reaching it: {best.name}, "
+                      f"{best.bits:.3f} bits/w, ppl {best.ppl:.3f} ({100 * (1 - best.bits / bits):.1f} % fewer bits)"
                       if best else "**MISSED** — no slc row reaches it"))
         at = [r for r in ours if r.bits <= bits]
         low = min(at, key=lambda r: r.ppl, default=None)
@@ -401,14 +402,16 @@ def targets(s: Bench, m: Bench) -> list[str]:
         best = min((r for r in m_ours if r.cos >= peer.cos), key=lambda r: r.bits, default=None)
         at = max((r for r in m_ours if r.bits <= bits), key=lambda r: r.cos, default=None)
         reach = (f"fewest bits reaching cos {peer.cos:.5f}: {best.name}, {best.bits:.3f} bits/w "
-                 f"({'MET' if best.bits <= 0.85 * bits else 'MISSED'} at -15 %)") if best else "no slc row reaches it (MISSED)"
+                 f"({'MET' if best.bits <= 0.85 * bits else 'MISSED'} at -15 %)"
+                 if best else "no slc row reaches it (MISSED)")
         beat = (f"best at ≤ {bits} bits/w: {at.name}, cos {at.cos:.5f} "
                 f"({'MET' if at.cos > peer.cos else 'MISSED'})") if at else "no slc row at that rate"
         out.append(f"  - {qtype}: {reach}; {beat}")
     for mb in (m,):
         lrow = next(r for r in mb.rows if r.name == "lossless bf16")
         ratio, whole = lrow.extra["ratio"], lrow.extra["whole"]
-        out.append(f"- lossless ≤ 0.68 × bf16 bytes on MiniLM: **{'MET' if max(ratio, whole) <= 0.68 else 'MISSED'}** — "
+        met = "MET" if max(ratio, whole) <= 0.68 else "MISSED"
+        out.append(f"- lossless ≤ 0.68 × bf16 bytes on MiniLM: **{met}** — "
                    f"{ratio:.3f} × (linear layers), {whole:.3f} × (whole state dict, embeddings included)")
     for bb in (s, m):
         lm = bb.rows[0].ppl is not None
@@ -436,7 +439,8 @@ def row_dicts(*benches: Bench) -> list[dict]:
             d = asdict(r)
             for k in ("snr", "ppl", "cos", "seconds"):
                 d[k] = None if d[k] is not None and not math.isfinite(d[k]) else d[k]
-            d["extra"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["extra"].items()}
+            d["extra"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in d["extra"].items()}
             out.append(d)
     return out
 
@@ -469,7 +473,8 @@ def allocation_summary(b: Bench) -> str:
     lines.append("|" + "|".join(["---"] * (len(lines[0].split("|")) - 2)) + "|")
     for budget, pol in sorted(b.allocations.items()):
         kinds = pol.by_kind()
-        lines.append(f"| {budget:g} | {pol.bits_per_weight:.3f} | " + " | ".join(f"{v:.2f}" for v in kinds.values()) + " |")
+        lines.append(f"| {budget:g} | {pol.bits_per_weight:.3f} | "
+                     + " | ".join(f"{v:.2f}" for v in kinds.values()) + " |")
     return "\n".join(lines)
 
 
@@ -501,7 +506,8 @@ def main(argv=None) -> None:
     made = [args.json] + chart(rows, Path(args.html))
     made = [str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f for f in made]
     md = [f"# Quality per bit (bench/frontier.py{' --quick' if args.quick else ''})", "",
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"total {time.perf_counter() - t0:.0f} s. SmolLM2 perplexity on {n_tok} tokens of evaluation_text "
           f"(window 512, stride 512); calibration_text: {args.calib_tokens} tokens for allocation, "
           f"{args.cov_tokens} for the input second moments of GPTQ and activation-aware SVD (damping {SVD_DAMP}). "

@@ -407,8 +407,8 @@ def fuzz(seconds: float, timeout: int, rss_mb: int, workdir: Path) -> dict:
             if re.search(rf"ERROR: libFuzzer: {'out-of-memory' if kind == 'oom' else kind}", log) or \
                     (kind == "timeout" and "ALARM: working on the last Unit" in log):
                 total["crashes"] += 1
-                total["signatures"][f"libFuzzer {kind}"] = (re.findall(rf"artifact_prefix.*?; Test unit written to (\S+)", log)
-                                                            or [log[-300:]])[-1]
+                written = re.findall(r"artifact_prefix.*?; Test unit written to (\S+)", log)
+                total["signatures"][f"libFuzzer {kind}"] = (written or [log[-300:]])[-1]
                 break
         else:
             if proc.returncode not in (0,) and not done:

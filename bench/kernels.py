@@ -59,6 +59,17 @@ def shapes() -> dict[str, torch.Tensor]:
     return {f"{label} {s[0]}x{s[1]}": w for s, (label, w) in out.items()}
 
 
+def time_paths(x, w, l8, l4, reps: int) -> dict:
+    """Median µs of each way to multiply x by the weight w (dense, int8 layer l8, int4 layer l4)."""
+    return {
+        "dense fp32": median_us(lambda: F.linear(x, w), reps),
+        "int8 old path": median_us(lambda: F.linear(x, l8.codes.to(torch.float32)) * l8.scale.reshape(-1), reps),
+        "int8 kernel": median_us(lambda: kernels.int8_linear(x, l8.codes, l8.scale), reps),
+        "int4 old path": median_us(lambda: _int_linear(x, l4._codes(), l4.scale, None, INT4, l4.shape), reps),
+        "int4 kernel": median_us(lambda: l4(x), reps),
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=200)
@@ -76,13 +87,7 @@ def main(argv=None) -> None:
             reps = args.reps if w.numel() < 10_000_000 else max(10, args.reps // 20)
             for n_rows in (1, kernels.MAX_ROWS):
                 x = torch.randn(n_rows, w.shape[1])
-                t = {
-                    "dense fp32": median_us(lambda: F.linear(x, w), reps),
-                    "int8 old path": median_us(lambda: F.linear(x, l8.codes.to(torch.float32)) * l8.scale.reshape(-1), reps),
-                    "int8 kernel": median_us(lambda: kernels.int8_linear(x, l8.codes, l8.scale), reps),
-                    "int4 old path": median_us(lambda: _int_linear(x, l4._codes(), l4.scale, None, INT4, l4.shape), reps),
-                    "int4 kernel": median_us(lambda: l4(x), reps),
-                }
+                t = time_paths(x, w, l8, l4, reps)
                 rows.append((label, n_rows, t))
                 print(label, n_rows, {k: round(v, 1) for k, v in t.items()}, flush=True)
     cols = list(rows[0][2])
@@ -93,7 +98,8 @@ def main(argv=None) -> None:
         lines.append("| " + " | ".join([label, str(n_rows)] + [f"{t[c]:.1f}" for c in cols]
                                        + [f"{d / t[c]:.2f}" for c in cols[1:]]) + " |")
     md = (f"# Generation matmuls (bench/kernels.py)\n\n{platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, medians of {args.reps} calls (20x fewer for the head).\n\n" + "\n".join(lines) + "\n")
+          f"{args.threads} threads, medians of {args.reps} calls (20x fewer for the head).\n\n"
+          + "\n".join(lines) + "\n")
     print(md)
     Path(args.out).write_text(md)
 

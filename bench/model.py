@@ -50,7 +50,7 @@ import slc  # noqa: E402
 from slc import memory, metrics, models  # noqa: E402
 from slc.gguf_peers import apply_gguf, gguf_bits_per_weight  # noqa: E402
 from slc.lowrank import allocate_ranks  # noqa: E402
-from slc.model import compress_model, compressed_layers, load_compressed, save_compressed  # noqa: E402
+from slc.model import compress_model, load_compressed, save_compressed  # noqa: E402
 from slc.nn import LinearSpec  # noqa: E402
 from slc.quant import Quantizer  # noqa: E402
 
@@ -119,7 +119,8 @@ def lowrank_policy(model, tok, how: str) -> tuple[dict, dict, str]:
         note = "activation-aware; ranks by whitened energy per parameter"
     rs = sorted(ranks.values())
     used = sum(r * sum(weights[n].shape) for n, r in ranks.items())
-    note += f"; ranks {rs[0]}..{rs[-1]}, median {rs[len(rs) // 2]}; {100 * used / (2 * budget):.1f} % of the dense parameters"
+    note += (f"; ranks {rs[0]}..{rs[-1]}, median {rs[len(rs) // 2]}; "
+             f"{100 * used / (2 * budget):.1f} % of the dense parameters")
     return {n: LinearSpec("lowrank", rank=r) for n, r in ranks.items()}, covs, note
 
 
@@ -159,7 +160,8 @@ def measure_file(model, name: str, tmp: Path, runs: int) -> dict:
     rs = []
     for _ in range(runs):
         rs.append(memory.measure_load(
-            functools.partial(load_compressed, path), touch=True, then=functools.partial(memory.forward_once, n_tokens=16),
+            functools.partial(load_compressed, path), touch=True,
+            then=functools.partial(memory.forward_once, n_tokens=16),
             preimport=memory.PREIMPORT + ("slc.model", "accelerate"),
             warmup=functools.partial(importlib.import_module, MODELING[name.split(":")[0]])))
     path.unlink()
@@ -178,7 +180,8 @@ def fmt(x, spec=".2f", none="—") -> str:
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -289,9 +292,11 @@ def targets(s: dict, m: dict) -> str:
     f, q, e = s["fp32"], s["int8/channel"], s["int8/channel + rANS"]
     checks = [
         ("int8/channel Δppl ≤ 0.5 % (SmolLM2)", 100 * (q["ppl"] / f["ppl"] - 1), lambda v: abs(v) <= 0.5, "{:+.3f} %"),
-        ("int8/channel embedding cosine ≥ 0.999 (MiniLM, mean)", m["int8/channel"]["cos_mean"], lambda v: v >= 0.999, "{:.5f}"),
+        ("int8/channel embedding cosine ≥ 0.999 (MiniLM, mean)", m["int8/channel"]["cos_mean"],
+         lambda v: v >= 0.999, "{:.5f}"),
         ("int8 load RSS ≤ 0.35 × fp32 (SmolLM2)", q["rss_mb"] / f["rss_mb"], lambda v: v <= 0.35, "{:.3f} ×"),
-        ("int8 load RSS ≤ 0.35 × fp32 (MiniLM)", m["int8/channel"]["rss_mb"] / m["fp32"]["rss_mb"], lambda v: v <= 0.35, "{:.3f} ×"),
+        ("int8 load RSS ≤ 0.35 × fp32 (MiniLM)", m["int8/channel"]["rss_mb"] / m["fp32"]["rss_mb"],
+         lambda v: v <= 0.35, "{:.3f} ×"),
         ("int8 load RSS ≤ 0.35 × fp32, embeddings int8 too (SmolLM2)",
          s[EMB]["rss_mb"] / f["rss_mb"], lambda v: v <= 0.35, "{:.3f} ×"),
         ("int8 load RSS ≤ 0.35 × fp32, embeddings int8 too (MiniLM)",
@@ -301,7 +306,8 @@ def targets(s: dict, m: dict) -> str:
          lambda v: v >= 0.8, "{:.2f} ×"),
         ("compress all SmolLM2 linears, int8 + rANS ≤ 60 s", e["compress_s"], lambda v: v <= 60, "{:.1f} s"),
         ("adaptive rank beats uniform at 50 % params (SmolLM2 ppl)",
-         s["low rank 50 %, adaptive"]["ppl"] / s["low rank 50 %, uniform"]["ppl"], lambda v: v < 1, "{:.3f} × uniform ppl"),
+         s["low rank 50 %, adaptive"]["ppl"] / s["low rank 50 %, uniform"]["ppl"],
+         lambda v: v < 1, "{:.3f} × uniform ppl"),
     ]
     rows = [[what, fmt_v.format(v), "met" if ok(v) else "**missed**"] for what, v, ok, fmt_v in checks]
     for label, res in (("SmolLM2", s), ("MiniLM", m)):           # context for the RSS target, not a target
@@ -337,12 +343,12 @@ def main(argv=None) -> None:
                        "- bits/w counts the compressed linears only; embeddings (and the tied lm_head) stay fp32 "
                        "and dominate the int8 file of SmolLM2 (28.3 M of its 134.5 M parameters), except in the row "
                        f"{EMB!r}: compress_model(..., embeddings=LinearSpec('quantized')) keeps every nn.Embedding "
-                       "as int8 codes + per-row scales (CompressedEmbedding) and the tied lm_head multiplies with those "
-                       "same codes (TiedLinear).\n"
+                       "as int8 codes + per-row scales (CompressedEmbedding) and the tied lm_head multiplies "
+                       "with those same codes (TiedLinear).\n"
                        "- ¹ timed once: rANS rows decode for every token, and rows under "
                        f"{SLOW_TOK_S} tok/s in the first round are not repeated.\n"
-                       f"- entropy rows decode each weight on every forward (no DecodeCache): the low-memory path; their tok/s is one "
-                       f"run of {min(args.tokens, ENTROPY_TOKENS)} tokens.\n"
+                       "- entropy rows decode each weight on every forward (no DecodeCache): the low-memory path; "
+                       f"their tok/s is one run of {min(args.tokens, ENTROPY_TOKENS)} tokens.\n"
                        "- SmolLM2's weights come from a Q4_1 GGUF file, so they already sit on a 16-level grid per "
                        "block of 32; int8 / Q8_0 results on it are kinder than on true float weights (see MiniLM).\n"])
     print(out)
