@@ -1,9 +1,14 @@
 # slc — every target creates .venv and installs what it needs, so a fresh machine
 # with nothing but Python can run `make demo` and `make test`.
 #
+# Installs come from requirements.lock: the exact versions (every extra) that were
+# tested, so a fresh machine gets what CI got. pyproject.toml only states ranges.
+# `make lock` re-resolves those ranges in a throwaway venv and rewrites the lock.
+#
 # torch is pinned so pip takes the CPU build this machine has on disk; an
-# unpinned torch would pull several GB of CUDA packages. Override with e.g.
-#   make test TORCH_SPEC="torch==2.5.1"
+# unpinned torch would pull several GB of CUDA packages. The lock pins it, and
+# `make lock` resolves with TORCH_SPEC, e.g.
+#   make lock TORCH_SPEC="torch==2.5.1"
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -11,28 +16,61 @@ TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
 PIP         = $(PY) -m pip
 STAMP       = $(VENV)/.installed
+LOCK        = requirements.lock
+LOCKENV    ?= build/lockenv
 FUZZ_SECONDS ?= 600
 
-.PHONY: help install models demo test test-unit test-notebooks browser-test bench fuzz soak render notebooks lab clean
+.PHONY: help install lock lint models demo test test-unit test-notebooks browser-test bench fuzz soak render notebooks lab clean
 
 help:
 	@echo "make demo          create .venv, fetch the real models, compress them, print the table"
-	@echo "make test          the whole suite: unit tests, nbval on every notebook, browser check"
+	@echo "make test          the whole suite: ruff, unit tests, nbval on every notebook, browser check"
+	@echo "make lint          ruff check on slc, tests, bench, scripts"
+	@echo "make lock          re-resolve pyproject's ranges in a throwaway venv, rewrite $(LOCK)"
 	@echo "make bench         codec and model benchmarks (tables for the README)"
 	@echo "make fuzz          coverage-guided fuzzing of the stream and file parsers (FUZZ_SECONDS=$(FUZZ_SECONDS))"
 	@echo "make render        notebooks -> self-contained HTML in build/html/"
 	@echo "make notebooks     re-execute the notebooks in place (after changing what slc prints)"
 	@echo "make lab           JupyterLab on the project"
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[notebooks,dev]" "$(TORCH_SPEC)"
+	$(PIP) install -q -r $(LOCK) || { echo "pip could not install $(LOCK), made for $$(sed -n 's/^# Python \(.*\)\.$$/\1/p' $(LOCK));" \
+	    "on another Python or platform run \`make lock\` first"; exit 1; }
+	$(PIP) install -q --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Resolve pyproject.toml's ranges (all extras, torch pinned by TORCH_SPEC) in a fresh
+# throwaway venv and freeze it: --all keeps setuptools (torch needs it at run time),
+# pip itself is left out, --exclude-editable leaves out slc. torch's local label (+cpu)
+# is dropped so the pin reads torch==X.Y.Z as in TORCH_SPEC (pip still takes the CPU
+# wheel from disk). The recipe fails if the lock names a CUDA package (nvidia-*, triton).
+lock:
+	rm -rf $(LOCKENV)
+	$(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCKENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LOCKENV)/bin/python -m pip install -q -e ".[notebooks,dev]" "$(TORCH_SPEC)"
+	$(LOCKENV)/bin/python -m pip check
+	{ echo "# Exact versions slc is tested with: pyproject.toml's dependencies with every extra"; \
+	  echo "# (notebooks, dev), torch pinned by TORCH_SPEC=$(TORCH_SPEC)."; \
+	  echo "# Produced by \`make lock\`: a fresh venv installed from pyproject's ranges, then"; \
+	  echo "# \`pip freeze --all --exclude-editable\` less pip itself, torch's +cpu label dropped."; \
+	  echo "# Python $$($(LOCKENV)/bin/python -c 'import platform; print(platform.python_version(), platform.system(), platform.machine())')."; \
+	  echo "# \`make\` installs this file, then \`pip install --no-deps -e .\`. Run \`make lock\` to refresh it."; \
+	  $(LOCKENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/^(torch[a-z]*==[^+]+)\+[a-z0-9.]+$$/\1/'; \
+	} > $(LOCK).tmp
+	! grep -inE '^(nvidia-|triton)' $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCKENV)
+	@echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) pins"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check slc tests bench scripts
 
 models: $(STAMP)
 	$(PY) -m slc.models fetch
@@ -51,7 +89,7 @@ browser-test: models
 
 # The browser check runs inside test-unit when Chromium + chromedriver are installed
 # (tests/browser skips cleanly otherwise; .ci/run installs them).
-test: test-unit test-notebooks
+test: lint test-unit test-notebooks
 
 bench: models
 	$(PY) bench/codec.py
