@@ -1,0 +1,178 @@
+"""Scale benchmark: synthetic Llama checkpoints of 1.1 B, 3 B and 7 B parameters, streamed from disk.
+
+    python bench/scale.py                                   # tinyllama-1.1b, 3b, llama-2-7b (~23 GB of disk)
+    python bench/scale.py --shapes tinyllama-1.1b           # one shape
+    python bench/scale.py --shapes tiny --runs 1            # seconds: a smoke test
+
+The checkpoints are written once by `slc.synthetic.write_synthetic_checkpoint` into data/cache/synthetic/
+(git-ignored; bf16 safetensors shards of 2 GB, TinyLlama / OpenLLaMA-3B / Llama-2-7B shapes, statistics like
+SmolLM2's, no real weights) and reused by later runs. Each read row runs in a fresh child process that opens
+the checkpoint with `slc.open_checkpoint` and reads every tensor once, converting it to fp32 and computing
+its per-row absmax with one torch thread (so every byte is touched, as a compressor would), while a
+background thread samples the RSS of the child's whole process tree every 10 ms.
+Rows:
+    read, cold   the checkpoint's files evicted from the page cache first (posix_fadvise DONTNEED), so the
+                 disk is read; the first run of each shape
+    read, warm   straight after, with whatever of the files the page cache kept (all, if they fit in RAM)
+Columns:
+    GB disk      bytes of tensor data (bf16) on disk          tensors   how many
+    s            wall seconds of the read pass (median of --runs)
+    GB/s         GB disk / s
+    peak RSS     GiB, whole process tree, interpreter and torch included
+    Δ RSS        peak RSS minus the RSS just before the first tensor was read
+    /largest     peak RSS / fp32 bytes of the largest tensor (the streaming budget's unit: issue 11 asks
+                 compress_checkpoint for <= 1 GiB + 4x this)
+Later rows (issue 11): compress_checkpoint int8 + rANS and ECSQ, block-wise allocate + GPTQ, 2-worker Dask.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from slc.sources import open_checkpoint  # noqa: E402
+from slc.synthetic import SHAPES, write_synthetic_checkpoint  # noqa: E402
+
+GiB = 1 << 30
+CACHE = ROOT / "data" / "cache" / "synthetic"
+RESULTS = ROOT / "bench" / "results" / "scale.md"
+DEFAULT_SHAPES = ["tinyllama-1.1b", "3b", "llama-2-7b"]
+
+
+class PeakRSS:
+    """Peak RSS of a process and all its children, sampled in a background thread while in the `with`."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.01):
+        self.proc, self.interval = psutil.Process(pid), interval
+        self.peak, self._stop = 0, threading.Event()
+
+    def sample(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:                     # a child that just exited
+                pass
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakRSS:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def evict(folder: Path) -> None:
+    """Drop a checkpoint's files from the page cache (clean pages only; no root needed)."""
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_pass(folder: Path) -> dict:
+    """Read and touch every tensor once (run in a child process); figures as a dict."""
+    with PeakRSS() as rss:
+        base = rss.sample()
+        t0 = time.perf_counter()
+        ckpt = open_checkpoint(folder)
+        absmax_sum = 0.0
+        for _, w in ckpt.stream():
+            w = w.float()                            # what a compressor works on
+            absmax_sum += w.abs_().amax(dim=-1).sum().item()
+            del w
+        seconds = time.perf_counter() - t0
+    largest = ckpt.largest
+    return {"seconds": seconds, "gb": ckpt.nbytes / 1e9, "tensors": len(ckpt), "peak": rss.peak, "base": base,
+            "largest_fp32": largest.fp32_bytes, "largest": largest.name, "checksum": absmax_sum}
+
+
+def measure(folder: Path, cold: bool) -> dict:
+    if cold:
+        evict(folder)
+    out = subprocess.run([sys.executable, __file__, "--read-pass", str(folder)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build(shape: str) -> tuple[Path, float | None]:
+    folder = CACHE / shape
+    cached = (folder / ".slc-synthetic.json").exists()
+    t0 = time.perf_counter()
+    folder = write_synthetic_checkpoint(folder, shape, progress=True)
+    return folder, None if cached else time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=sorted(SHAPES))
+    ap.add_argument("--runs", type=int, default=3, help="warm read passes per shape (median)")
+    ap.add_argument("--read-pass", help=argparse.SUPPRESS)
+    ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
+    args = ap.parse_args()
+    if args.read_pass:
+        torch.set_num_threads(1)
+        print(json.dumps(read_pass(Path(args.read_pass))))
+        return
+
+    rows = []
+    for shape in args.shapes:
+        need = SHAPES[shape].n_params * 2
+        free = shutil.disk_usage(ROOT / "data").free
+        if not (CACHE / shape / ".slc-synthetic.json").exists() and free < need + 20e9:
+            print(f"skipping {shape}: {need / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free (keeping 20 GB spare)")
+            continue
+        folder, build_s = build(shape)
+        if build_s is not None:
+            print(f"{shape}: wrote {need / 1e9:.2f} GB in {build_s:.0f} s ({need / 1e9 / build_s:.2f} GB/s)")
+        cold = measure(folder, cold=True)
+        warm = [measure(folder, cold=False) for _ in range(args.runs)]
+        for mode, runs in [("cold", [cold]), ("warm", warm)]:
+            r = runs[0]
+            s = statistics.median(x["seconds"] for x in runs)
+            peak = max(x["peak"] for x in runs)
+            rows.append([shape, f"read, {mode}", f"{SHAPES[shape].n_params / 1e9:.2f}", f"{r['gb']:.2f}",
+                         str(r["tensors"]), f"{s:.1f}", f"{r['gb'] / s:.2f}", f"{peak / GiB:.2f}",
+                         f"{(peak - r['base']) / GiB:.2f}", f"{peak / r['largest_fp32']:.1f}",
+                         "" if build_s is None or mode == "warm" else f"{build_s:.0f}"])
+    header = ["shape", "row", "params B", "GB disk", "tensors", "s", "GB/s", "peak RSS GiB", "Δ RSS GiB",
+              "/largest", "build s"]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    mem = psutil.virtual_memory().total / GiB
+    note = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(table)
+    print(note)
+    if not args.no_save and rows:
+        RESULTS.write_text(f"# bench/scale.py\n\n{table}\n\n{note}\n")
+
+
+if __name__ == "__main__":
+    main()
