@@ -1,0 +1,301 @@
+"""Fused decode x matmul: y = x @ W^T straight from a tiled rANS stream, for generation (x of 1..8 rows).
+
+A weight W (out, in) is coded row-major as a `slc.tiles.TiledStream`, so a tile is a block of
+output rows. Each thread takes a contiguous range of tiles; for each tile it decodes about one
+row's worth of symbols at a time into a small buffer (one row plus one step: a few KiB, in L1),
+turns symbols into codes through the slot table itself (the table's values are the float codes),
+and multiplies every finished row with x right away:
+
+    y[i, r] = sum_g scale[r, g] * (sum_{t in g} x[i, t] * code[r, t]  -  zp[r, g] * sum_{t in g} x[i, t])
+
+Nothing bigger than a row buffer is materialised; the coded words are read once, in order.
+
+Symbol kinds (what a symbol means; the mapping is folded into the decode table, built once):
+    affine  code = symbol + qmin. int8 per channel (groups = 1, qmin = -127) or grouped int4
+            (groups = in / group_size), symmetric (no zero point) or asymmetric (float zero point).
+    ecsq    code = unzigzag(symbol) = (s >> 1) ^ -(s & 1), one scale per row (or group); the escape
+            symbol E stands for a code kept apart (int32, row-major order): the table maps E to a
+            sentinel, the kernel replaces sentinels by the next escaped codes of its tile (the
+            stream's tile_escapes says where each tile's escapes start) and checks the count.
+
+Threads: numba `nogil` kernels on slc.tiles' persistent ThreadPoolExecutor (the caller's thread
+takes the first share). numba's prange was the alternative: its OpenMP layer kills processes
+that fork after using it, and the fork-safe workqueue layer costs 80-150 us a launch, more than
+a whole 576 x 576 layer; bench/tiles.py measures both (bench/results/tiles.md).
+
+>>> import numpy as np, torch
+>>> from slc.tiles import encode_tiled
+>>> codes = np.random.default_rng(0).integers(-127, 128, (64, 96))
+>>> scale = np.full((64, 1), 0.01, dtype=np.float32)
+>>> fw = FusedWeight(encode_tiled(codes + 127, tile_rows=16), "affine", scale, qmin=-127)
+>>> x = torch.randn(2, 96)
+>>> assert torch.allclose(fw.linear(x), x @ torch.from_numpy(fw.dequantize()).T, atol=1e-4)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from numba import njit
+
+from slc.errors import FormatError
+from slc.tiles import DecodeTables, TiledStream, decode_block, decode_tables, decode_tiled, run_tiles, tile_ok
+
+KINDS = ("affine", "ecsq")
+MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
+SENTINEL = np.float32(2.0 ** 100)  # table value of the escape symbol: no int32 code comes near it
+_SENTINEL_MIN = np.float32(2.0 ** 90)  # compare against this (fastmath-safe, no inf/nan involved)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _dot_row(x, xsum, buf, o, r, scale, zp, has_zp, gs, y):
+    """y[:, r] = the row in buf[o:o + cols] times every row of x, group by group.
+    (1-D slices: numba vectorises these dot products, not the same loops over 2-D indices.)"""
+    nx, cols = x.shape
+    G = scale.shape[1]
+    w = buf[o:o + cols]
+    for i in range(nx):
+        xi = x[i]
+        acc = np.float32(0.0)
+        for g in range(G):
+            xg = xi[g * gs:(g + 1) * gs]
+            wg = w[g * gs:(g + 1) * gs]
+            a = np.float32(0.0)
+            for t in range(gs):
+                a += xg[t] * wg[t]
+            if has_zp:
+                a -= zp[r, g] * xsum[i, g]
+            acc += a * scale[r, g]
+        y[i, r] = acc
+
+
+@njit(cache=True, nogil=True)
+def _patch_escapes(buf, o, cols, escapes, k, k_end):
+    """Replace sentinels in buf[o:o + cols] by escapes[k], escapes[k + 1], ...; returns the new k,
+    or -1 when the row has more escapes than its tile may use."""
+    for t in range(o, o + cols):
+        if buf[t] >= _SENTINEL_MIN:
+            if k >= k_end:
+                return -1
+            buf[t] = np.float32(escapes[k])
+            k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escapes, fb, values, scale_bits,
+                       scale, zp, has_zp, escapes, has_esc, y, lo, hi):
+    """y[:, rows of tiles lo..hi-1] = x @ W[those rows]^T, decoding W a row at a time.
+
+    x (nx, cols) f32; xsum (nx, groups) per-group sums of x; values: f32 code per slot (escape: SENTINEL).
+    Returns -1, or the first tile that is corrupt (lanes, words or escape count)."""
+    nx, cols = x.shape
+    lanes = states.shape[1]
+    gs = cols // scale.shape[1]
+    blk = lanes * ((cols + lanes - 1) // lanes)          # whole steps covering at least one row
+    buf = np.empty(blk + cols, dtype=np.float32)          # decoded, not yet multiplied: < one row + one block
+    xl = np.empty(lanes, dtype=np.uint32)
+    for t in range(lo, hi):
+        for n in range(lanes):
+            xl[n] = states[t, n]
+        ptr = tile_words[t]
+        end = tile_words[t + 1]
+        row = tile_rows[t]
+        n_sym = (tile_rows[t + 1] - row) * cols
+        k = tile_escapes[t] if has_esc else 0
+        k_end = tile_escapes[t + 1] if has_esc else 0
+        done = 0
+        fill = 0
+        while done < n_sym:
+            m = min(blk, n_sym - done)                  # only a tile's last block ends inside a step
+            ptr = decode_block(xl, fb, values, words, ptr, end, scale_bits, buf, fill, m)
+            done += m
+            fill += m
+            o = 0
+            while fill - o >= cols:
+                if has_esc:
+                    mx = np.float32(0.0)
+                    for c in range(o, o + cols):
+                        mx = max(mx, buf[c])
+                    if mx >= _SENTINEL_MIN:
+                        k = _patch_escapes(buf, o, cols, escapes, k, k_end)
+                        if k < 0:
+                            return t
+                _dot_row(x, xsum, buf, o, row, scale, zp, has_zp, gs, y)
+                row += 1
+                o += cols
+            for c in range(fill - o):
+                buf[c] = buf[o + c]
+            fill -= o
+        if not tile_ok(xl, ptr, end) or k != k_end:
+            return t
+    return -1
+
+
+def _as_f32_2d(a, rows: int, what: str) -> np.ndarray:
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.size % max(rows, 1) or (rows and a.size == 0):
+        raise ValueError(f"{what} must hold a whole number of values per row ({rows} rows), got shape {a.shape}")
+    return a.reshape(rows, -1) if rows else a.reshape(0, 1)
+
+
+@dataclass
+class FusedWeight:
+    """A weight (rows = out, cols = in) kept coded; `linear(x)` decodes and multiplies tile by tile.
+
+    stream: the symbols, tiled by rows; kind: "affine" (code = symbol + qmin) or "ecsq" (code =
+    unzigzag(symbol), escapes apart); scale (rows, groups) float32; zero_point (rows, groups) float32
+    or None; escapes: int32 codes of the escape symbols in row-major order (ecsq only).
+
+    >>> import numpy as np, torch
+    >>> from slc.tiles import encode_tiled
+    >>> z = np.array([[0, 1, 2, 5], [4, 3, 0, 5]])            # zig-zag symbols; 5 = escape
+    >>> fw = FusedWeight(encode_tiled(z, escape=5, tile_rows=1), "ecsq", np.ones((2, 1)),
+    ...                  escapes=np.array([1000, -7], dtype=np.int32))
+    >>> fw.dequantize().tolist()
+    [[0.0, -1.0, 1.0, 1000.0], [2.0, -2.0, 0.0, -7.0]]
+    >>> assert torch.equal(fw.linear(torch.ones(1, 4)), torch.tensor([[1000.0, -7.0]]))
+    """
+    stream: TiledStream
+    kind: str
+    scale: np.ndarray
+    zero_point: np.ndarray | None = None
+    qmin: int = 0
+    escapes: np.ndarray | None = None
+    tables: DecodeTables = field(init=False, repr=False)
+    _index: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        s = self.stream.validate()
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        self.scale = _as_f32_2d(self.scale, s.rows, "scale")
+        groups = self.scale.shape[1]
+        if s.cols % groups:
+            raise ValueError(f"{groups} scale groups per row do not divide {s.cols} columns")
+        if self.zero_point is not None:
+            self.zero_point = _as_f32_2d(self.zero_point, s.rows, "zero_point")
+            if self.zero_point.shape != self.scale.shape:
+                raise ValueError(f"zero_point {self.zero_point.shape} must match scale {self.scale.shape}")
+        sym = np.arange(len(s.freqs), dtype=np.int64)
+        if self.kind == "affine":
+            values = (sym + int(self.qmin)).astype(np.float32)
+            if s.escape is not None or self.escapes is not None:
+                raise ValueError("escapes belong to the 'ecsq' kind")
+        else:
+            values = ((sym >> 1) ^ -(sym & 1)).astype(np.float32)   # unzigzag
+            if s.escape is not None:
+                if s.escape < len(values):
+                    values[s.escape] = SENTINEL
+                esc = np.zeros(0, np.int32) if self.escapes is None else self.escapes
+                esc = esc.detach().cpu().numpy() if isinstance(esc, torch.Tensor) else np.asarray(esc)
+                self.escapes = np.ascontiguousarray(esc, dtype=np.int32).reshape(-1)
+                if self.escapes.size != int(s.tile_escapes[-1]):
+                    raise FormatError(f"{self.escapes.size} escaped codes, the tile index counts "
+                                      f"{int(s.tile_escapes[-1])}")
+            elif self.escapes is not None and len(self.escapes):
+                raise ValueError("escaped codes given but the stream has no escape symbol")
+        self.tables = decode_tables(s.freqs, s.scale_bits, values)       # once, at load
+        c64 = np.ascontiguousarray
+        self._index = (c64(s.states, dtype=np.uint32), c64(s.words, dtype=np.uint16) if s.words.size
+                       else np.zeros(1, np.uint16), c64(s.tile_words, dtype=np.int64), c64(s.tile_rows, dtype=np.int64),
+                       c64(s.tile_escapes if s.escape is not None else s.tile_words, dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stream.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.stream.cols // self.scale.shape[1]
+
+    # --- buffers / meta: what a module keeps --------------------------------------------------
+    def buffers(self) -> dict[str, torch.Tensor]:
+        out = self.stream.buffers()
+        out["scale"] = torch.from_numpy(self.scale.copy())
+        if self.zero_point is not None:
+            out["zero_point"] = torch.from_numpy(self.zero_point.copy())
+        if self.escapes is not None:
+            out["escapes"] = torch.from_numpy(self.escapes.copy())
+        return out
+
+    @property
+    def meta(self) -> dict:
+        return {**self.stream.meta, "kind": self.kind, "qmin": int(self.qmin)}
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], meta: dict) -> "FusedWeight":
+        """Inverse of (buffers(), meta); raises FormatError on malformed input."""
+        stream = TiledStream.from_buffers(buffers, meta)
+        if meta.get("kind") not in KINDS or "scale" not in buffers:
+            raise FormatError(f"fused weight: kind {meta.get('kind')!r} or its scale is missing")
+        try:
+            return cls(stream, meta["kind"], buffers["scale"], buffers.get("zero_point"), int(meta.get("qmin", 0)),
+                       buffers.get("escapes"))
+        except (ValueError, TypeError) as e:
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"fused weight buffers do not fit the stream: {e}") from e
+
+    # --- compute ------------------------------------------------------------------------------
+    def codes(self, threads: int | None = None) -> np.ndarray:
+        """The integer codes (rows, cols) int64 (decoded with the fast decoder)."""
+        s = self.stream
+        sym = decode_tiled(s, threads=threads).astype(np.int64)
+        if self.kind == "affine":
+            return sym + int(self.qmin)
+        codes = (sym >> 1) ^ -(sym & 1)
+        if s.escape is not None:
+            codes[sym == s.escape] = self.escapes                   # counts checked by decode_tiled
+        return codes
+
+    def dequantize(self, threads: int | None = None) -> np.ndarray:
+        """W (rows, cols) float32, the whole matrix: the reference for linear() and the prefill path."""
+        c = self.codes(threads).astype(np.float32).reshape(self.shape[0], self.scale.shape[1], -1)
+        if self.zero_point is not None:
+            c -= self.zero_point[:, :, None]
+        return (c * self.scale[:, :, None]).reshape(self.shape)
+
+    def linear(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """x @ W^T for float32 x (..., cols) on the CPU. Up to MAX_ROWS rows: fused, tile by tile on
+        `threads` threads (default all CPUs); more rows: decode W once and use torch's GEMM."""
+        rows, cols = self.shape
+        if x.shape[-1] != cols:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {cols}")
+        x2 = x.detach().reshape(-1, cols).to(torch.float32).contiguous()
+        if x2.shape[0] > MAX_ROWS or x.device.type != "cpu":
+            w = torch.from_numpy(self.dequantize(threads)).to(x.device)
+            return (x2.to(x.device) @ w.T).reshape(*x.shape[:-1], rows).to(x.dtype)
+        y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
+        self.linear_into(x2.numpy(), y.numpy(), threads)
+        return y.reshape(*x.shape[:-1], rows).to(x.dtype)
+
+    def linear_into(self, x: np.ndarray, y: np.ndarray, threads: int | None = None) -> None:
+        """y (nx, rows) = x (nx, cols) @ W^T, float32 numpy arrays, nx <= MAX_ROWS (no checks on the hot path
+        beyond the stream's own)."""
+        s, tb = self.stream, self.tables
+        if s.n_tiles == 0 or x.shape[0] == 0:
+            y[:] = 0
+            return
+        G = self.scale.shape[1]
+        xsum = x.reshape(x.shape[0], G, -1).sum(axis=2, dtype=np.float32) if self.zero_point is not None \
+            else np.zeros((x.shape[0], G), dtype=np.float32)
+        zp = self.zero_point if self.zero_point is not None else self.scale
+        esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
+        states, words, tile_words, tile_rows, tile_escapes = self._index
+        args = (x, xsum, states, words, tile_words, tile_rows, tile_escapes, tb.fb, tb.values, s.scale_bits,
+                self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
+        errs = run_tiles(fused_tiles_kernel, args, np.diff(s.tile_rows), threads)
+        bad = [e for e in errs if e >= 0]
+        if bad:
+            raise FormatError(f"tile {bad[0]}: corrupt (its lanes do not end at L having used exactly their "
+                              "words, or its escape count is wrong)")
+
+
+def fused_linear(x: torch.Tensor, weight: FusedWeight, bias: torch.Tensor | None = None,
+                 threads: int | None = None) -> torch.Tensor:
+    """F.linear for a FusedWeight: x @ W^T (+ bias)."""
+    y = weight.linear(x, threads=threads)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -1,0 +1,179 @@
+"""slc.fused: decode x matmul from tiled streams equals dequantise-then-matmul, and rejects bad input."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slc.errors import FormatError
+from slc.fused import FusedWeight, fused_linear
+from slc.quant import Quantizer
+from slc.tiles import TiledStream, encode_tiled
+
+try:                                    # slc.symbols after the module restructuring, slc.ecsq before it
+    from slc.symbols import split_escapes
+except ImportError:
+    from slc.ecsq import split_escapes
+
+
+def _reference(codes, scale, zero_point, x):
+    """x @ W^T with W dequantised in float64 from the integer codes (independent of slc.fused)."""
+    rows, cols = codes.shape
+    g = scale.shape[1]
+    c = codes.astype(np.float64).reshape(rows, g, -1)
+    if zero_point is not None:
+        c = c - zero_point.astype(np.float64)[:, :, None]
+    w = (c * scale.astype(np.float64)[:, :, None]).reshape(rows, cols)
+    return torch.from_numpy((x.double().numpy() @ w.T).astype(np.float32))
+
+
+def _affine(w, q):
+    """(FusedWeight, codes, scale, zero point) for a Quantizer's affine codes of w."""
+    qt = q.quantize(w)
+    rows, cols = w.shape
+    codes = qt.codes.numpy().astype(np.int64).reshape(rows, cols)
+    g = 1 if q.granularity == "channel" else cols // q.group_size
+    scale = qt.scale.float().numpy().reshape(rows, g)
+    zp = None if qt.zero_point is None else qt.zero_point.float().numpy().reshape(rows, g)
+    fw = FusedWeight(encode_tiled(codes - q.qmin), "affine", scale, zp, qmin=q.qmin)
+    return fw, codes, scale, zp
+
+
+def _ecsq(w, step, escape=None, tile_rows=None):
+    qt = Quantizer(mode="ecsq", step=step).quantize(w)
+    codes = qt.codes.numpy().astype(np.int64)
+    sym, E, esc = split_escapes(codes, escape)
+    scale = qt.scale.float().numpy().reshape(w.shape[0], 1)
+    fw = FusedWeight(encode_tiled(sym.reshape(w.shape), escape=E, tile_rows=tile_rows), "ecsq", scale, escapes=esc)
+    return fw, codes, scale, None
+
+
+QUANTIZERS = [
+    Quantizer(bits=8, granularity="channel"),
+    Quantizer(bits=4, granularity="group", group_size=32),
+    Quantizer(bits=4, granularity="group", group_size=64, scheme="asymmetric"),
+    Quantizer(bits=4, granularity="group", group_size=128),
+]
+
+
+@pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: q.describe())
+@pytest.mark.parametrize("nx", [1, 3, 8])
+def test_affine_random(q, nx):
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(nx))
+    fw, codes, scale, zp = _affine(w, q)
+    x = torch.randn(nx, 256)
+    want = _reference(codes, scale, zp, x)
+    assert np.allclose(fw.dequantize(), q.quantize(w).dequantize().numpy(), atol=1e-6)
+    for threads in (1, 2):
+        assert torch.allclose(fw.linear(x, threads=threads), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(fw.linear(x), x @ torch.from_numpy(fw.dequantize()).T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("step", [0.05, 0.2, 1.0])
+def test_ecsq_with_escapes(step):
+    w = torch.randn(200, 192, generator=torch.Generator().manual_seed(1))
+    w[7, 3] = 80.0                                                   # far outliers: escaped codes
+    w[150, 0] = -300.0
+    fw, codes, scale, _ = _ecsq(w, step, escape=7)                   # zig-zag symbols >= 7 escape
+    assert fw.escapes.size >= 2 and fw.stream.escape == 7
+    assert np.array_equal(fw.codes(), codes)
+    x = torch.randn(4, 192)
+    want = _reference(codes, scale, None, x)
+    for threads in (1, 2):
+        assert torch.allclose(fw.linear(x, threads=threads), want, atol=1e-3, rtol=1e-4)
+
+
+def test_real_weights():
+    from slc.models import linear_weights
+    ws = linear_weights("smollm2-135m")
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"]:
+        w = ws[name]
+        x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+        for fw, codes, scale, zp in [_affine(w, QUANTIZERS[0]), _affine(w, QUANTIZERS[2]), _ecsq(w, 0.2)]:
+            assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x), atol=1e-4, rtol=1e-3), name
+
+
+def test_many_rows_and_shapes():
+    q = QUANTIZERS[0]
+    fw, codes, scale, zp = _affine(torch.randn(40, 64), q)
+    x = torch.randn(3, 5, 64)                                        # > MAX_ROWS rows: decode once + GEMM
+    assert fw.linear(x).shape == (3, 5, 40)
+    assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x.reshape(-1, 64)).reshape(3, 5, 40),
+                          atol=1e-4)
+    b = torch.randn(40)
+    assert torch.allclose(fused_linear(x[0, :2], fw, b), _reference(codes, scale, zp, x[0, :2]) + b, atol=1e-4)
+    with pytest.raises(ValueError, match="features"):
+        fw.linear(torch.randn(1, 63))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 30), cols=st.integers(1, 70), nx=st.integers(1, 8), lanes=st.sampled_from([1, 4, 32]),
+       tile=st.integers(1, 30), seed=st.integers(0, 1000))
+def test_hypothesis_shapes(rows, cols, nx, lanes, tile, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-8, 8, (rows, cols))
+    scale = rng.random((rows, 1)).astype(np.float32)
+    fw = FusedWeight(encode_tiled(codes + 8, tile_rows=tile, lanes=lanes), "affine", scale, qmin=-8)
+    x = torch.from_numpy(rng.standard_normal((nx, cols)).astype(np.float32))
+    assert torch.allclose(fw.linear(x), _reference(codes, scale, None, x), atol=1e-4, rtol=1e-4)
+
+
+def test_buffers_roundtrip():
+    w = torch.randn(64, 128)
+    w[0, 0] = 50.0
+    for fw, *_ in [_affine(w, QUANTIZERS[2]), _ecsq(w, 0.1, escape=40)]:
+        again = FusedWeight.from_buffers(fw.buffers(), fw.meta)
+        x = torch.randn(1, 128)
+        assert torch.equal(again.linear(x), fw.linear(x))
+
+
+def test_bad_input():
+    w = torch.randn(64, 128)
+    w[10, 0] = 50.0
+    w[40, 0] = 50.0
+    fw, codes, scale, _ = _ecsq(w, 0.1, escape=40, tile_rows=16)
+    assert fw.stream.n_tiles == 4 and fw.escapes.size >= 2
+    x = torch.randn(1, 128)
+    with pytest.raises(FormatError, match="escaped codes"):
+        FusedWeight(fw.stream, "ecsq", scale, escapes=fw.escapes[:-1])
+    s = fw.stream
+    te = s.tile_escapes.copy()
+    te[1:-1] = te[-1]                                                # every escape moved to tile 0
+    moved = TiledStream(s.rows, s.cols, s.lanes, s.scale_bits, s.freqs, s.tile_rows, s.tile_words, s.states,
+                        s.words, s.escape, te)
+    assert te.tolist() != s.tile_escapes.tolist()
+    with pytest.raises(FormatError, match="tile"):
+        FusedWeight(moved, "ecsq", scale, escapes=fw.escapes).linear(x)
+    words = s.words.copy()
+    words[int(s.tile_words[-2]) + 3] ^= 0xFF                         # last tile
+    bad = TiledStream(s.rows, s.cols, s.lanes, s.scale_bits, s.freqs, s.tile_rows, s.tile_words, s.states,
+                      words, s.escape, s.tile_escapes)
+    with pytest.raises(FormatError, match=f"tile {s.n_tiles - 1}"):
+        FusedWeight(bad, "ecsq", scale, escapes=fw.escapes).linear(x)
+    with pytest.raises(ValueError, match="kind"):
+        FusedWeight(s, "int3", scale)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_fused(data):
+    """Mutated bytes (CRC fixed up): FormatError, or exactly the matmul of what the stream decodes to
+    (rANS may decode a mutated word to other valid symbols: see tests/test_tiles.py)."""
+    import struct
+    import zlib
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-20, 20, (48, 64))
+    raw = bytearray(encode_tiled(codes + 20, tile_rows=12, lanes=32).to_bytes()[:-4])
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    x = torch.from_numpy(rng.standard_normal((2, 64)).astype(np.float32))
+    scale = np.full((48, 1), 0.5, np.float32)
+    try:
+        ts = TiledStream.from_bytes(bytes(raw) + struct.pack("<I", zlib.crc32(raw)))
+        if ts.shape != codes.shape:                                  # another tensor: the caller's header check
+            return
+        fw = FusedWeight(ts, "affine", scale, qmin=-20)
+        y = fw.linear(x, threads=2)
+    except FormatError:
+        return
+    assert torch.allclose(y, _reference(fw.codes(), fw.scale, None, x), atol=1e-4)
