@@ -303,6 +303,16 @@ def safetensors_layout(file: Path, max_bytes: int) -> tuple[list[TensorInfo], di
         _check_budget(file, name, nbytes, max_bytes)
         infos.append(TensorInfo(name, shape, dtype, nbytes, entry["dtype"], file, data_start + begin))
     infos.sort(key=lambda t: t.offset)
+    # The format's rule: the tensors tile the data section exactly, no overlap and no hole.
+    end = data_start
+    for info in infos:
+        if info.offset != end and info.nbytes:
+            how = ("overlaps the tensor before it" if info.offset < end
+                   else f"leaves a hole of {info.offset - end} bytes")
+            raise FormatError(f"{file}: tensor {info.name!r} {how} (data at byte {info.offset}, expected {end})")
+        end = max(end, info.offset + info.nbytes)
+    if end != size:
+        raise FormatError(f"{file}: {size - end} bytes after the last tensor's data (not a safetensors layout)")
     return infos, meta
 
 

@@ -132,6 +132,13 @@ def test_hostile_huge_tensor_is_refused_before_allocation(tmp_path):
         raw_safetensors(tmp_path / "h.safetensors", {"w": entry}, b"\0" * 16)
         with pytest.raises(FormatError, match=f"tensor 'w'.*{why}"):
             open_checkpoint(tmp_path / "h.safetensors")
+    # two tensors aliasing the same bytes, a hole, trailing bytes: the format forbids all three
+    a = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    for b, data, why in [([4, 12], 12, "'b' overlaps"), ([12, 20], 20, "'b' leaves a hole of 4 bytes"),
+                         ([8, 16], 20, "4 bytes after the last tensor")]:
+        raw_safetensors(tmp_path / "h.safetensors", {"a": a, "b": dict(a, data_offsets=b)}, b"\0" * data)
+        with pytest.raises(FormatError, match=why):
+            open_checkpoint(tmp_path / "h.safetensors")
 
 
 def test_budget(tmp_path):
