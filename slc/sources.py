@@ -189,7 +189,7 @@ def open_checkpoint(path: str | os.PathLike, max_bytes: int | None = None) -> Ch
 
 def _open_folder(folder: Path, max_bytes: int) -> Checkpoint:
     if (folder / INDEX_FILE).exists():
-        return _open_index(folder / INDEX_FILE, max_bytes)
+        return _open_index(folder / INDEX_FILE, max_bytes, folder)
     if (folder / SINGLE_FILE).exists():
         return _open_safetensors([folder / SINGLE_FILE], None, folder, max_bytes, folder)
     found = sorted(folder.glob("*.safetensors"))
@@ -202,7 +202,7 @@ def _open_folder(folder: Path, max_bytes: int) -> Checkpoint:
                       f"or one .gguf file (found {len(found)} .safetensors and {len(ggufs)} .gguf files)")
 
 
-def _open_index(index: Path, max_bytes: int) -> Checkpoint:
+def _open_index(index: Path, max_bytes: int, path: Path | None = None) -> Checkpoint:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
@@ -219,7 +219,7 @@ def _open_index(index: Path, max_bytes: int) -> Checkpoint:
             raise FormatError(f"{index}: shard {shard} is missing (it should hold tensor {names[0]!r} "
                               f"and {len(names) - 1} more)")
     files = [index.parent / s for s in sorted(shards)]
-    return _open_safetensors(files, weight_map, index.parent, max_bytes, index)
+    return _open_safetensors(files, weight_map, index.parent, max_bytes, path or index)
 
 
 def _read_config(folder: Path) -> dict | None:
