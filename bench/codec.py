@@ -26,6 +26,7 @@ import zstandard
 from slc import rans
 from slc.models import linear_weights, weight_kind
 from slc.quant import Quantizer
+from slc.symbols import entropy_bits
 
 MODELS = ["minilm-l6", "smollm2-135m"]
 
@@ -64,7 +65,7 @@ def sizes(codes: dict[str, np.ndarray]) -> list[dict]:
         assert np.array_equal(rans.decode(data), sym), f"round trip failed on {k}"
         raw = c.tobytes()
         stream = rans.RansStream.from_bytes(data)
-        rows.append(dict(name=k, kind=weight_kind(k), n=c.size, H=rans.entropy_bits(sym), rans=len(data),
+        rows.append(dict(name=k, kind=weight_kind(k), n=c.size, H=entropy_bits(sym), rans=len(data),
                          zstd=len(z19.compress(raw)), lzma=len(lzma.compress(raw, preset=9)),
                          lanes=stream.lanes, scale_bits=stream.scale_bits,
                          table=rans.table_nbytes(stream.freqs)))

@@ -15,7 +15,7 @@ fp32 model loaded in this run:
     ECSQ step s                 one uniform step (x row RMS) everywhere, rANS-coded (slc.ecsq)
     ECSQ allocated B            slc.allocate: per-layer steps for a budget of B bits/weight (one
                                 calibration pass, reused for every budget)
-    ECSQ allocated B + GPTQ     the same grids, codes chosen by GPTQ error feedback (slc.ecsq.gptq, as
+    ECSQ allocated B + GPTQ     the same grids, codes chosen by GPTQ error feedback (slc.gptq, as
                                 slc.allocate.compress_model_gptq stores them)
     SVD plain / act-aware       truncated SVD at a fraction of the parameters, one rank rule per layer
                                 (same fraction everywhere), plain or whitened by the calibration
@@ -52,9 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from slc import CompressedTensor, Quantizer, metrics, models  # noqa: E402
-from slc.allocate import allocate, layer_stats, rate_distortion, target_layers  # noqa: E402
+from slc.allocate import allocate, rate_distortion  # noqa: E402
+from slc.calibrate import layer_stats  # noqa: E402
+from slc.hf import target_layers  # noqa: E402
 from slc.gguf_peers import gguf_roundtrip  # noqa: E402
-from slc.ecsq import gptq  # noqa: E402
+from slc.gptq import gptq  # noqa: E402
 from slc.lowrank import allocate_ranks, svd  # noqa: E402
 
 GGUF = {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5}
@@ -194,7 +196,7 @@ def svd_cache(b: Bench, x_covs: dict | None, damp: float = SVD_DAMP):
     """Full thin SVD of every layer once (plain, or whitened by x_covs as slc.lowrank.svd does), timed.
 
     Layers that share their input (q/k/v, gate/up) share one C, so C^(1/2) is computed once for them."""
-    from slc.lowrank import _sqrt_and_inv_sqrt
+    from slc.factors import whitening
     t0, cache, roots = time.perf_counter(), {}, {}
     for n, w in b.orig.items():
         if x_covs is None:
@@ -202,7 +204,7 @@ def svd_cache(b: Bench, x_covs: dict | None, damp: float = SVD_DAMP):
             continue
         c = x_covs[n]
         if id(c) not in roots:
-            roots[id(c)] = _sqrt_and_inv_sqrt(c, w.shape[1], damp)
+            roots[id(c)] = whitening(c, w.shape[1], damp)
         root, inv_root = roots[id(c)]
         U, S, Vh = torch.linalg.svd(w.double() @ root, full_matrices=False)      # W' = W C^(1/2)
         cache[n] = (U.float(), S.float(), (Vh @ inv_root).float())               # Vh = Vh' C^(-1/2)

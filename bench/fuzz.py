@@ -65,7 +65,8 @@ def _seed_payloads() -> list[tuple[str, bytes]]:
     import torch
     from slc import rans
     from slc.lossless import LosslessTensor
-    from slc.model import compress_model, save_compressed
+    from slc.checkpoint import save_compressed
+    from slc.compress import compress_model
     from slc.models import tiny_model
     from slc.nn import LinearSpec
     from slc.quant import Quantizer
@@ -178,7 +179,7 @@ _MODEL_PATH = None
 
 def check_model(payload: bytes) -> None:
     import torch
-    from slc.model import load_compressed
+    from slc.checkpoint import load_compressed
     global _MODEL_PATH
     if _MODEL_PATH is None:
         _MODEL_PATH = Path(tempfile.mkdtemp(prefix="slc-fuzz-")) / "m.safetensors"
@@ -368,7 +369,7 @@ def child(args, libfuzzer_args: list[str]) -> None:
     """Inside the libFuzzer process: import plain, warm the kernels, instrument, fuzz."""
     import atheris
     import slc.lossless  # noqa: F401  (every parser a file can reach, imported before instrumenting)
-    import slc.model  # noqa: F401
+    import slc.checkpoint  # noqa: F401
     for s in make_seeds():                                   # compiles / loads the numba kernels uninstrumented
         run_one(s)
     n = instrument_slc()

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from slc import kernels, models  # noqa: E402
-from slc.nn import CompressedLinear, LinearSpec, _int_linear  # noqa: E402
+from slc.nn import CompressedLinear, LinearSpec, int_linear  # noqa: E402
 from slc.quant import Quantizer  # noqa: E402
 
 INT8 = Quantizer(bits=8)
@@ -65,7 +65,7 @@ def time_paths(x, w, l8, l4, reps: int) -> dict:
         "dense fp32": median_us(lambda: F.linear(x, w), reps),
         "int8 old path": median_us(lambda: F.linear(x, l8.codes.to(torch.float32)) * l8.scale.reshape(-1), reps),
         "int8 kernel": median_us(lambda: kernels.int8_linear(x, l8.codes, l8.scale), reps),
-        "int4 old path": median_us(lambda: _int_linear(x, l4._codes(), l4.scale, None, INT4, l4.shape), reps),
+        "int4 old path": median_us(lambda: int_linear(x, l4._codes(), l4.scale, None, INT4, l4.shape), reps),
         "int4 kernel": median_us(lambda: l4(x), reps),
     }
 

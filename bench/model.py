@@ -50,7 +50,7 @@ import slc  # noqa: E402
 from slc import memory, metrics, models  # noqa: E402
 from slc.gguf_peers import apply_gguf, gguf_bits_per_weight  # noqa: E402
 from slc.lowrank import allocate_ranks  # noqa: E402
-from slc.model import compress_model, load_compressed, save_compressed  # noqa: E402
+from slc import compress_model, load_compressed, save_compressed  # noqa: E402
 from slc.nn import LinearSpec  # noqa: E402
 from slc.quant import Quantizer  # noqa: E402
 
@@ -81,8 +81,8 @@ MODELING = {"smollm2-135m": "transformers.models.llama.modeling_llama",
 
 def linear_targets(model) -> dict[str, torch.Tensor]:
     """{module name: (out, in) weight} of the layers compress_model takes by default."""
-    from slc.gguf_peers import _default_filter
-    return {n: m.weight.detach() for n, m in model.named_modules() if _default_filter(n, m)}
+    from slc.gguf_peers import default_filter
+    return {n: m.weight.detach() for n, m in model.named_modules() if default_filter(n, m)}
 
 
 CALIB_TOKENS = 2048       # calibration tokens for the input second moments and the rank sensitivities
@@ -97,7 +97,7 @@ def lowrank_policy(model, tok, how: str) -> tuple[dict, dict, str]:
     adaptive: ranks from allocate_ranks; for a causal LM weighted by rank_sensitivity (each whitened
               singular vector's Fisher estimate of the loss increase), for MiniLM (no LM loss) by
               whitened energy per parameter."""
-    from slc.allocate import layer_stats
+    from slc.calibrate import layer_stats
     from slc.lowrank import rank_sensitivity, svd
     weights = linear_targets(model)
     budget = sum(w.numel() for w in weights.values()) // 2
@@ -162,7 +162,7 @@ def measure_file(model, name: str, tmp: Path, runs: int) -> dict:
         rs.append(memory.measure_load(
             functools.partial(load_compressed, path), touch=True,
             then=functools.partial(memory.forward_once, n_tokens=16),
-            preimport=memory.PREIMPORT + ("slc.model", "accelerate"),
+            preimport=memory.PREIMPORT + ("slc.checkpoint", "accelerate"),
             warmup=functools.partial(importlib.import_module, MODELING[name.split(":")[0]])))
     path.unlink()
     return {"file_mb": file_mb, "rss_mb": statistics.median(r["growth"] for r in rs) / MB,

@@ -3,14 +3,18 @@
     float weight --Quantizer--> QuantizedTensor --(predictor)--> symbols --rANS--> CompressedTensor
     nn.Linear --CompressedLinear.from_linear(spec)--> CompressedLinear (quantized | entropy | lowrank)
     model --compress_model(policy)--> compressed model --save_compressed--> file --load_compressed--> model
+
+Modules, bottom up (each imports only the ones before it): errors, rans, symbols, quant,
+lossless, tensor, gptq, ecsq, hf, factors, kernels, nn, models, calibrate, lagrange, lowrank,
+allocate, compress, integrity, checkpoint, then metrics, memory, viz, gguf_peers, demo, render, cli.
 """
 from .errors import FormatError
 from .quant import QuantizedTensor, Quantizer
 from .tensor import CompressedTensor
 from .nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, TiedLinear
 from .lowrank import LowRank, allocate_ranks, low_rank
-from .model import (CompressionReport, compress_model, compressed_layers, load_compressed, lowrank_policy,
-                    save_compressed)
+from .compress import CompressionReport, compress_model, compress_model_gptq, compressed_layers, lowrank_policy
+from .checkpoint import load_compressed, save_compressed
 from .allocate import Allocation, allocate   # the function shadows the submodule name on purpose
 from . import metrics, memory, models, rans
 
@@ -18,7 +22,7 @@ __all__ = [
     "FormatError", "Quantizer", "QuantizedTensor", "CompressedTensor",
     "CompressedLinear", "CompressedEmbedding", "DecodeCache", "LinearSpec", "TiedLinear",
     "LowRank", "allocate_ranks", "low_rank",
-    "CompressionReport", "compress_model", "compressed_layers", "load_compressed", "lowrank_policy",
-    "save_compressed", "allocate", "Allocation", "metrics", "memory", "models", "rans",
+    "CompressionReport", "compress_model", "compress_model_gptq", "compressed_layers", "load_compressed",
+    "lowrank_policy", "save_compressed", "allocate", "Allocation", "metrics", "memory", "models", "rans",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ and compare perplexity, tokens/s and one greedy sentence with the fp32 model.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .models import REAL_MODELS, linear_weights, weight_kind
+from . import memory, metrics
+from .checkpoint import load_compressed, save_compressed
+from .compress import compress_model
+from .models import CACHE, REAL_MODELS, evaluation_text, linear_weights, load, model_dir, weight_kind
+from .nn import LinearSpec
 from .quant import Quantizer
 from .tensor import CompressedTensor
 
@@ -92,13 +97,6 @@ PROMPT = "The three most useful things to know about Python lists are"
 
 def model_round_trip(folder, n_tokens: int = 24, text_chars: int = 4000) -> list[dict]:
     """SmolLM2 fp32 vs int8 vs int8 + rANS: compress, save, reload (fresh process for RSS), measure."""
-    import functools
-
-    from . import memory, metrics
-    from .model import compress_model, load_compressed, save_compressed
-    from .models import evaluation_text, load, model_dir
-    from .nn import LinearSpec
-
     text = evaluation_text(text_chars)
     model, tok = load("smollm2-135m")
     fp32 = memory.measure_load(functools.partial(memory.load_pretrained, str(model_dir("smollm2-135m"))))
@@ -143,7 +141,6 @@ def main(argv=None) -> None:
                   "of 32; int8 codes of such weights carry less entropy than a true float model's would.")
     print("\ndecode ok: every tensor decoded bit-identical to its int8 quantisation")
     if not args.no_model:
-        from .models import CACHE
         out = CACHE / "demo"
         out.mkdir(parents=True, exist_ok=True)
         rows = model_round_trip(out)

@@ -12,13 +12,9 @@ far below log2(range): at high rate it is about h(w/RMS) - log2(step) bits, and 
 of the step costs one more bit. Outliers cost a few bits each instead of stretching the
 grid for everybody, which is what an absmax-scaled int grid does.
 
-The codes go to the rANS coder (16-bit alphabet) as symbols:
-
-    zig-zag     z = 2c for c >= 0, -2c - 1 for c < 0       0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ...
-    escape      symbols z < E are coded as themselves; every z >= E is coded as the escape
-                symbol E and its code is stored apart (int32, in order). E is picked per tensor
-                to minimise table + payload + escapes (`choose_escape`), E < 2**16 always, so
-                the stream is exact for any code a 32-bit integer holds.
+The grid itself is `slc.quant.quantize_blocks` (what `Quantizer(mode="ecsq")` runs); the codes
+go to the rANS coder as zig-zag symbols with an escape symbol (`slc.symbols`). This module
+answers the rate questions: what will a step cost, and which step meets a target.
 
 Rate for a target: `step_for_bits(w, 4.0)` bisects log(step) on the estimated all-in bits
 per weight (`estimate_bits`: entropy + table + states + escapes + scales + header), which
@@ -43,139 +39,15 @@ import torch
 from numba import njit
 
 from . import rans
+from .quant import Quantizer
+from .symbols import ESCAPE_BITS, entropy_from_counts, escape_from_counts, value_counts, zigzag
+from .tensor import CompressedTensor
 
-ESCAPE_LIMIT = (1 << 16) - 1     # the escape symbol itself must be a 16-bit symbol
-ESCAPE_BITS = 32                 # an escaped code is stored as a raw int32
 HEADER_BITS_ESTIMATE = 8 * 260   # CompressedTensor v2 header JSON + framing, roughly (measured 230..290 bytes)
 
 
 # ----------------------------------------------------------------------------
-# the quantiser
-
-def quantize_blocks(blocks: torch.Tensor, step: float, dead_zone: float = 0.0, reference: str = "rms"):
-    """Blocks (..., n_per_scale) -> (integer codes int16/int32, absolute step per block (..., 1))."""
-    if reference == "rms":
-        ref = blocks.pow(2).mean(dim=-1, keepdim=True).sqrt()
-    else:
-        ref = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = ref * step
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # all-zero block: any step is exact
-    scale = scale.float().to(blocks.dtype)                             # the step actually stored (float32)
-    peak = float((blocks.abs().amax(dim=-1, keepdim=True) / scale).max())
-    if peak >= 2 ** 30:
-        raise ValueError(f"step={step} is too fine for this tensor: codes would reach {peak:.3g} (limit 2**30); "
-                         "use a larger step or a finer granularity")
-    x = blocks if peak < 2 ** 22 else blocks.double()                  # keep |w| / step exact to << 1 code
-    mag = torch.floor(x.abs() / scale.to(x.dtype) + (0.5 - dead_zone)).clamp_min_(0)
-    codes = torch.copysign(mag, x)
-    return codes.to(torch.int16 if peak < 2 ** 15 - 1 else torch.int32), scale
-
-
-def code_dtype(codes: np.ndarray):
-    """int16 when every code fits, else int32."""
-    if codes.size == 0:
-        return np.int16
-    return np.int16 if -2 ** 15 <= int(codes.min()) and int(codes.max()) < 2 ** 15 else np.int32
-
-
-# ----------------------------------------------------------------------------
-# codes <-> symbols
-
-def zigzag(codes) -> np.ndarray:
-    """Signed codes -> non-negative uint32: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
-    c = np.asarray(codes).astype(np.int64)
-    return np.where(c >= 0, 2 * c, -2 * c - 1).astype(np.uint32)
-
-
-def unzigzag(z):
-    """Inverse of zigzag, for numpy arrays (-> int64) or torch integer tensors (-> int64)."""
-    if isinstance(z, torch.Tensor):
-        z = z.to(torch.int64)
-        return (z >> 1) ^ -(z & 1)
-    z = np.asarray(z).astype(np.int64)
-    return (z >> 1) ^ -(z & 1)
-
-
-def _value_counts(z: np.ndarray):
-    """(values present, their counts) of a non-negative integer array; bincount when the values are small."""
-    if z.size and int(z.max()) < 1 << 22:
-        counts = np.bincount(z.astype(np.int64))
-        vals = np.flatnonzero(counts)
-        return vals, counts[vals]
-    return np.unique(z, return_counts=True)
-
-
-def _escape_from_counts(vals: np.ndarray, counts: np.ndarray, n: int) -> int:
-    ok = vals < ESCAPE_LIMIT                                   # E = v + 1 must still be a 16-bit symbol
-    if not ok.any():
-        return 0                                               # everything escapes (absurd steps only)
-    vals, counts = vals[ok], counts[ok].astype(np.float64)
-    kept_bits = np.cumsum(counts * np.log2(n / counts))        # E = vals[j] + 1 keeps vals[:j+1]
-    n_esc = n - np.cumsum(counts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        esc_bits = np.where(n_esc > 0, n_esc * (np.log2(n / np.maximum(n_esc, 1)) + ESCAPE_BITS), 0.0)
-    table_bits = 16.0 * np.arange(1, vals.size + 1) + np.where(n_esc > 0, 16.0, 0.0)
-    j = int(np.argmin(kept_bits + esc_bits + table_bits))
-    return int(vals[j]) + 1
-
-
-def choose_escape(z: np.ndarray) -> int:
-    """Escape symbol E (< 2**16) minimising coded size: symbols z < E as is, z >= E escaped (32 bits each).
-
-    Cost of a cap E, in bits: sum over kept values c_v log2(n / c_v) + n_esc (log2(n / n_esc) + 32)
-    + about 16 bits of table per kept value. Candidates are E = v + 1 for every value v present.
-    """
-    if z.size == 0:
-        return 1
-    vals, counts = _value_counts(z)
-    return _escape_from_counts(vals, counts, z.size)
-
-
-def split_escapes(codes: np.ndarray, escape: int | None = None):
-    """Codes -> (uint16 symbols, escape symbol E, int32 codes of the escaped positions in order)."""
-    codes = np.asarray(codes).reshape(-1)
-    z = zigzag(codes)
-    E = choose_escape(z) if escape is None else int(escape)
-    if not 0 <= E <= ESCAPE_LIMIT:
-        raise ValueError(f"escape symbol {E} must be in 0..{ESCAPE_LIMIT}")
-    esc = z >= E
-    sym = np.where(esc, E, z).astype(np.uint16)
-    return sym, E, codes[esc].astype(np.int32)
-
-
-def join_escapes(symbols, escape: int, escapes):
-    """Inverse of split_escapes: symbols (numpy or torch) -> int64 codes (same library, same device)."""
-    if isinstance(symbols, torch.Tensor):
-        s = symbols.to(torch.int64)
-        codes = unzigzag(s)
-        hit = s == escape
-        esc = torch.as_tensor(escapes, device=s.device).to(torch.int64)
-        if int(hit.sum()) != esc.numel():
-            from .errors import FormatError
-            raise FormatError(f"stream has {int(hit.sum())} escape symbols but {esc.numel()} escaped codes")
-        return codes.masked_scatter(hit, esc)
-    s = np.asarray(symbols).astype(np.int64)
-    codes = unzigzag(s)
-    hit = s == escape
-    esc = np.asarray(escapes).astype(np.int64).reshape(-1)
-    if int(hit.sum()) != esc.size:
-        from .errors import FormatError
-        raise FormatError(f"stream has {int(hit.sum())} escape symbols but {esc.size} escaped codes")
-    codes[hit] = esc
-    return codes
-
-
-# ----------------------------------------------------------------------------
 # rates
-
-def entropy_bits(symbols) -> float:
-    """Order-0 empirical entropy of any non-negative integer array (no 16-bit limit), in total bits."""
-    s = np.asarray(symbols).reshape(-1)
-    if s.size == 0:
-        return 0.0
-    counts = np.unique(s, return_counts=True)[1].astype(np.float64)
-    return float((counts * np.log2(s.size / counts)).sum())
-
 
 def _table_bits_estimate(counts: np.ndarray, n: int) -> float:
     """Bits of the rANS frequency table for these symbol counts (frequencies at M = 2**16, approx.)."""
@@ -193,13 +65,13 @@ def stream_estimate(codes: np.ndarray, signed: bool = True) -> dict:
     already non-negative symbols (affine codes - qmin) and are not zig-zag mapped.
     """
     codes = np.asarray(codes).reshape(-1)
-    vals, counts = _value_counts(zigzag(codes) if signed else codes)
+    vals, counts = value_counts(zigzag(codes) if signed else codes)
     return estimate_from_counts(vals, counts, codes.size, escape=signed)
 
 
 def estimate_from_counts(vals: np.ndarray, counts: np.ndarray, n: int, escape: bool = True) -> dict:
     """stream_estimate from a histogram: zig-zag values present (sorted) and their counts."""
-    E = _escape_from_counts(vals, counts, n) if escape else int(vals[-1]) + 1
+    E = escape_from_counts(vals, counts, n) if escape else int(vals[-1]) + 1
     kept = vals < E
     n_esc = int(n - counts[kept].sum())
     sym_counts = np.zeros(E + 1, dtype=np.int64)
@@ -208,8 +80,7 @@ def estimate_from_counts(vals: np.ndarray, counts: np.ndarray, n: int, escape: b
     if n_esc == 0:
         sym_counts = sym_counts[:E]
         sym_counts = sym_counts[:np.flatnonzero(sym_counts)[-1] + 1] if sym_counts.any() else sym_counts[:1]
-    nz = sym_counts[sym_counts > 0].astype(np.float64)
-    payload = float((nz * np.log2(n / nz)).sum()) if n else 0.0
+    payload = entropy_from_counts(sym_counts, n) if n else 0.0
     return {"payload_bits": payload * 1.0005, "alphabet": int(sym_counts.size), "n_escapes": n_esc,
             "lanes": rans.choose_lanes(n), "table_bits": _table_bits_estimate(sym_counts, n), "n": n}
 
@@ -247,7 +118,6 @@ def estimate_bits(w, quantizer, layout: str = "bytes") -> float:
 
 
 def _quantizer(step, granularity, group_size, dead_zone, reference):
-    from .quant import Quantizer
     return Quantizer(mode="ecsq", step=float(step), granularity=granularity, group_size=group_size,
                      dead_zone=dead_zone, reference=reference)
 
@@ -274,7 +144,6 @@ def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size
     def rate(step: float) -> float:
         q = _quantizer(step, granularity, group_size, dead_zone, reference)
         if exact:
-            from .tensor import CompressedTensor
             ct = CompressedTensor.compress(w, q)
             if layout == "buffers":
                 return 8 * sum(v.numel() * v.element_size() for v in ct.buffers().values()) / ct.numel
@@ -411,72 +280,3 @@ def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str =
                                    + ESCAPE_BITS * e["n_escapes"] + 32 * n_scales + HEADER_BITS_ESTIMATE) / n,
                     "distortion": float(dist)})
     return out
-
-
-# ----------------------------------------------------------------------------
-# GPTQ: round column by column, pushing each column's error onto the columns not yet rounded
-
-def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01):
-    """Quantise `w` (out, in) on `quantizer`'s grid with GPTQ error feedback; returns a QuantizedTensor.
-
-    Same grid and scales as quantizer.quantize(w) (for ecsq: step x row RMS of w; for affine: its
-    ranges), but codes chosen to minimise the output error tr(dW C dW^T), C = x_cov = sum x x^T over
-    calibration inputs, instead of each weight's own error: columns are rounded left to right and
-    each one's error, scaled by the inverse Hessian, is subtracted from the columns to its right
-    (Frantar et al., 2022, with the Cholesky form of the inverse and lazy block updates). `damp`
-    (fraction of the mean diagonal) keeps C invertible. Granularity: channel (axis 0) or group.
-    The result goes to CompressedTensor.from_quantized like any other QuantizedTensor.
-    """
-    from .quant import QuantizedTensor
-    w = torch.as_tensor(w).detach()
-    if w.dim() != 2:
-        raise ValueError(f"gptq needs a 2-D weight (out, in), got shape {tuple(w.shape)}")
-    q = quantizer
-    if q.granularity == "tensor" or (q.granularity == "channel" and q.axis not in (0, -2)):
-        raise ValueError("gptq needs scales per output row (granularity='channel', axis=0) or per group")
-    rows, n = w.shape
-    if tuple(x_cov.shape) != (n, n):
-        raise ValueError(f"x_cov must be ({n}, {n}) for a weight with {n} inputs, got {tuple(x_cov.shape)}")
-    ref = q.quantize(w)                                              # the grid: scales (and zero points)
-    gs = n if q.granularity == "channel" else q.group_size
-    scale = ref.scale.reshape(rows, -1).double()                     # (rows, n // gs)
-    zp = None if ref.zero_point is None else ref.zero_point.reshape(rows, -1).double()
-    ecsq = q.mode == "ecsq"
-    off = 0.5 - q.dead_zone if ecsq else 0.5
-
-    def round_col(col, j):
-        s = scale[:, j // gs]
-        if ecsq:
-            return torch.copysign(torch.floor(col.abs() / s + off).clamp_min(0), col)
-        c = col / s + (0 if zp is None else zp[:, j // gs])
-        c = torch.floor(c + 0.5).clamp(q.qmin, q.qmax)
-        return c
-
-    def value(c, j):
-        s = scale[:, j // gs]
-        return (c - (0 if zp is None else zp[:, j // gs])) * s
-
-    W = w.double().clone()
-    H = x_cov.detach().double().clone()
-    dead = torch.diag(H) == 0                                        # inputs never active: any value will do
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(rows, n, dtype=torch.float64)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1, E1, Hi = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            c = round_col(W1[:, i], j)
-            codes[:, j] = c
-            err = (W1[:, i] - value(c, j)) / Hi[i, i]
-            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]           # the columns of this block to the right
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]                           # lazy update of everything further right
-    if ecsq:
-        dtype = torch.int16 if float(codes.abs().max()) < 2 ** 15 - 1 else torch.int32
-    else:
-        dtype = ref.codes.dtype
-    return QuantizedTensor(codes.to(dtype), ref.scale, ref.zero_point, q, tuple(w.shape), w.dtype)

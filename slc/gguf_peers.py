@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .hf import DEFAULT_SKIP, dense_weight_of, is_linear, skipped
+from .metrics import rel_error
+
 GGUF_TYPES = ("Q8_0", "Q5_0", "Q4_0", "Q4_1")
 
 
@@ -65,17 +68,9 @@ def gguf_roundtrip(weight: torch.Tensor, qtype: str) -> tuple[torch.Tensor, floa
     return out, gguf_bits_per_weight(qtype)
 
 
-def _default_filter(name: str, module: nn.Module) -> bool:
+def default_filter(name: str, module: nn.Module) -> bool:
     """Every nn.Linear / Conv1D that compress_model compresses by default (not embeddings, lm_head)."""
-    import fnmatch
-
-    from transformers.pytorch_utils import Conv1D
-
-    from .model import DEFAULT_SKIP
-
-    if not isinstance(module, (nn.Linear, Conv1D)):
-        return False
-    return not any(fnmatch.fnmatchcase(name, pat) for pat in DEFAULT_SKIP)
+    return is_linear(module) and skipped(name, DEFAULT_SKIP) is None
 
 
 def apply_gguf(model: nn.Module, qtype: str, filter_fn=None, progress: bool = False) -> list[dict]:
@@ -85,12 +80,8 @@ def apply_gguf(model: nn.Module, qtype: str, filter_fn=None, progress: bool = Fa
     default: every Linear / Conv1D but embeddings and lm_head, so a tied lm_head is never touched).
     Rows: layer, shape, bits_per_weight, rel_error (of the weight), seconds.
     """
-    from transformers.pytorch_utils import Conv1D
-
-    from .metrics import rel_error
-
     _qtype(qtype)
-    filter_fn = filter_fn or _default_filter
+    filter_fn = filter_fn or default_filter
     chosen = [(n, m) for n, m in model.named_modules() if filter_fn(n, m)]
     if not chosen:
         raise ValueError("no layer matched: the model has no nn.Linear / Conv1D outside embeddings and "
@@ -102,9 +93,9 @@ def apply_gguf(model: nn.Module, qtype: str, filter_fn=None, progress: bool = Fa
     with torch.no_grad():
         for name, module in chosen:
             t0 = time.perf_counter()
-            w = module.weight.T if isinstance(module, Conv1D) else module.weight      # (out, in)
+            w = dense_weight_of(module)                                               # (out, in)
             back, bpw = gguf_roundtrip(w, qtype)
             rows.append({"layer": name, "shape": tuple(w.shape), "bits_per_weight": bpw,
                          "rel_error": rel_error(w, back), "seconds": time.perf_counter() - t0})
-            module.weight.copy_(back.T if isinstance(module, Conv1D) else back)
+            w.copy_(back)                                     # a view of module.weight (transposed for Conv1D)
     return rows

@@ -366,12 +366,3 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
                 planes[name] = raw.to(torch.int64) & ((1 << (8 * raw.element_size())) - 1)
         out = join_planes(planes, m["dtype_obj"], tuple(m["shape"]))
     return out if dtype is None else out.to(dtype)
-
-
-def compress_state_dict(state_dict: dict, dtype: torch.dtype | None = None) -> dict:
-    """{name: LosslessTensor} of every float tensor (cast to `dtype` first if given), for whole-model figures."""
-    out = {}
-    for k, v in state_dict.items():
-        if isinstance(v, torch.Tensor) and v.dtype in LAYOUTS and v.numel():
-            out[k] = LosslessTensor.compress(v if dtype is None else v.to(dtype))
-    return out

@@ -1,141 +1,26 @@
-"""Low rank: a weight W (m, n) kept as a truncated SVD, W ~= U diag(S) Vh.
+"""Low rank for a whole model: how many singular vectors each layer keeps under one budget.
 
-    U (m, r), S (r,), Vh (r, n): r * (m + n) parameters instead of m * n
-    (plus the r values of S, which we do not count: they are noise next to r * (m + n)).
-
-Rank is chosen by one of
-    rank     a fixed number
-    energy   smallest r keeping this fraction of sum(S**2)
-    error    smallest r with relative Frobenius error ||W - W_r|| / ||W|| <= error
-and `allocate_ranks` spreads one global parameter budget over many layers. Alone it is greedy on
-energy per parameter (each layer's own relative energy); given `rank_sensitivity` (what each singular
-vector is worth to the LM loss, from one backward pass on calibration text) it spends the budget where
-the estimated loss increase falls most, which is what beats one uniform rule on SmolLM2.
-
-S is kept apart, not folded into U or Vh: the factors stay orthonormal, so quantising
-them with one scale per singular vector (U by column, Vh by row; see `quantize_factors`)
-does not depend on how big that singular value is, the spectrum stays available for plots,
-and the price is r multiplies per token.
-
-Activation-aware SVD (`x_cov`): with C = E[x x^T] over calibration inputs, the output error
-||(W - W_r) x|| is what matters, not ||W - W_r||. Whitening does the truncation in that norm:
-    W' = W C^(1/2)  ->  SVD  W' = U S Vh'  ->  Vh = Vh' C^(-1/2)
-so U diag(S) Vh = W exactly at full rank, and S, energy and error are measured in the
-output norm. Vh is then no longer orthonormal.
+The factors of one weight (`LowRank`, `svd`, `low_rank`, `choose_rank`, `quantize_factors`) are in
+slc.factors and re-exported here. This module spreads one global parameter budget over many layers
+(`allocate_ranks`): alone it is greedy on energy per parameter (each layer's own relative energy);
+given `rank_sensitivity` (what each singular vector is worth to the LM loss, from one backward pass
+on calibration text) it spends the budget where the estimated loss increase falls most, which is
+what beats one uniform rule on SmolLM2 (figures: bench/results/model.md).
 """
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import torch
 
-from .quant import QuantizedTensor, Quantizer, as_float_tensor
+from .calibrate import activation_grads, token_chunks
+from .factors import LowRank, choose_rank, low_rank, quantize_factors, svd, whitening
+from .hf import dense_weight_of
+from .lagrange import Point, solve
+from .quant import as_float_tensor
 
-
-@dataclass
-class LowRank:
-    """Truncated SVD factors of one weight: W ~= U @ diag(S) @ Vh.
-
-    tensor fields: U (m, r), S (r,), Vh (r, n), all float32
-    attributes:    shape (m, n), dtype (the weight's), whitened (x_cov was used)
-
-    >>> w = torch.randn(6, 5)
-    >>> lr = low_rank(w, rank=5)                  # full rank: exact up to float rounding
-    >>> bool(torch.allclose(lr.dense(), w, atol=1e-5)) and lr.params == 5 * (6 + 5)
-    True
-    """
-    U: torch.Tensor
-    S: torch.Tensor
-    Vh: torch.Tensor
-    shape: tuple
-    dtype: torch.dtype = torch.float32
-    whitened: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.S.numel()
-
-    @property
-    def params(self) -> int:
-        """r * (m + n): what the two factors hold."""
-        return self.rank * (self.shape[0] + self.shape[1])
-
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """U diag(S) Vh in the weight's dtype (or `dtype`)."""
-        return ((self.U * self.S) @ self.Vh).to(dtype or self.dtype)
-
-
-def _sqrt_and_inv_sqrt(x_cov: torch.Tensor, n: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """C^(1/2) and C^(-1/2) of a second-moment matrix (n, n) or its diagonal (n,)."""
-    c = x_cov.detach().to(torch.float64)
-    if c.shape not in ((n,), (n, n)):
-        raise ValueError(f"x_cov must have shape ({n},) or ({n}, {n}) for a weight with {n} inputs, "
-                         f"got {tuple(c.shape)}; pass E[x x^T] of the layer's inputs")
-    if c.dim() == 1:
-        d = c.clamp_min(0) + damp * c.clamp_min(0).mean().clamp_min(1e-30)
-        return torch.diag(d.sqrt()), torch.diag(d.rsqrt())
-    c = (c + c.T) / 2
-    lam, Q = torch.linalg.eigh(c)
-    lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean().clamp_min(1e-30)   # damping keeps C^(-1/2) finite
-    return (Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T
-
-
-def svd(w, x_cov: torch.Tensor | None = None, damp: float = 1e-6):
-    """Full thin SVD (U, S, Vh) in float32, whitened by `x_cov` when given (see module docstring)."""
-    w = as_float_tensor(w, "weight")
-    if w.dim() != 2:
-        raise ValueError(f"low rank needs a 2-D weight, got shape {tuple(w.shape)}")
-    if x_cov is None:                                                          # float32 is plenty to rank directions
-        return torch.linalg.svd(w.detach().float(), full_matrices=False)
-    root, inv_root = _sqrt_and_inv_sqrt(x_cov, w.shape[1], damp)               # float64: C can be ill-conditioned
-    U, S, Vh = torch.linalg.svd(w.detach().double() @ root, full_matrices=False)   # W' = W C^(1/2)
-    Vh = Vh @ inv_root                                                         # Vh = Vh' C^(-1/2)
-    return U.float(), S.float(), Vh.float()
-
-
-def choose_rank(S: torch.Tensor, rank: int | None = None, energy: float | None = None,
-                error: float | None = None) -> int:
-    """The rank that one of `rank` / `energy` / `error` asks for, given singular values S (descending)."""
-    given = [k for k, v in (("rank", rank), ("energy", energy), ("error", error)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of rank=, energy=, error= (got {given or 'none'}), "
-                         "e.g. rank=64 or energy=0.9 or error=0.1")
-    full = S.numel()
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {rank!r}")
-        if not 1 <= rank <= full:
-            raise ValueError(f"rank={rank} is out of range for this weight: use 1..{full} (= min(m, n))")
-        return rank
-    e2 = S.double() ** 2
-    total = float(e2.sum())
-    if total == 0:
-        return 1
-    kept = torch.cumsum(e2, 0) / total                                         # kept[r-1] = energy of rank r
-    if energy is not None:
-        if not 0 < energy <= 1:
-            raise ValueError(f"energy={energy} must be a fraction in (0, 1], e.g. 0.9")
-        return min(int((kept < energy - 1e-12).sum()) + 1, full)
-    if not 0 <= error < 1:
-        raise ValueError(f"error={error} must be a relative error in [0, 1), e.g. 0.1")
-    rel_err = (1 - kept).clamp_min(0).sqrt()                                   # rel_err[r-1] = ||W - W_r|| / ||W||
-    return min(int((rel_err > error + 1e-12).sum()) + 1, full)
-
-
-def low_rank(w, rank: int | None = None, energy: float | None = None, error: float | None = None,
-             x_cov: torch.Tensor | None = None) -> LowRank:
-    """Truncated SVD of `w` at the rank asked for by exactly one of rank / energy / error."""
-    w = as_float_tensor(w, "weight")
-    U, S, Vh = svd(w, x_cov)
-    r = choose_rank(S, rank, energy, error)
-    return LowRank(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous(),
-                   tuple(w.shape), w.dtype, x_cov is not None)
-
-
-def quantize_factors(lr: LowRank, quantizer: Quantizer) -> tuple[QuantizedTensor, QuantizedTensor]:
-    """Quantise U^T (r, m) and Vh (r, n): with granularity="channel" (axis 0), one scale per singular vector."""
-    return quantizer.quantize(lr.U.T.contiguous()), quantizer.quantize(lr.Vh)
+__all__ = ["LowRank", "choose_rank", "low_rank", "quantize_factors", "svd", "whitening",   # from slc.factors
+           "allocate_ranks", "rank_sensitivity", "uniform_ranks"]
 
 
 def allocate_ranks(weights: dict, param_budget: int | float, x_covs: dict | None = None,
@@ -154,12 +39,10 @@ def allocate_ranks(weights: dict, param_budget: int | float, x_covs: dict | None
     With `sensitivity` ({name: (min(m, n),) estimated loss increase of dropping each singular vector,
     from `rank_sensitivity`; then weights may also be (m, n) shapes and x_covs / relative are unused):
     a layer kept at rank r is estimated to cost D(r) = sum of its sensitivities from r on, and the ranks
-    minimise sum over layers of D(r) ** power (one Lagrange multiplier, `slc.allocate.solve`, then
+    minimise sum over layers of D(r) ** power (one Lagrange multiplier, `slc.lagrange.solve`, then
     single-rank moves to spend what is left). power=1 trusts the second-order estimate as additive;
-    it is not at heavy truncation: damage compounds, and power=2 spreads it. SmolLM2, activation-aware
-    SVD, perplexity on 2756 evaluation tokens (fp32: 16.2), at 50 / 75 / 90 % of the parameters:
-    power 2: 119 / 35.7 / 24.2; power 1: 157 / 36.6 / 24.0; one uniform fraction: 312 / 77.2 / 38.3;
-    the energy greedy above: 3662 / 83.4 / 41.4.
+    it is not at heavy truncation: damage compounds, and power=2 spreads it (measured on SmolLM2:
+    bench/results/lowrank_allocation.md).
 
     >>> w = {"a": torch.randn(8, 8), "b": torch.randn(8, 8)}
     >>> sens = {"a": torch.full((8,), 1.0), "b": torch.full((8,), 100.0)}     # "b" hurts 100x more
@@ -220,8 +103,6 @@ def _budget(param_budget, shapes: dict) -> int:
 def _allocate_by_sensitivity(weights: dict, param_budget, sensitivity: dict, power: float,
                              min_rank: int) -> dict[str, int]:
     """allocate_ranks(sensitivity=...): minimise sum_l D_l(r_l) ** power under the parameter budget."""
-    from .allocate import Point, solve
-
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not 1 <= power <= 16:
         raise ValueError(f"power={power!r} must be a number in [1, 16]; 2 is the measured default")
     shapes, tails = {}, {}
@@ -300,9 +181,6 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
     >>> used <= 0.5 * sum(m.weight.numel() for m in layers.values())
     True
     """
-    from .allocate import CHUNK_TOKENS, _weight, activation_grads
-    from .models import calibration_text as default_text
-
     if not factors:
         raise ValueError("factors is empty: pass {module name: svd(weight)} for the layers to allocate")
     if getattr(model, "get_output_embeddings", lambda: None)() is None:
@@ -313,19 +191,12 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
     for name, (U, S, Vh) in factors.items():
         if name not in modules:
             raise ValueError(f"{name!r} is not a module of this model: use names from model.named_modules()")
-        out_f, in_f = _weight(modules[name]).shape
+        out_f, in_f = dense_weight_of(modules[name]).shape
         if U.shape[0] != out_f or Vh.shape[1] != in_f or not U.shape[1] == S.numel() == Vh.shape[0]:
             raise ValueError(f"factors[{name!r}] do not fit its ({out_f}, {in_f}) weight: pass svd(weight) "
                              f"with U ({out_f}, r), S (r,), Vh (r, {in_f})")
         fac[name] = (U.detach().float().to(dev), S.detach().double().cpu(), Vh.detach().float().to(dev))
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or CHUNK_TOKENS
-    text = calibration_text if calibration_text is not None else default_text(12_000)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
-    size = min(limit, CHUNK_TOKENS)
-    chunks = [c for c in (ids[:, i:i + size] for i in range(0, ids.shape[1], size)) if c.shape[1] >= 2]
-    if not chunks:
-        raise ValueError("calibration text is too short: it must tokenise to at least 2 tokens")
+    chunks = token_chunks(model, tokenizer, calibration_text, max_tokens, default_chars=12_000)
     acc = {n: torch.zeros(S.numel(), dtype=torch.float64) for n, (_, S, _) in fac.items()}
     state = {"scale": 1.0}                       # predicted tokens in this sequence: mean loss -> summed loss
 

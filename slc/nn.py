@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,17 +33,16 @@ from torch import nn
 
 from . import kernels
 from .errors import FormatError
-from .lowrank import low_rank, quantize_factors
-from .quant import QuantizedTensor, Quantizer
-from .tensor import PREDICTORS, CompressedTensor, _scale_shape, decode_codes, dtype_name
+from .factors import low_rank, quantize_factors
+from .hf import dense_weight_of
+from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
+from .symbols import PREDICTORS
+from .tensor import CompressedTensor, check_header, decode_codes
 
 KINDS = ("quantized", "entropy", "lowrank")
 LAYER_KINDS = KINDS + ("embedding",)                                # what a saved layer's metadata may say
-_DTYPES = {dtype_name(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                      torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)}
-_CHUNK_BYTES = 4 << 20          # _int_linear converts codes to floats in one piece up to this size ...
+_CHUNK_BYTES = 4 << 20          # int_linear converts codes to floats in one piece up to this size ...
 _CHUNK_ROWS = 1024              # ... and in blocks of this many output rows beyond it (stays in cache)
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _uids = itertools.count()
 
 
@@ -121,7 +120,7 @@ class DecodeCache:
 
 
 def _quantizer_dict(q: Quantizer | None) -> dict | None:
-    return None if q is None else asdict(q)
+    return None if q is None else q.to_dict()
 
 
 @dataclass(frozen=True)
@@ -187,8 +186,9 @@ class LinearSpec:
     @classmethod
     def from_dict(cls, d: dict, cache: DecodeCache | None = None) -> "LinearSpec":
         fq = d.get("factor_quantizer")
-        return cls(kind=d["kind"], quantizer=Quantizer(**d["quantizer"]), rank=d.get("rank"), energy=d.get("energy"),
-                   error=d.get("error"), factor_quantizer=None if fq is None else Quantizer(**fq),
+        return cls(kind=d["kind"], quantizer=Quantizer.from_dict(d["quantizer"]), rank=d.get("rank"),
+                   energy=d.get("energy"), error=d.get("error"),
+                   factor_quantizer=None if fq is None else Quantizer.from_dict(fq),
                    predictor=d.get("predictor", "auto"), cache=cache)
 
 
@@ -214,6 +214,13 @@ def _packed(q: Quantizer) -> bool:
     return q.mode == "affine" and q.bits <= 4
 
 
+def _layer_meta(kind: str, spec: LinearSpec, shape: tuple, dtype: torch.dtype) -> dict:
+    """The JSON description every layer starts from (kind-specific fields and "buffers" are added after)."""
+    out_f, in_f = shape
+    return {"kind": kind, "in_features": in_f, "out_features": out_f, "dtype": dtype_name(dtype),
+            "spec": spec.to_dict(), "quantizer": None, "factor_quantizer": None}
+
+
 def _codes_buffers(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Tensor]:
     """Buffers holding a QuantizedTensor: codes (packed when bits <= 4), scale, zero_point."""
     out = {prefix + "codes": _pack_nibbles(qt) if _packed(qt.quantizer) else qt.codes.contiguous(),
@@ -223,22 +230,14 @@ def _codes_buffers(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Ten
     return out
 
 
-def _int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point, q: Quantizer,
-                shape) -> torch.Tensor:
+def int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point, q: Quantizer,
+               shape) -> torch.Tensor:
     """x @ dequantize(codes)^T without materialising a float weight where a cheaper way exists.
 
-    Measured on this repo's 2-core CPU (torch 2.13, 1 thread, weight 1536x576, int8 per channel;
-    figures from a throwaway script, reported on issue 3):
-      bf16, 1 row:    _weight_int8pack_mm 49 us | dense bf16 linear 82 us | dequantise + linear 320 us
-      bf16, 128 rows: _weight_int8pack_mm 3.3 ms | linear(x, codes) * scale 1.5 ms
-      fp32, 1 row:    _weight_int8pack_mm 716 us (no fast fp32 kernel) | linear(x, codes) * scale 121 us |
-                      dequantise + linear 206 us | dense fp32 linear 70 us
-      fp32, 1 row, 49152x576 (SmolLM2's tied lm_head): converting all codes at once 157 ms (a 113 MB
-                      temporary, page faults included) | 1024 rows at a time 9.5 ms | dense fp32 18 ms
-      fp32, 1 row:    slc.kernels.int8_linear (numba, reads int8 directly) 21 us vs dense fp32 70 us
-    So: bf16 with <= 16 rows uses torch's int8 kernel; fp32 with <= kernels.MAX_ROWS rows (generation)
+    bf16 with <= 16 rows uses torch's int8 kernel; fp32 with <= kernels.MAX_ROWS rows (generation)
     uses slc.kernels; fp32/bf16 otherwise scale after the matmul (one scale per output row commutes
-    with it); fp16 dequantises (codes * x sums can overflow fp16).
+    with it), converting a big weight (an lm_head) 1024 rows at a time; fp16 dequantises (codes * x
+    sums can overflow fp16). Why, with timings: bench/results/int_linear.md.
     """
     if q.mode == "affine" and zero_point is None and q.bits == 8 and q.granularity == "channel" and q.axis in (0, -2) and codes.dtype == torch.int8:
         k, rows = x.shape[-1], x.numel() // max(x.shape[-1], 1)
@@ -260,24 +259,6 @@ def _int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_
     return F.linear(x, w)
 
 
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except ImportError:                                              # transformers is optional for slc.nn
-        return None
-
-
-def dense_weight_of(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of an nn.Linear or a transformers Conv1D (whose weight is (in, out))."""
-    conv1d = _conv1d_class()
-    if isinstance(layer, nn.Linear):
-        return layer.weight.detach()
-    if conv1d is not None and isinstance(layer, conv1d):
-        return layer.weight.detach().T
-    raise TypeError(f"expected torch.nn.Linear or transformers Conv1D, got {type(layer).__name__}")
-
-
 class CompressedLinear(nn.Module):
     """A Linear layer whose weight is held compressed (see the module docstring for the kinds).
 
@@ -294,8 +275,9 @@ class CompressedLinear(nn.Module):
         self.meta = meta                                            # JSON-able: kind, shape, dtype, quantizers, buffer layout
         self.kind = meta["kind"]
         self.in_features, self.out_features = meta["in_features"], meta["out_features"]
-        self.quantizer = None if meta.get("quantizer") is None else Quantizer(**meta["quantizer"])
-        self.factor_quantizer = None if meta.get("factor_quantizer") is None else Quantizer(**meta["factor_quantizer"])
+        self.quantizer = None if meta.get("quantizer") is None else Quantizer.from_dict(meta["quantizer"])
+        fq = meta.get("factor_quantizer")
+        self.factor_quantizer = None if fq is None else Quantizer.from_dict(fq)
         self.register_buffer("bias", None)
         for name, t in buffers.items():
             self.register_buffer(name, t)
@@ -319,41 +301,61 @@ class CompressedLinear(nn.Module):
         w = dense_weight_of(layer)                                  # (out, in)
         if w.device.type == "meta":
             raise ValueError("the layer's weight is on the meta device (no data); load real weights first")
-        out_f, in_f = w.shape
-        meta = {"kind": spec.kind, "in_features": in_f, "out_features": out_f, "dtype": dtype_name(w.dtype),
-                "spec": spec.to_dict(), "quantizer": None, "factor_quantizer": None}
         if x_cov is not None and spec.kind != "lowrank":
             raise ValueError(f"x_cov only applies to kind='lowrank' (this spec has kind={spec.kind!r})")
-        if spec.kind == "quantized":
-            qt = spec.quantizer.quantize(w)
-            meta["quantizer"] = _quantizer_dict(spec.quantizer)
-            buffers = _codes_buffers(qt)
-        elif spec.kind == "entropy":
-            ct = CompressedTensor.compress(w.cpu(), spec.quantizer, predictor=spec.predictor)
-            meta["quantizer"] = _quantizer_dict(spec.quantizer)
-            meta["tensor"] = ct.meta
-            buffers = {k: v.to(w.device) for k, v in ct.buffers().items()}
-        else:
-            lr = low_rank(w, rank=spec.rank, energy=spec.energy, error=spec.error, x_cov=x_cov)
-            meta.update(rank=lr.rank, whitened=lr.whitened, factor_quantizer=_quantizer_dict(spec.factor_quantizer))
-            buffers = {"s": lr.S}
-            if spec.factor_quantizer is None:
-                buffers.update(vh=lr.Vh.to(w.dtype), ut=lr.U.T.contiguous().to(w.dtype))
-            else:
-                ut_q, vh_q = quantize_factors(lr, spec.factor_quantizer)
-                buffers.update(_codes_buffers(vh_q, "vh_"))
-                buffers.update(_codes_buffers(ut_q, "ut_"))
         bias = getattr(layer, "bias", None)
+        if spec.kind != "lowrank":                                  # the rANS coder works on CPU arrays
+            qt = spec.quantizer.quantize(w.cpu() if spec.kind == "entropy" else w)
+            return cls.from_quantized(qt, spec, bias, device=w.device)
+        lr = low_rank(w, rank=spec.rank, energy=spec.energy, error=spec.error, x_cov=x_cov)
+        meta = _layer_meta(spec.kind, spec, tuple(w.shape), w.dtype)
+        meta.update(rank=lr.rank, whitened=lr.whitened, factor_quantizer=_quantizer_dict(spec.factor_quantizer))
+        buffers = {"s": lr.S}
+        if spec.factor_quantizer is None:
+            buffers.update(vh=lr.Vh.to(w.dtype), ut=lr.U.T.contiguous().to(w.dtype))
+        else:
+            ut_q, vh_q = quantize_factors(lr, spec.factor_quantizer)
+            buffers.update(_codes_buffers(vh_q, "vh_"))
+            buffers.update(_codes_buffers(ut_q, "ut_"))
+        return cls._assemble(meta, buffers, bias, spec.cache)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, spec: LinearSpec | None = None, bias: torch.Tensor | None = None,
+                       device=None) -> "CompressedLinear":
+        """A quantized or entropy layer from codes already chosen, e.g. by `slc.gptq.gptq`.
+
+        qt: the (out, in) weight on `spec.quantizer`'s grid (default spec: kind "entropy" with qt's quantizer);
+        bias is copied; buffers go to `device` (default: where qt's codes are)."""
+        spec = spec or LinearSpec("entropy", qt.quantizer)
+        if not isinstance(spec, LinearSpec) or spec.kind == "lowrank":
+            raise ValueError("from_quantized takes a LinearSpec of kind 'quantized' or 'entropy'")
+        if qt.quantizer != spec.quantizer:
+            raise ValueError(f"codes are on {qt.quantizer.describe()} but the spec says {spec.quantizer.describe()}")
+        if len(qt.original_shape) != 2:
+            raise ValueError(f"a linear weight is (out, in), got shape {qt.original_shape}")
+        device = qt.codes.device if device is None else device
+        meta = _layer_meta(spec.kind, spec, qt.original_shape, qt.original_dtype)
+        meta["quantizer"] = _quantizer_dict(spec.quantizer)
+        if spec.kind == "quantized":
+            buffers = {k: v.to(device) for k, v in _codes_buffers(qt).items()}
+        else:
+            ct = CompressedTensor.from_quantized(qt, predictor=spec.predictor)
+            meta["tensor"] = ct.meta
+            buffers = {k: v.to(device) for k, v in ct.buffers().items()}
+        return cls._assemble(meta, buffers, bias, spec.cache)
+
+    @classmethod
+    def _assemble(cls, meta: dict, buffers: dict, bias, cache) -> "CompressedLinear":
         if bias is not None:
             buffers["bias"] = bias.detach().clone()
         meta["buffers"] = {k: [dtype_name(v.dtype), list(v.shape)] for k, v in buffers.items()}
-        return cls(meta, buffers, cache=spec.cache)
+        return cls(meta, buffers, cache=cache)
 
     @classmethod
     def from_meta(cls, meta: dict, device="meta", cache: DecodeCache | None = None) -> "CompressedLinear":
         """An empty skeleton (buffers on `device`, default meta) to be filled by load_state_dict(assign=True)."""
         check_meta(meta)
-        buffers = {k: torch.empty(shape, dtype=_DTYPES[dt], device=device) for k, (dt, shape) in meta["buffers"].items()}
+        buffers = {k: torch.empty(shape, dtype=DTYPES[dt], device=device) for k, (dt, shape) in meta["buffers"].items()}
         return cls(meta, buffers, cache=cache)
 
     def export_meta(self) -> dict:
@@ -369,7 +371,7 @@ class CompressedLinear(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The original weight's dtype (what weight_dense() returns)."""
-        return _DTYPES[self.meta["dtype"]]
+        return DTYPES[self.meta["dtype"]]
 
     def _codes(self, prefix: str = "", q: Quantizer | None = None, shape=None) -> torch.Tensor:
         q, shape = q or self.quantizer, shape or self.shape
@@ -386,7 +388,7 @@ class CompressedLinear(nn.Module):
         names = ("words", "states", "freqs", "escapes")
         buffers = {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
         backend = "torch" if self.decode_backend == "torch" else "auto"
-        codes = decode_codes(buffers, {**self.meta["tensor"], "quantizer": self.meta["quantizer"]}, backend=backend)
+        codes = decode_codes(buffers, self.meta["tensor"], backend=backend, quantizer=self.quantizer)
         self.n_decodes += 1
         self.decode_seconds += time.perf_counter() - t0
         if self.cache is not None:
@@ -437,7 +439,7 @@ class CompressedLinear(nn.Module):
                                        self.quantizer.qmin, self.shape, gs)
         else:
             codes = self._decode() if self.kind == "entropy" else self._codes()
-            y = _int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)
+            y = int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     # --- sizes and printing -----------------------------------------------------------------------
@@ -495,7 +497,7 @@ class CompressedEmbedding(CompressedLinear):
     def __init__(self, meta: dict, buffers: dict[str, torch.Tensor], cache: DecodeCache | None = None):
         super().__init__(meta, buffers, cache)
         self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
-        self.out_dtype = _DTYPES[meta["dtype"]]                     # follows .to(dtype) / .half(), like nn.Embedding
+        self.out_dtype = DTYPES[meta["dtype"]]                     # follows .to(dtype) / .half(), like nn.Embedding
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: LinearSpec | None = None) -> "CompressedEmbedding":
@@ -513,12 +515,9 @@ class CompressedEmbedding(CompressedLinear):
         w = emb.weight.detach()
         if _packed(q) and w.shape[1] % 2:
             raise ValueError(f"{q.bits}-bit codes are packed two per byte: the embedding dim {w.shape[1]} must be even")
-        meta = {"kind": "embedding", "in_features": w.shape[1], "out_features": w.shape[0], "dtype": dtype_name(w.dtype),
-                "spec": spec.to_dict(), "quantizer": _quantizer_dict(q), "factor_quantizer": None,
-                "padding_idx": emb.padding_idx}
-        buffers = _codes_buffers(q.quantize(w))
-        meta["buffers"] = {k: [dtype_name(v.dtype), list(v.shape)] for k, v in buffers.items()}
-        return cls(meta, buffers)
+        meta = _layer_meta("embedding", spec, tuple(w.shape), w.dtype)
+        meta.update(quantizer=_quantizer_dict(q), padding_idx=emb.padding_idx)
+        return cls._assemble(meta, _codes_buffers(q.quantize(w)), None, None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -567,7 +566,7 @@ class TiedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embedding
-        return _int_linear(x, e._codes(), e.scale, getattr(e, "zero_point", None), e.quantizer, e.shape)
+        return int_linear(x, e._codes(), e.scale, getattr(e, "zero_point", None), e.quantizer, e.shape)
 
     def weight_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.embedding.weight_dense(dtype)
@@ -583,7 +582,7 @@ def _codes_layout(q: Quantizer, shape, prefix: str = "") -> dict:
         codes = [("int16", "int32"), list(shape)]                   # ecsq codes are as wide as they need
     else:
         codes = ["uint8" if q.scheme == "asymmetric" or _packed(q) else "int8", [(n + 1) // 2] if _packed(q) else list(shape)]
-    scale = ["float32", list(_scale_shape(q, shape))]
+    scale = ["float32", list(q.scale_shape(shape))]
     out = {prefix + "codes": codes, prefix + "scale": scale}
     if q.scheme == "asymmetric":
         out[prefix + "zero_point"] = scale
@@ -595,10 +594,10 @@ def expected_layout(meta: dict) -> dict:
     shape None = any 1-D length (the rANS words, states and table, checked when the stream is parsed)."""
     kind, shape = meta["kind"], (meta["out_features"], meta["in_features"])
     if kind in ("quantized", "embedding"):
-        out = _codes_layout(Quantizer(**meta["quantizer"]), shape)
+        out = _codes_layout(Quantizer.from_dict(meta["quantizer"]), shape)
     elif kind == "entropy":
         out = {"words": ["int16", None], "states": ["int32", None], "freqs": ["int32", None]}
-        q = Quantizer(**meta["quantizer"])
+        q = Quantizer.from_dict(meta["quantizer"])
         out.update({k: v for k, v in _codes_layout(q, shape).items() if k != "codes"})
         if q.mode == "ecsq":
             out["escapes"] = ["int32", None]                        # codes too big for the 16-bit alphabet
@@ -610,7 +609,7 @@ def expected_layout(meta: dict) -> dict:
         if meta.get("factor_quantizer") is None:
             out.update(vh=[None, [r, shape[1]]], ut=[None, [r, shape[0]]])
         else:
-            fq = Quantizer(**meta["factor_quantizer"])
+            fq = Quantizer.from_dict(meta["factor_quantizer"])
             out.update(_codes_layout(fq, (r, shape[1]), "vh_"))
             out.update(_codes_layout(fq, (r, shape[0]), "ut_"))
     if "bias" in meta["buffers"]:
@@ -630,15 +629,15 @@ def check_meta(meta) -> None:
             v = meta[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise FormatError(f"{key} must be a positive int, got {v!r}")
-        if meta["dtype"] not in _FLOATS:
-            raise FormatError(f"dtype {meta['dtype']!r} is not one of {_FLOATS}")
+        if meta["dtype"] not in FLOAT_NAMES:
+            raise FormatError(f"dtype {meta['dtype']!r} is not one of {FLOAT_NAMES}")
         if kind != "lowrank" and not isinstance(meta.get("quantizer"), dict):
             raise FormatError(f"kind {kind!r} needs a quantizer")
         for key in ("quantizer", "factor_quantizer"):           # __init__ builds both when present
             if meta.get(key) is not None:
                 if not isinstance(meta[key], dict):
                     raise FormatError(f"{key} must be a JSON object or null, got {meta[key]!r:.60}")
-                Quantizer(**meta[key])                          # TypeError / ValueError -> FormatError below
+                Quantizer.from_dict(meta[key])                  # TypeError / ValueError -> FormatError below
         if kind == "entropy" and not isinstance(meta.get("tensor"), dict):
             raise FormatError("entropy layer is missing its compressed-tensor header 'tensor'")
         if not isinstance(meta["buffers"], dict):
@@ -648,10 +647,10 @@ def check_meta(meta) -> None:
             raise FormatError(f"{kind} layer has buffers {sorted(meta['buffers'])}, expected {sorted(expected)}")
         for name, (dt, shape) in expected.items():
             got = meta["buffers"][name]
-            if not (isinstance(got, list) and len(got) == 2 and got[0] in _DTYPES and isinstance(got[1], list)
+            if not (isinstance(got, list) and len(got) == 2 and got[0] in DTYPES and isinstance(got[1], list)
                     and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in got[1])):
                 raise FormatError(f"buffer {name!r}: expected [dtype, shape], got {got!r}")
-            allowed = _FLOATS if dt is None else (dt,) if isinstance(dt, str) else dt
+            allowed = FLOAT_NAMES if dt is None else (dt,) if isinstance(dt, str) else dt
             if got[0] not in allowed:
                 raise FormatError(f"buffer {name!r} has dtype {got[0]}, expected one of {allowed}")
             if (shape is not None and got[1] != shape) or (shape is None and len(got[1]) != 1):
@@ -670,8 +669,7 @@ def validate_loaded(layer: CompressedLinear) -> None:
         if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise FormatError(f"buffer {k!r} holds NaN/Inf")
     if layer.kind == "entropy":
-        from .tensor import _check_meta
-        m = _check_meta(layer.meta["tensor"])                   # FormatError for any malformed field
+        m = check_header(layer.meta["tensor"])                   # FormatError for any malformed field
         if m["shape"] != [layer.out_features, layer.in_features] or m["quantizer_obj"] != layer.quantizer:
             raise FormatError("entropy tensor header disagrees with the layer (shape or quantizer)")
         m = layer.meta["tensor"]

@@ -5,8 +5,10 @@
 A `Quantizer` is a small validated config; `Quantizer.quantize(w)` returns a
 `QuantizedTensor` that remembers the original shape, dtype and device, so that
 `dequantize()` hands back exactly what went in (fp32 -> fp32, fp16 -> fp16,
-bf16 -> bf16). Integer codes never reach a matmul by accident: that was the dtype
-bug of the first prototype (seed 003).
+bf16 -> bf16). Integer codes never reach a matmul by accident, as they did in an earlier
+prototype (CodecLLM), which crashed with "self and mat2 must have the same dtype, but got Float
+and Char": its decompress() compared a torch dtype with numpy dtypes, so the int8 codes reached
+the matmul as if they were weights.
 
 Granularity (where one scale applies):
     tensor   one scale for the whole tensor
@@ -20,6 +22,7 @@ Modes:
             step = `step` x (the block's RMS, or absmax with reference="absmax"); codes are
             unbounded signed integers (int16, or int32 when they need it) meant for an entropy
             coder, which is where the rate is decided (see slc/ecsq.py). `bits` is ignored.
+            The grid (`quantize_blocks`) is here; rate estimates and step search are in slc.ecsq.
 
 Schemes (affine):
     symmetric   codes in [-qmax, qmax], qmax = 2**(bits-1) - 1, zero_point = 0.
@@ -36,7 +39,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .symbols import code_dtype, entropy_bits, unzigzag, zigzag
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# every dtype a stored buffer may have, by the name files use ("float32", "int8", ...)
+DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES + (torch.int8, torch.uint8, torch.int16,
+                                                                     torch.int32, torch.int64)}
+FLOAT_NAMES = tuple(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+_BASE_FIELDS = ("bits", "scheme", "granularity", "axis", "group_size")
+_ECSQ_FIELDS = ("mode", "step", "dead_zone", "reference")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32": how files name dtypes."""
+    return str(dtype).removeprefix("torch.")
 
 
 def as_float_tensor(x, what: str = "tensor") -> torch.Tensor:
@@ -57,6 +73,28 @@ def as_float_tensor(x, what: str = "tensor") -> torch.Tensor:
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{what} contains {n_bad} NaN/Inf value(s); clean the weights before quantising")
     return x
+
+
+def quantize_blocks(blocks: torch.Tensor, step: float, dead_zone: float = 0.0, reference: str = "rms"):
+    """The ECSQ grid. Blocks (..., n_per_scale) -> (integer codes int16/int32, absolute step per block (..., 1)).
+
+        step_abs = step x RMS(block) (or absmax), code = sign(w) * floor(|w| / step_abs + 1/2 - dead_zone)
+    """
+    if reference == "rms":
+        ref = blocks.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    else:
+        ref = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = ref * step
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))      # all-zero block: any step is exact
+    scale = scale.float().to(blocks.dtype)                             # the step actually stored (float32)
+    peak = float((blocks.abs().amax(dim=-1, keepdim=True) / scale).max())
+    if peak >= 2 ** 30:
+        raise ValueError(f"step={step} is too fine for this tensor: codes would reach {peak:.3g} (limit 2**30); "
+                         "use a larger step or a finer granularity")
+    x = blocks if peak < 2 ** 22 else blocks.double()                  # keep |w| / step exact to << 1 code
+    mag = torch.floor(x.abs() / scale.to(x.dtype) + (0.5 - dead_zone)).clamp_min_(0)
+    codes = torch.copysign(mag, x)
+    return codes.to(torch.int16 if peak < 2 ** 15 - 1 else torch.int32), scale
 
 
 @dataclass(frozen=True)
@@ -132,7 +170,30 @@ class Quantizer:
             return f"ecsq/step{self.step:g}{ref}{dz}/{g}"
         return f"int{self.bits}/{self.scheme[:3]}/{g}"
 
-    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+    # --- serialisation ---------------------------------------------------------------------------
+    def to_dict(self, compact: bool = False) -> dict:
+        """JSON-able fields. compact=True (the compressed-tensor header): the ecsq fields only for ecsq."""
+        d = {k: getattr(self, k) for k in _BASE_FIELDS + _ECSQ_FIELDS}
+        if compact and self.mode != "ecsq":
+            d = {k: d[k] for k in _BASE_FIELDS}
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "Quantizer":
+        """Inverse of to_dict (either form); TypeError / ValueError name what is wrong."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a quantizer is a JSON object, got {type(d).__name__}")
+        unknown = set(d) - set(_BASE_FIELDS + _ECSQ_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown quantizer fields {sorted(unknown)}")
+        return cls(**d)
+
+    # --- blocks: where each scale applies ----------------------------------------------------------
+    def scale_shape(self, shape) -> tuple:
+        """Shape of the scale tensor `quantize` makes for a weight of `shape` (no data touched)."""
+        return tuple(self.blocks(torch.empty(tuple(shape), device="meta")).shape[:-1]) + (1,)
+
+    def blocks(self, w: torch.Tensor) -> torch.Tensor:
         """View w so that each scale owns one row of the last dim: (..., n_per_scale)."""
         if self.granularity == "tensor":
             return w.reshape(1, -1)
@@ -148,7 +209,8 @@ class Quantizer:
                              f"of shape {tuple(w.shape)}; pick a divisor of {n_in}")
         return w.reshape(-1, n_in // self.group_size, self.group_size)
 
-    def _unblock(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def unblock(self, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of blocks."""
         if self.granularity == "channel":
             moved = list(shape)
             moved.insert(0, moved.pop(self.axis))
@@ -159,11 +221,10 @@ class Quantizer:
         """Quantise a float tensor (torch or numpy). Codes stay on the input's device."""
         w = as_float_tensor(w, "weight")
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        blocks = self._blocks(w.to(compute))                                   # (..., n_per_scale)
+        blocks = self.blocks(w.to(compute))                                    # (..., n_per_scale)
         if self.mode == "ecsq":
-            from .ecsq import quantize_blocks
             codes, scale = quantize_blocks(blocks, self.step, self.dead_zone, self.reference)
-            return QuantizedTensor(codes=self._unblock(codes, w.shape), scale=scale.float(), zero_point=None,
+            return QuantizedTensor(codes=self.unblock(codes, w.shape), scale=scale.float(), zero_point=None,
                                    quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)
         if self.scheme == "symmetric":
             absmax = blocks.abs().amax(dim=-1, keepdim=True)
@@ -178,8 +239,8 @@ class Quantizer:
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             zero_point = -lo / scale                                           # float zero point: lo maps to code 0 exactly
             codes = torch.round(blocks / scale + zero_point).clamp_(0, self.qmax)
-        code_dtype = torch.uint8 if self.scheme == "asymmetric" else torch.int8
-        codes = self._unblock(codes.to(code_dtype), w.shape)
+        stored = torch.uint8 if self.scheme == "asymmetric" else torch.int8
+        codes = self.unblock(codes.to(stored), w.shape)
         return QuantizedTensor(
             codes=codes, scale=scale.float(), zero_point=None if zero_point is None else zero_point.float(),
             quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)
@@ -227,33 +288,32 @@ class QuantizedTensor:
             codes, scale = codes.to(device), scale.to(device)
             zp = None if zp is None else zp.to(device)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        blocks = self.quantizer._blocks(codes.to(compute))
+        blocks = self.quantizer.blocks(codes.to(compute))
         if zp is not None:
             blocks = blocks - zp.to(compute)
         w = blocks * scale.to(compute)
-        return self.quantizer._unblock(w, torch.Size(self.original_shape)).to(dtype)
+        return self.quantizer.unblock(w, torch.Size(self.original_shape)).to(dtype)
 
     def max_error(self) -> torch.Tensor:
         """Per-weight bound on |w - dequantize()|: half a step, (0.5 + dead_zone) steps for ecsq."""
         half = self.scale * (0.5 + self.quantizer.dead_zone)
-        return self.quantizer._unblock(half.expand(self.quantizer._blocks(self.codes).shape), torch.Size(self.original_shape))
+        q = self.quantizer
+        return q.unblock(half.expand(q.blocks(self.codes).shape), torch.Size(self.original_shape))
 
     # --- symbols for the entropy coder: codes shifted to start at 0 ------------------------------
     def symbols(self) -> np.ndarray:
         """Codes as non-negative uint16 symbols in [0, 2**bits), row-major (ecsq: zig-zag, uint32)."""
         if self.quantizer.mode == "ecsq":
-            from .ecsq import zigzag
             return zigzag(self.codes.detach().cpu().reshape(-1).numpy())
         return (self.codes.detach().cpu().reshape(-1).numpy().astype(np.int16) - self.quantizer.qmin).astype(np.uint16)
 
     @staticmethod
     def codes_from_symbols(symbols: np.ndarray, quantizer: Quantizer, shape) -> torch.Tensor:
         if quantizer.mode == "ecsq":
-            from .ecsq import code_dtype, unzigzag
             codes = unzigzag(symbols)
             return torch.from_numpy(codes.astype(code_dtype(codes)).reshape(shape))
-        code_dtype = np.uint8 if quantizer.scheme == "asymmetric" else np.int8
-        codes = (symbols.astype(np.int16) + quantizer.qmin).astype(code_dtype)
+        dtype = np.uint8 if quantizer.scheme == "asymmetric" else np.int8
+        codes = (symbols.astype(np.int16) + quantizer.qmin).astype(dtype)
         return torch.from_numpy(codes.reshape(shape))
 
     @property
@@ -273,7 +333,6 @@ class QuantizedTensor:
         ecsq codes have no fixed width: this is their order-0 entropy + scale overhead, the rate an
         ideal entropy coder reaches (CompressedTensor.bits_per_weight is the real, all-in figure)."""
         if self.quantizer.mode == "ecsq":
-            from .ecsq import entropy_bits
             return entropy_bits(self.symbols()) / self.numel + 8 * self.scale_nbytes / self.numel
         return self.bits + 8 * self.scale_nbytes / self.numel
 

@@ -90,7 +90,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from slc.errors import FormatError
+from .errors import FormatError
 
 # ----------------------------------------------------------------------------
 # constants
@@ -171,13 +171,6 @@ def count_symbols(symbols) -> np.ndarray:
     if sym.size == 0:
         return np.zeros(0, dtype=np.int64)
     return _count_kernel(sym, int(sym.max()) + 1)
-
-
-def entropy_bits(symbols) -> float:
-    """Order-0 empirical entropy of the array, in total bits (the bound any order-0 coder pays)."""
-    counts = count_symbols(symbols)
-    c = counts[counts > 0].astype(np.float64)
-    return float(-(c * np.log2(c / c.sum())).sum())
 
 
 def build_freqs(counts: np.ndarray, scale_bits: int) -> np.ndarray:
@@ -811,8 +804,3 @@ def decode_torch(words, states, freqs, n_symbols: int, lanes: int, scale_bits: i
         ptr = ptr + need.sum()
     _check_end(x.cpu().numpy(), int(ptr), n_words)
     return out.reshape(-1)[:n_symbols]
-
-
-def stream_nbytes(stream: RansStream) -> int:
-    """Size in bytes of stream.to_bytes(), without building it."""
-    return stream.nbytes

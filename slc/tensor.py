@@ -13,13 +13,15 @@ Predictors turn codes into residuals that may be cheaper to code:
     auto  whichever of the two has the lower order-0 entropy on this tensor; the entropies
           compared are kept in `predictor_entropies` so the choice can be shown, not assumed.
 On real int8 weights `left` usually *raises* the entropy (neighbouring weights are
-nearly independent), despite what the first prototype claimed; `auto` keeps `none`.
+nearly independent), although an earlier prototype (CodecLLM) credited LEFT for its 1.6-3.5x
+per-layer compression on TinyLlama without ever comparing it with no predictor; `auto` keeps `none`. The predictors and the
+symbol mappings themselves live in slc.symbols.
 
 Three modes share this class's interface (buffers / meta / bytes / decompress):
     affine    Quantizer(bits=...): codes in [0, 2**bits) are the rANS symbols (format v1).
     ecsq      Quantizer(mode="ecsq", step=...): unbounded signed codes, zig-zag mapped, with an
               escape symbol for the rare codes beyond the alphabet; the escaped codes are kept
-              apart as int32 (`escapes`), so the stream is exact (format v2, see slc/ecsq.py).
+              apart as int32 (`escapes`), so the stream is exact (format v2, see slc/symbols.py).
     lossless  compress(t, lossless=True) returns a `slc.lossless.LosslessTensor`: exponent and
               sign+mantissa planes of the float bits, exact bit for bit (format v3).
 
@@ -38,56 +40,20 @@ import torch
 
 from . import rans
 from .errors import FormatError
-from .quant import FLOAT_DTYPES, QuantizedTensor, Quantizer, as_float_tensor
+from .lossless import VERSION as VERSION_LOSSLESS
+from .lossless import LosslessTensor
+from .lossless import decompress_buffers as lossless_decompress
+from .quant import FLOAT_DTYPES, QuantizedTensor, Quantizer, as_float_tensor, dtype_name
+from .symbols import (PREDICTORS, apply_predictor, code_dtype, entropy_bits, join_escapes, split_escapes,
+                      undo_predictor, zigzag)
 
-PREDICTORS = ("none", "left")
 MAGIC = b"SLCT"
 VERSION = 1              # affine codes
 VERSION_ECSQ = 2         # v1 + an escapes field (int32 codes of escaped symbols)
-VERSION_LOSSLESS = 3     # slc.lossless.LosslessTensor
 MAX_NUMEL = 2 ** 31 - 1
-_DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _rows(n: int, shape) -> tuple[int, int]:
-    """Codes are predicted along the last dimension: (rows, row length)."""
-    row = shape[-1] if len(shape) else 1
-    return (n // row if row else 0), row
-
-
-def apply_predictor(symbols: np.ndarray, name: str, bits: int, shape) -> np.ndarray:
-    """Codes -> residual symbols for predictor `name` (exactly invertible by `undo_predictor`)."""
-    if name == "none":
-        return symbols
-    rows, row = _rows(symbols.size, shape)
-    s = symbols.reshape(rows, row).astype(np.int32)
-    r = s.copy()
-    r[:, 1:] = (s[:, 1:] - s[:, :-1]) & ((1 << bits) - 1)     # r = (s - left) mod 2**bits
-    return r.reshape(-1).astype(np.uint16)
-
-
-def undo_predictor(residuals, name: str, bits: int, shape):
-    """Residual symbols -> codes (numpy array or torch tensor, on any device)."""
-    if name == "none":
-        return residuals
-    rows, row = _rows(residuals.shape[0], shape)
-    mask = (1 << bits) - 1
-    if isinstance(residuals, torch.Tensor):
-        return (residuals.reshape(rows, row).to(torch.int64).cumsum(dim=1) & mask).reshape(-1)
-    return (residuals.reshape(rows, row).astype(np.int64).cumsum(axis=1) & mask).reshape(-1).astype(np.uint16)
-
-
-def order0_bits(symbols: np.ndarray) -> float:
-    """Order-0 empirical entropy of `symbols`, in total bits."""
-    if symbols.size == 0:
-        return 0.0
-    counts = np.bincount(symbols.reshape(-1)).astype(np.float64)
-    p = counts[counts > 0] / symbols.size
-    return float(-(counts[counts > 0] * np.log2(p)).sum())
+_DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}
+_HEADER_FIELDS = {"bits", "scheme", "granularity", "axis", "group_size"}
+_ECSQ_HEADER_FIELDS = _HEADER_FIELDS | {"mode", "step", "dead_zone", "reference"}
 
 
 @dataclass
@@ -130,7 +96,6 @@ class CompressedTensor:
         if lossless:
             if quantizer is not None:
                 raise ValueError("lossless=True keeps every bit: it takes no quantizer (drop one of the two)")
-            from .lossless import LosslessTensor
             return LosslessTensor.compress(tensor, backend=backend)
         quantizer = quantizer or Quantizer()
         if not isinstance(quantizer, Quantizer):
@@ -152,7 +117,7 @@ class CompressedTensor:
         bits, shape = qt.bits, qt.original_shape
         candidates = PREDICTORS if predictor == "auto" else (predictor,)
         residuals = {p: apply_predictor(codes, p, bits, shape) for p in candidates}
-        entropies = {p: order0_bits(r) / max(codes.size, 1) for p, r in residuals.items()}
+        entropies = {p: entropy_bits(r) / max(codes.size, 1) for p, r in residuals.items()}
         chosen = min(entropies, key=entropies.get)       # ties keep "none" (listed first)
         stream = rans.encode_stream(residuals[chosen], scale_bits=scale_bits, backend=backend)
         return cls(stream, qt.scale.detach().cpu(), None if qt.zero_point is None else qt.zero_point.detach().cpu(),
@@ -160,13 +125,12 @@ class CompressedTensor:
 
     @classmethod
     def _from_ecsq(cls, qt: QuantizedTensor, predictor: str, backend: str, scale_bits) -> "CompressedTensor":
-        from .ecsq import split_escapes
         if predictor not in ("auto", "none"):
             raise ValueError(f"predictor={predictor!r} is for affine codes; ecsq codes are coded as they are "
                              "(use predictor='none' or 'auto')")
         sym, E, esc = split_escapes(qt.codes.detach().cpu().reshape(-1).numpy())
         stream = rans.encode_stream(sym, scale_bits=scale_bits, backend=backend)
-        entropies = {"none": order0_bits(sym) / max(sym.size, 1)}
+        entropies = {"none": entropy_bits(sym) / max(sym.size, 1)}
         return cls(stream, qt.scale.detach().cpu(), None, qt.quantizer, tuple(qt.original_shape),
                    qt.original_dtype, "none", entropies, torch.from_numpy(esc), E)
 
@@ -174,7 +138,6 @@ class CompressedTensor:
     def codes(self, backend: str = "fast") -> np.ndarray:
         """The quantiser's codes as uint16 symbols in [0, 2**bits), row-major (ecsq: zig-zag, uint32)."""
         if self.quantizer.mode == "ecsq":
-            from .ecsq import join_escapes, zigzag
             sym = rans.decode_stream(self.stream, backend=backend)
             return zigzag(join_escapes(sym, self.escape_symbol, self.escapes.numpy()))
         residuals = rans.decode_stream(self.stream, backend=backend)
@@ -247,15 +210,12 @@ class CompressedTensor:
     def meta(self) -> dict:
         """JSON-able description: together with buffers() it is the whole tensor."""
         q = self.quantizer
-        qd = {"bits": q.bits, "scheme": q.scheme, "granularity": q.granularity, "axis": q.axis,
-              "group_size": q.group_size}
         extra = {}
         if q.mode == "ecsq":
-            qd.update(mode=q.mode, step=q.step, dead_zone=q.dead_zone, reference=q.reference)
             extra = {"escape_symbol": int(self.escape_symbol), "n_escapes": int(self.escapes.numel())}
         return {
             "shape": list(self.original_shape), "dtype": dtype_name(self.original_dtype),
-            "quantizer": qd,
+            "quantizer": q.to_dict(compact=True),
             "predictor": self.predictor, "predictor_entropies": self.predictor_entropies,
             "n_symbols": int(self.stream.n_symbols), "lanes": int(self.stream.lanes),
             "scale_bits": int(self.stream.scale_bits), **extra,
@@ -265,9 +225,8 @@ class CompressedTensor:
     def from_buffers(cls, buffers: dict[str, torch.Tensor], meta: dict) -> "CompressedTensor":
         """Inverse of (buffers(), meta); validates everything (raises FormatError)."""
         if isinstance(meta, dict) and meta.get("mode") == "lossless":
-            from .lossless import LosslessTensor
             return LosslessTensor.from_buffers(buffers, meta)
-        m = _check_meta(meta)
+        m = check_header(meta)
         b = {k: v.detach().cpu() for k, v in buffers.items()}
         for key in ("words", "states", "freqs", "scale"):
             if key not in b:
@@ -326,7 +285,6 @@ class CompressedTensor:
             raise FormatError("compressed tensor checksum mismatch: the bytes are corrupt or truncated")
         version, hlen = struct.unpack_from("<BI", data, 4)
         if version == VERSION_LOSSLESS:
-            from .lossless import LosslessTensor
             return LosslessTensor.from_bytes(data)
         if version not in (VERSION, VERSION_ECSQ):
             raise FormatError(f"compressed tensor format version {version} is not supported "
@@ -356,7 +314,7 @@ class CompressedTensor:
             raise FormatError(f"compressed tensor has {end - pos} unexpected trailing bytes")
         if len(scale) % 4 or len(zp) % 4 or (esc is not None and len(esc) % 4):
             raise FormatError("scale / zero_point / escapes byte length is not a multiple of 4")
-        m = _check_meta(meta)
+        m = check_header(meta)
         if (m["quantizer_obj"].mode == "ecsq") != (version == VERSION_ECSQ):
             raise FormatError(f"format version {version} does not match quantizer mode {m['quantizer_obj'].mode!r}")
         stream = rans.RansStream.from_bytes(stream_bytes)
@@ -373,7 +331,7 @@ class CompressedTensor:
         if esc is not None:
             buffers["escapes"] = torch.from_numpy(np.frombuffer(esc, dtype="<i4").astype(np.int32))
         q = m["quantizer_obj"]
-        shape = _scale_shape(q, m["shape"])
+        shape = q.scale_shape(m["shape"])
         for key in ("scale", "zero_point"):
             if key in buffers:
                 if buffers[key].numel() != int(np.prod(shape)):
@@ -383,14 +341,8 @@ class CompressedTensor:
         return cls.from_buffers(buffers, meta)
 
 
-def _scale_shape(q: Quantizer, shape) -> tuple:
-    """Shape of the scale tensor Quantizer.quantize makes for a weight of `shape`."""
-    probe = torch.empty(tuple(shape), device="meta")
-    return tuple(q._blocks(probe).shape[:-1]) + (1,)
-
-
 def _check_scales(scale: torch.Tensor, zp, q: Quantizer, shape) -> None:
-    expected = _scale_shape(q, shape)
+    expected = q.scale_shape(shape)
     if tuple(scale.shape) != expected:
         raise FormatError(f"scale has shape {tuple(scale.shape)}, expected {expected} for {q.describe()}")
     if scale.dtype != torch.float32 or not bool(torch.isfinite(scale).all()):
@@ -401,8 +353,9 @@ def _check_scales(scale: torch.Tensor, zp, q: Quantizer, shape) -> None:
         raise FormatError(f"zero_point must be finite with shape {expected}")
 
 
-def _check_meta(meta) -> dict:
-    """Validate a compressed tensor's JSON header; returns it with a built Quantizer."""
+def check_header(meta) -> dict:
+    """Validate a compressed tensor's JSON header (its `meta`); returns it with the built Quantizer
+    under "quantizer_obj". Raises FormatError naming the bad field."""
     if not isinstance(meta, dict):
         raise FormatError("compressed tensor header must be a JSON object")
     try:
@@ -416,11 +369,10 @@ def _check_meta(meta) -> dict:
         if meta["predictor"] not in PREDICTORS:
             raise FormatError(f"unknown predictor {meta['predictor']!r}")
         qd = meta["quantizer"]
-        base = {"bits", "scheme", "granularity", "axis", "group_size"}
-        if not isinstance(qd, dict) or set(qd) not in (base, base | {"mode", "step", "dead_zone", "reference"}):
+        if not isinstance(qd, dict) or set(qd) not in (_HEADER_FIELDS, _ECSQ_HEADER_FIELDS):
             raise FormatError(f"quantizer must have fields bits, scheme, granularity, axis, group_size "
                               f"(+ mode, step, dead_zone, reference for ecsq); got {qd!r}")
-        q = Quantizer(**qd)
+        q = Quantizer.from_dict(qd)
         if q.mode == "ecsq":
             for key in ("escape_symbol", "n_escapes"):
                 if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
@@ -429,7 +381,7 @@ def _check_meta(meta) -> dict:
                 raise FormatError(f"escape_symbol {meta['escape_symbol']} is not a 16-bit symbol")
             if meta["predictor"] != "none":
                 raise FormatError("ecsq codes take no predictor")
-        q._blocks(torch.empty(tuple(shape), device="meta"))          # axis / group size fit the shape
+        q.scale_shape(shape)                                          # axis / group size fit the shape
         for key in ("n_symbols", "lanes", "scale_bits"):
             if not isinstance(meta[key], int) or isinstance(meta[key], bool):
                 raise FormatError(f"{key} must be an int")
@@ -453,16 +405,18 @@ def _check_meta(meta) -> dict:
     return {**meta, "quantizer_obj": q}
 
 
-def decode_codes(buffers: dict[str, torch.Tensor], meta: dict, device=None, backend: str = "auto") -> torch.Tensor:
+def decode_codes(buffers: dict[str, torch.Tensor], meta: dict, device=None, backend: str = "auto",
+                 quantizer: Quantizer | None = None) -> torch.Tensor:
     """The integer codes of a quantized CompressedTensor, decoded from its buffers on `device`.
 
     backend "auto": numba on CPU, the torch decoder elsewhere (e.g. CUDA, where the words live);
     "torch": the torch decoder everywhere (the CUDA path, testable on CPU). Codes come back in the
     storage dtype of QuantizedTensor: int8 (symmetric) / uint8 (asymmetric), int16/int32 for ecsq.
+    `quantizer`: meta["quantizer"] already parsed (a CompressedLinear parses it once, at load).
     """
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    q = Quantizer(**meta["quantizer"])
+    q = quantizer or Quantizer.from_dict(meta["quantizer"])
     shape = tuple(meta["shape"])
     words = buffers["words"]
     device = torch.device(device) if device is not None else words.device
@@ -473,14 +427,12 @@ def decode_codes(buffers: dict[str, torch.Tensor], meta: dict, device=None, back
                                  words=words.numpy().view(np.uint16))
         sym = rans.decode_stream(stream, backend="fast")
         if q.mode == "ecsq":
-            from .ecsq import code_dtype, join_escapes
             codes = join_escapes(sym, meta["escape_symbol"], buffers["escapes"].numpy())
             return torch.from_numpy(codes.astype(code_dtype(codes)).reshape(shape))
         return QuantizedTensor.codes_from_symbols(undo_predictor(sym, meta["predictor"], q.bits, shape), q, shape)
     b = {k: buffers[k].to(device) for k in ("words", "states", "freqs")}
     sym = rans.decode_torch(b["words"], b["states"], b["freqs"], meta["n_symbols"], meta["lanes"], meta["scale_bits"])
     if q.mode == "ecsq":
-        from .ecsq import join_escapes
         codes = join_escapes(sym, meta["escape_symbol"], buffers["escapes"].to(device))
         big = codes.numel() and (int(codes.min()) < -2 ** 15 or int(codes.max()) >= 2 ** 15)
         return codes.to(torch.int32 if big else torch.int16).reshape(shape)
@@ -494,13 +446,12 @@ def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None,
     This is the low-memory path: between uses only the coded words live on the device.
     """
     if meta.get("mode") == "lossless":
-        from .lossless import decompress_buffers as lossless_decompress
         return lossless_decompress(buffers, meta, dtype, device)
-    q = Quantizer(**meta["quantizer"])
+    q = Quantizer.from_dict(meta["quantizer"])
     shape = tuple(meta["shape"])
     dtype = dtype or _DTYPES[meta["dtype"]]
     device = torch.device(device) if device is not None else buffers["words"].device
-    codes = decode_codes(buffers, meta, device)
+    codes = decode_codes(buffers, meta, device, quantizer=q)
     zp = buffers.get("zero_point")
     qt = QuantizedTensor(codes, buffers["scale"].to(device), None if zp is None else zp.to(device), q, shape, dtype)
     return qt.dequantize(dtype=dtype, device=device)

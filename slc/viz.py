@@ -22,6 +22,19 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
+from . import gguf_peers, metrics
+from .compress import compress_model
+from .factors import choose_rank, low_rank, quantize_factors
+from .hf import dense_weight_of
+from .lowrank import uniform_ranks  # re-exported: the notebooks call viz.uniform_ranks
+from .models import weight_kind
+from .nn import CompressedLinear, LinearSpec
+from .quant import Quantizer
+from .symbols import entropy_bits
+from .tensor import CompressedTensor
+
+__all__ = ["uniform_ranks"]  # and every public function below
+
 # ----------------------------------------------------------------------------
 # plotly set-up: small stored outputs
 
@@ -101,8 +114,6 @@ def predictor_rows(weights: dict[str, torch.Tensor], quantizer=None) -> list[dic
 
     Uses CompressedTensor.compress(predictor="auto"), which measures both and keeps the cheaper.
     """
-    from .models import weight_kind
-    from .tensor import CompressedTensor
 
     rows = []
     for name, w in weights.items():
@@ -154,7 +165,6 @@ def codec_sizes(qt, zstd_level: int = 19) -> dict[str, int]:
     """
     import zstandard
 
-    from .tensor import CompressedTensor, order0_bits
 
     raw = qt.codes.detach().cpu().contiguous().numpy().astype(np.int8 if qt.quantizer.scheme == "symmetric" else np.uint8).tobytes()
     ct = CompressedTensor.from_quantized(qt, predictor="auto")
@@ -164,7 +174,7 @@ def codec_sizes(qt, zstd_level: int = 19) -> dict[str, int]:
         "int8 codes": len(raw),
         f"zstd-{zstd_level}": len(zstandard.ZstdCompressor(level=zstd_level).compress(raw)),
         "lzma": len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)),
-        "entropy bound": math.ceil(order0_bits(qt.symbols()) / 8),
+        "entropy bound": math.ceil(entropy_bits(qt.symbols()) / 8),
         "rANS stream": ct.coded_bits // 8,
         "slc file": ct.nbytes,
     }
@@ -209,18 +219,6 @@ def pooled(a, cells: int = MAX_HEATMAP_CELLS, reduce: str = "mean") -> np.ndarra
     return out.astype(np.float32)
 
 
-def error_heatmap(err, title: str = "|error|, pooled", colorscale: str = "Viridis") -> go.Figure:
-    """Heat map of |err| (a 2-D weight-shaped array), pooled to a small grid."""
-    e = np.abs(_f32(err))
-    p = pooled(e)
-    fig = go.Figure(go.Heatmap(z=p, colorscale=colorscale, colorbar=dict(title="|err|"),
-                               hovertemplate="block row %{y}, col %{x}: %{z:.3g}<extra></extra>"))
-    fig.update_layout(title=title, height=380, xaxis_title=f"input (pooled x{math.ceil(e.shape[1] / p.shape[1])})",
-                      yaxis_title=f"output (pooled x{math.ceil(e.shape[0] / p.shape[0])})")
-    fig.update_yaxes(autorange="reversed")
-    return fig
-
-
 def spectrum_figure(spectra: dict[str, np.ndarray], title: str = "Singular values", normalise: bool = True,
                     marks: dict[str, int] | None = None) -> go.Figure:
     """Singular-value spectra (one line each), optionally normalised by the largest; vertical marks at ranks."""
@@ -245,8 +243,6 @@ GROUPS = (("per channel", None), ("group 32", 32), ("group 64", 64), ("group 128
 
 def layer_spec(storage: str = "entropy", bits: int = 8, group_size: int | None = None, rank: int = 64):
     """The LinearSpec the explorer's controls describe (lowrank factors quantised to `bits`, one scale per vector)."""
-    from .nn import LinearSpec
-    from .quant import Quantizer
 
     q = Quantizer(bits, granularity="group" if group_size else "channel", group_size=group_size)
     if storage == "lowrank":
@@ -260,9 +256,6 @@ def evaluate_layer(layer, x: torch.Tensor, spec, detail: bool = True) -> dict:
     Returns the compressed layer, its effective weight and error, summary numbers and, with
     `detail`, the integer codes it stores (the factors' codes for lowrank) and per-token cosines.
     """
-    from . import metrics
-    from .lowrank import low_rank, quantize_factors
-    from .nn import CompressedLinear
 
     w = layer.weight.detach()
     cl = CompressedLinear.from_linear(layer, spec)
@@ -292,7 +285,6 @@ def singular_values(w: torch.Tensor) -> np.ndarray:
 
 def overview_rows(layers: dict, inputs: dict, specs: dict) -> list[dict]:
     """Every layer under every named spec: bits/weight, weight error, output cosine and SNR on real inputs."""
-    from .models import weight_kind
 
     rows = []
     for name, layer in layers.items():
@@ -510,7 +502,6 @@ def curve_figure(rows: list[dict], x: str, y: str, by: str, title: str, log_y: b
     return fig
 
 
-from .lowrank import uniform_ranks  # noqa: E402  (re-exported: the notebooks call viz.uniform_ranks)
 
 
 def rank_figure(ranks: dict[str, dict[str, int]], title: str = "Rank given to each layer") -> go.Figure:
@@ -541,7 +532,6 @@ def tradeoff_figure(rows: list[dict], x: str = "bits/weight", y: str = "perplexi
 def spectrum_rows(spectra: dict[str, np.ndarray], kinds: dict[str, list[str]]) -> list[dict]:
     """Per layer kind (medians over its layers): share of energy in the top quarter of σ, and the
     rank that keeps 90 % of the energy as a fraction of the full rank."""
-    from .lowrank import choose_rank
 
     rows = []
     for kind, names in kinds.items():
@@ -657,9 +647,6 @@ def frontier_point(reference, tokenizer, config, name: str) -> dict:
     `reference` (slc.metrics.embedding_cosine)."""
     import copy
 
-    from . import gguf_peers, metrics
-    from .model import compress_model
-    from .nn import CompressedLinear, dense_weight_of
 
     model = copy.deepcopy(reference)
     if isinstance(config, str):
@@ -683,7 +670,6 @@ def frontier_point(reference, tokenizer, config, name: str) -> dict:
 def lossless_rows(model, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     """The whole state dict cast to each dtype and stored with CompressedTensor.compress(lossless=True):
     bytes before / after, ratio, and whether every tensor decodes bit for bit."""
-    from .tensor import CompressedTensor
 
     rows = []
     for dtype in dtypes:

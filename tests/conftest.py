@@ -7,6 +7,15 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: LAPACK with 2 OpenMP threads on a busy 2-core machine runs SVDs
+    10-30x slower than with 1. Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 @pytest.fixture(scope="session")
 def minilm_weights():

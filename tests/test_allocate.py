@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from slc.allocate import Allocation, Point, allocate, layer_stats, rd_points, solve, target_layers
+from slc.allocate import Allocation, allocate, rd_points
+from slc.calibrate import layer_stats
+from slc.hf import target_layers
+from slc.lagrange import Point, solve
 from slc.ecsq import sweep
-from slc.model import compress_model
+from slc.compress import compress_model
 from slc.models import tiny_model
 from slc.nn import LinearSpec
 from slc import Quantizer
@@ -65,7 +68,7 @@ def test_output_error_counts_important_inputs():
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     x_sq = torch.zeros(16, dtype=torch.float64)
     x_sq[3] = 1.0
-    from slc.allocate import LayerStats
+    from slc.calibrate import LayerStats
     pts = rd_points(w, LayerStats(x_sq), steps=[0.1, 0.5])
     dw = Quantizer(mode="ecsq", step=0.5).quantize(w).dequantize() - w
     assert pts[0].distortion == pytest.approx(float(dw[:, 3].double().pow(2).sum()), rel=1e-9)
@@ -124,7 +127,7 @@ def test_gptq_model_keeps_budget_and_lowers_output_error():
 
     (On real weights GPTQ's codes cost what RTN's do, +0.05 % on SmolLM2; on this tiny random model its
     corrections widen the code histogram a little more, hence the looser rate bound here.)"""
-    from slc.allocate import compress_model_gptq
+    from slc.compress import compress_model_gptq
     from slc.nn import CompressedLinear
     tok = ByteTokenizer()
     ids = tok(TEXT).input_ids[:, :64]
@@ -145,7 +148,7 @@ def test_gptq_model_keeps_budget_and_lowers_output_error():
 
 def test_gptq_layer_error_and_exact_round_trip():
     from slc import CompressedTensor
-    from slc.ecsq import gptq
+    from slc.gptq import gptq
     g = torch.Generator().manual_seed(0)
     X = torch.randn(1024, 48, generator=g) @ torch.randn(48, 48, generator=g)        # correlated inputs
     w = torch.randn(16, 48, generator=g)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from slc import CompressedTensor, FormatError, Quantizer
-from slc.ecsq import estimate_bits, join_escapes, split_escapes, step_for_bits, unzigzag, zigzag
+from slc.ecsq import estimate_bits, step_for_bits
+from slc.symbols import join_escapes, split_escapes, unzigzag, zigzag
 from slc.tensor import decompress_buffers
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from slc.integrity import atomic_write, clean_stale_temps, temp_files
-from slc.model import compress_model, load_compressed, save_compressed
+from slc import compress_model, load_compressed, save_compressed
 from slc.models import tiny_model
 from slc.nn import LinearSpec
 
@@ -132,7 +132,7 @@ def test_a_good_save_after_a_failed_one(models, previous, monkeypatch):
 SAVER = textwrap.dedent("""
     # Load two versions of a ~30 MB model, then save them in turn over TARGET forever.
     import sys, torch
-    from slc.model import load_compressed, save_compressed
+    from slc import load_compressed, save_compressed
     torch.set_num_threads(1)
     folder, target = sys.argv[1], sys.argv[2]
     models = [load_compressed(f"{folder}/ref{s}.safetensors") for s in (0, 1)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slc.lowrank
-from slc.allocate import _weight, target_layers
+from slc.hf import dense_weight_of, target_layers
 from slc.lowrank import (
     allocate_ranks,
     choose_rank,
@@ -19,13 +19,7 @@ from slc.models import linear_weights, tiny_model
 from slc.quant import Quantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """LAPACK with 2 OpenMP threads on a busy 2-core machine runs SVDs 10-30x slower than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,7 @@ def test_rank_sensitivity_is_the_rank1_empirical_fisher(arch):
     """Against an explicit computation: per sequence, g = d(summed loss)/d(layer output), one layer at a time."""
     model = tiny_model(arch)
     layers = target_layers(model)
-    factors = {n: svd(_weight(m)) for n, m in layers.items()}
+    factors = {n: svd(dense_weight_of(m).float()) for n, m in layers.items()}
     text = "Low rank keeps the directions that the loss needs; calibration text feeds it. " * 2   # 3 chunks of <= 64
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sens = rank_sensitivity(model, byte_tok, factors, text)
@@ -247,13 +241,13 @@ def test_rank_sensitivity_is_the_rank1_empirical_fisher(arch):
             tokens += chunk.shape[1] - 1
         expect = S.double() ** 2 * acc / (2 * tokens)
         assert torch.allclose(sens[name], expect, rtol=1e-4, atol=1e-12 * float(expect.max())), name
-    assert all(s.shape == (min(_weight(layers[n]).shape),) and bool((s >= 0).all()) for n, s in sens.items())
+    assert all(s.shape == (min(dense_weight_of(layers[n]).shape),) and bool((s >= 0).all()) for n, s in sens.items())
 
 
 def test_rank_sensitivity_errors():
     model = tiny_model("llama")
     name, m = next(iter(target_layers(model).items()))
-    U, S, Vh = svd(_weight(m))
+    U, S, Vh = svd(dense_weight_of(m).float())
     with pytest.raises(ValueError, match="not a module"):
         rank_sensitivity(model, byte_tok, {"nope": (U, S, Vh)}, "some text")
     with pytest.raises(ValueError, match="do not fit"):

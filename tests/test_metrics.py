@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from slc import gguf_peers, metrics
+from slc.hf import is_linear
 from slc.models import evaluation_text, load, tiny_model
 
 
@@ -121,7 +122,7 @@ def test_perplexity_real_smollm2_in_band(smollm2):
 def test_capture_inputs_shapes(arch):
     model = tiny_model(arch)
     acts = metrics.capture_inputs(model, TEXT, ByteTokenizer(), max_tokens=40)
-    linears = {n: m for n, m in model.named_modules() if metrics._is_dense_linear(m)}
+    linears = {n: m for n, m in model.named_modules() if is_linear(m)}
     assert set(acts) == set(linears)
     for name, x in acts.items():
         m = linears[name]

@@ -12,7 +12,7 @@ from torch import nn
 
 from slc.errors import FormatError
 from slc.lowrank import allocate_ranks
-from slc.model import compress_model, compressed_layers, load_compressed, lowrank_policy, save_compressed
+from slc import compress_model, compressed_layers, load_compressed, lowrank_policy, save_compressed
 from slc.models import evaluation_text, load, tiny_model
 from slc.nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, TiedLinear
 from slc.quant import Quantizer
@@ -29,13 +29,7 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """LAPACK with 2 OpenMP threads on a busy 2-core machine runs SVDs 10-30x slower than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 def ids(n=16, seed=0):
@@ -264,5 +258,7 @@ def test_smollm2_int8_and_entropy_logits_cosine():
 
 
 def test_docstring_examples():
-    import slc.model
-    assert doctest.testmod(slc.model).failed == 0
+    import slc.checkpoint
+    import slc.compress
+    assert doctest.testmod(slc.compress).failed == 0
+    assert doctest.testmod(slc.checkpoint).failed == 0

@@ -30,13 +30,7 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """LAPACK with 2 OpenMP threads on a busy 2-core machine runs SVDs 10-30x slower than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 def make_linear(dtype=torch.float32, bias=True, seed=0, in_f=IN, out_f=OUT):

@@ -36,7 +36,7 @@ from slc import rans
 from slc.errors import FormatError
 from slc.integrity import check_config_types, check_skeleton, tensor_checksums, verify_checksums
 from slc.lossless import LosslessTensor
-from slc.model import compress_model, load_compressed, save_compressed
+from slc import compress_model, load_compressed, save_compressed
 from slc.models import tiny_model
 from slc.nn import CompressedLinear, LinearSpec
 from slc.quant import Quantizer
@@ -522,7 +522,7 @@ NEO_BOMB = textwrap.dedent("""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from slc.errors import FormatError
-    from slc.model import compress_model, load_compressed, save_compressed
+    from slc import compress_model, load_compressed, save_compressed
     from slc.models import tiny_model
     from slc.nn import LinearSpec
     m = tiny_model("gptneo"); compress_model(m, LinearSpec(), progress=False)

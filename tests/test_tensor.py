@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slc import CompressedTensor, FormatError, Quantizer
-from slc.tensor import apply_predictor, order0_bits, undo_predictor
+from slc.symbols import apply_predictor, entropy_bits, undo_predictor
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 QUANTIZERS = [
@@ -55,7 +55,8 @@ def test_auto_picks_lower_entropy_and_reports_both():
 
 
 def test_left_predictor_raises_entropy_on_real_weights(minilm_query):
-    """Seed 003 claimed LEFT was 'very effective'; on real int8 weights it is not."""
+    """The CodecLLM prototype called LEFT 'very effective on actual weight matrices'; on real int8
+    weights it raises the entropy."""
     ct = CompressedTensor.compress(minilm_query, predictor="auto")
     assert ct.predictor_entropies["left"] > ct.predictor_entropies["none"]
     assert ct.predictor == "none"
@@ -79,9 +80,10 @@ def test_sizes_count_everything(minilm_query):
     assert 1.0 < r["vs_int8"] < 1.3       # real int8 weights carry ~7.2-7.4 bits of entropy
 
 
-def test_order0_bits_known_value():
-    assert order0_bits(np.array([0, 1, 0, 1], dtype=np.uint16)) == pytest.approx(4.0)
-    assert order0_bits(np.zeros(10, dtype=np.uint16)) == 0.0
+def test_entropy_bits_known_value():
+    assert entropy_bits(np.array([0, 1, 0, 1], dtype=np.uint16)) == pytest.approx(4.0)
+    assert entropy_bits(np.zeros(10, dtype=np.uint16)) == 0.0
+    assert entropy_bits(np.array([70000, -3, 70000, -3])) == pytest.approx(4.0)      # any integer range
 
 
 def test_buffers_round_trip():

@@ -1,0 +1,180 @@
+"""Calibration: run text through a model and collect what compression decisions need from each layer.
+
+    chunks  = token_chunks(model, tokenizer, text, max_tokens)     # the text in sequences the model takes
+    stats   = layer_stats(model, tokenizer, text, names)           # {layer: LayerStats}
+    handle  = activation_grads(model)                              # backward passes for activations only
+
+`layer_stats` gathers, with forward hooks, each layer's input second moments (diag(C), or C = sum x x^T)
+and, with one backward pass per sequence, the squared loss gradient at its output (Fisher
+sensitivities). slc.allocate, slc.lowrank and GPTQ (slc.compress) all calibrate through here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import calibration_text
+
+CHUNK_TOKENS = 512        # calibration runs in sequences of at most this many tokens (and the model's limit)
+
+
+@dataclass
+class LayerStats:
+    """What allocation needs to know about one layer's inputs (and outputs)."""
+    x_sq: torch.Tensor                        # (in,) float64: sum over tokens of x_j^2 = diag(C)
+    x_cov: torch.Tensor | None = None         # (in, in) float64: C = sum_t x_t x_t^T (distortion="full")
+    out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher-out")
+    weight_fisher: torch.Tensor | None = None # (out, in) float32: F_ij = sum_t (dLoss/dy_ti)^2 x_tj^2 (sensitivity="fisher")
+    tokens: int = 0
+    shared_with: str | None = None            # x_sq / x_cov are the same tensors as this layer's (same input)
+
+
+class Restore:
+    """A handle whose remove() runs `undo` once (used beside torch hook handles)."""
+
+    def __init__(self, undo):
+        self._undo = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def eval_mode(model: nn.Module) -> Restore:
+    """model.eval() now; the returned handle's remove() restores training mode."""
+    was_training = model.training
+    model.eval()
+    return Restore(lambda: model.train(was_training))
+
+
+def activation_grads(model: nn.Module) -> Restore:
+    """Ready `model` for backward passes that need gradients at activations only: eval mode, every
+    parameter frozen, and the input embeddings' output made a leaf that requires grad. Returns a handle
+    whose remove() undoes all three (call it in a finally)."""
+    mode = eval_mode(model)
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+
+    def undo():
+        hook.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        mode.remove()
+    return Restore(undo)
+
+
+def token_chunks(model: nn.Module, tokenizer, text: str | None, max_tokens: int,
+                 default_chars: int = 4_000) -> list[torch.Tensor]:
+    """The first `max_tokens` tokens of `text` (default `slc.models.calibration_text(default_chars)`) as
+    (1, T) id tensors of at most CHUNK_TOKENS tokens each (and no longer than the model's position limit)."""
+    text = calibration_text(default_chars) if text is None else text
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or CHUNK_TOKENS
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    size = min(limit, CHUNK_TOKENS)
+    chunks = [c for c in (ids[:, i:i + size] for i in range(0, ids.shape[1], size)) if c.shape[1] >= 2]
+    if not chunks:
+        raise ValueError("calibration text is too short: it must tokenise to at least 2 tokens")
+    return chunks
+
+
+def layer_stats(model: nn.Module, tokenizer, text: str | None, names, max_tokens: int = 512,
+                full: bool = False, fisher: bool | str = False, probes: int = 0) -> dict[str, LayerStats]:
+    """Calibration statistics of every layer in `names` from the first `max_tokens` tokens of `text`
+    (None: `slc.models.calibration_text()`).
+
+    The text runs in sequences of CHUNK_TOKENS (or the model's position limit). Always: the inputs'
+    sum x_j^2 (and with full=True C = sum x x^T). With fisher, one backward pass per sequence for the
+    squared loss gradient at every layer's output: fisher="out" keeps its per-output sum f_i,
+    fisher=True / "weight" the per-weight diagonal Fisher F_ij = sum_t g_ti^2 x_tj^2.
+    probes > 0 replaces the LM loss by `probes` random projections r . h of the final hidden states h
+    (r ~ N(0, I), seeded): E[g g^T] is then the Gauss-Newton matrix of ||h(W + dW) - h(W)||^2, which
+    needs no head and no labels (encoders such as MiniLM). Layers fed the very same input tensor
+    (q/k/v, gate/up) share one x_sq / C (`shared_with`)."""
+    per_weight = fisher is True or fisher == "weight"
+    modules = dict(model.named_modules())
+    chunks = token_chunks(model, tokenizer, text, max_tokens)
+    dev = next(model.parameters()).device
+    stats: dict[str, LayerStats] = {}
+    inputs: dict[str, torch.Tensor] = {}                     # x^2 of the current sequence, for the backward
+    state = {"x": None, "name": None, "count": True}         # count: first pass over this sequence
+
+    def pre_hook(name):
+        def fn(module, args):
+            if not state["count"]:                           # later probe passes: same inputs, already counted
+                return
+            if args[0] is state["x"]:                        # same tensor as the previous layer's input
+                src = stats[state["name"]]
+                if name not in stats:
+                    stats[name] = LayerStats(src.x_sq, src.x_cov, shared_with=state["name"])
+                stats[name].tokens = src.tokens
+                if per_weight:
+                    inputs[name] = inputs[state["name"]]
+                return
+            state["x"], state["name"] = args[0], name
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
+            s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
+            s.x_sq += x.pow(2).sum(0)
+            s.tokens += x.shape[0]
+            if full:
+                if s.x_cov is None:
+                    s.x_cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                s.x_cov += x.T @ x                                                # in place: shared layers see it
+            if per_weight:
+                inputs[name] = x.pow(2).float()
+        return fn
+
+    def fwd_hook(name):
+        def fn(module, args, out):
+            if out.requires_grad:
+                def grad_fn(g):
+                    g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2)             # (tokens, out)
+                    s = stats[name]
+                    if per_weight:
+                        f = g2.T @ inputs[name]                                      # (out, in) float32
+                        s.weight_fisher = f if s.weight_fisher is None else s.weight_fisher + f
+                    else:
+                        g2 = g2.double().sum(0)
+                        s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
+                out.register_hook(grad_fn)
+        return fn
+
+    handles = []
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(pre_hook(n)))
+        if fisher:
+            handles.append(modules[n].register_forward_hook(fwd_hook(n)))
+    try:
+        if fisher:
+            handles.append(activation_grads(model))
+        else:
+            handles.append(eval_mode(model))
+        gen = torch.Generator().manual_seed(0)
+        for ids in chunks:
+            ids = ids.to(dev)
+            state.update(x=None, name=None, count=True)
+            if not fisher:
+                with torch.inference_mode():
+                    model(ids)
+                continue
+            with torch.enable_grad():
+                if probes:
+                    for _ in range(probes):
+                        out = model(ids)
+                        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                        state["count"] = False
+                        (h * torch.randn(h.shape, generator=gen).to(h)).sum().backward()
+                else:
+                    model(ids, labels=ids).loss.backward()
+            inputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        state.update(x=None, name=None, count=True)
+        inputs.clear()
+    return stats
