@@ -40,7 +40,7 @@ import torch
 from numba import njit
 
 from slc.errors import FormatError
-from slc.tiles import DecodeTables, TiledStream, decode_block, decode_tables, decode_tiled, run_tiles, tile_ok
+from slc.tiles import TiledDecoder, TiledStream, decode_block, run_tiles, tile_ok
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
@@ -164,8 +164,7 @@ class FusedWeight:
     zero_point: np.ndarray | None = None
     qmin: int = 0
     escapes: np.ndarray | None = None
-    tables: DecodeTables = field(init=False, repr=False)
-    _index: tuple = field(init=False, repr=False)
+    decoder: TiledDecoder = field(init=False, repr=False)     # tables and index, built once
 
     def __post_init__(self):
         s = self.stream.validate()
@@ -197,11 +196,7 @@ class FusedWeight:
                                       f"{int(s.tile_escapes[-1])}")
             elif self.escapes is not None and len(self.escapes):
                 raise ValueError("escaped codes given but the stream has no escape symbol")
-        self.tables = decode_tables(s.freqs, s.scale_bits, values)       # once, at load
-        c64 = np.ascontiguousarray
-        self._index = (c64(s.states, dtype=np.uint32), c64(s.words, dtype=np.uint16) if s.words.size
-                       else np.zeros(1, np.uint16), c64(s.tile_words, dtype=np.int64), c64(s.tile_rows, dtype=np.int64),
-                       c64(s.tile_escapes if s.escape is not None else s.tile_words, dtype=np.int64))
+        self.decoder = TiledDecoder(s, values)                         # once, at load
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -243,7 +238,7 @@ class FusedWeight:
     def codes(self, threads: int | None = None) -> np.ndarray:
         """The integer codes (rows, cols) int64 (decoded with the fast decoder)."""
         s = self.stream
-        sym = decode_tiled(s, threads=threads).astype(np.int64)
+        sym = TiledDecoder(s).decode(threads).astype(np.int64)
         if self.kind == "affine":
             return sym + int(self.qmin)
         codes = (sym >> 1) ^ -(sym & 1)
@@ -275,8 +270,8 @@ class FusedWeight:
     def linear_into(self, x: np.ndarray, y: np.ndarray, threads: int | None = None) -> None:
         """y (nx, rows) = x (nx, cols) @ W^T, float32 numpy arrays, nx <= MAX_ROWS (no checks on the hot path
         beyond the stream's own)."""
-        s, tb = self.stream, self.tables
-        if s.n_tiles == 0 or x.shape[0] == 0:
+        s, d = self.stream, self.decoder
+        if s.n_tiles == 0 or x.shape[0] == 0 or s.cols == 0:
             y[:] = 0
             return
         G = self.scale.shape[1]
@@ -284,10 +279,9 @@ class FusedWeight:
             else np.zeros((x.shape[0], G), dtype=np.float32)
         zp = self.zero_point if self.zero_point is not None else self.scale
         esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
-        states, words, tile_words, tile_rows, tile_escapes = self._index
-        args = (x, xsum, states, words, tile_words, tile_rows, tile_escapes, tb.fb, tb.values, s.scale_bits,
-                self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
-        errs = run_tiles(fused_tiles_kernel, args, np.diff(s.tile_rows), threads)
+        args = (x, xsum, d.states, d.words, d.tile_words, d.tile_rows, d.tile_escapes, d.tables.fb, d.tables.values,
+                s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
+        errs = run_tiles(fused_tiles_kernel, args, d.split(threads))
         bad = [e for e in errs if e >= 0]
         if bad:
             raise FormatError(f"tile {bad[0]}: corrupt (its lanes do not end at L having used exactly their "

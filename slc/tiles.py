@@ -570,8 +570,10 @@ def tile_ok(x, ptr, end) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def decode_tiles_kernel(states, words, tile_words, tile_syms, fb, values, scale_bits, out, lo, hi):
-    """Decode tiles lo..hi-1 into out[tile_syms[t]:tile_syms[t+1]] (uint16 symbols).
+def decode_tiles_kernel(states, words, tile_words, tile_syms, fb, values, scale_bits, escape, tile_escapes, out,
+                        lo, hi):
+    """Decode tiles lo..hi-1 into out[tile_syms[t]:tile_syms[t+1]] (uint16 symbols); with escape >= 0,
+    also check each tile holds tile_escapes[t+1] - tile_escapes[t] escape symbols.
 
     Returns -1 when all are fine, else the first bad tile."""
     lanes = states.shape[1]
@@ -581,10 +583,16 @@ def decode_tiles_kernel(states, words, tile_words, tile_syms, fb, values, scale_
             x[n] = states[t, n]
         ptr = tile_words[t]
         end = tile_words[t + 1]
-        ptr = decode_block(x, fb, values, words, ptr, end, scale_bits, out, tile_syms[t],
-                           tile_syms[t + 1] - tile_syms[t])
+        a, b = tile_syms[t], tile_syms[t + 1]
+        ptr = decode_block(x, fb, values, words, ptr, end, scale_bits, out, a, b - a)
         if not tile_ok(x, ptr, end):
             return t
+        if escape >= 0:
+            k = 0
+            for i in range(a, b):
+                k += out[i] == escape
+            if k != tile_escapes[t + 1] - tile_escapes[t]:
+                return t
     return -1
 
 
@@ -630,11 +638,9 @@ def split_tiles(cost: np.ndarray, parts: int) -> np.ndarray:
     return np.concatenate([[0], np.clip(cut, 1, n - 1) if n > 1 else [], [n]]).astype(np.int64)
 
 
-def run_tiles(kernel, args: tuple, cost: np.ndarray, threads: int | None = None) -> list:
-    """kernel(*args, lo, hi) over contiguous tile ranges, one per thread (this thread runs the first).
-    Returns the kernels' results in range order."""
-    threads = default_threads() if threads is None else max(1, int(threads))
-    bounds = split_tiles(cost, threads)
+def run_tiles(kernel, args: tuple, bounds: np.ndarray) -> list:
+    """kernel(*args, lo, hi) for each range [bounds[i], bounds[i+1]) (split_tiles), one per thread; this
+    thread runs the first. Returns the kernels' results in range order."""
     if len(bounds) <= 2:
         return [kernel(*args, int(bounds[0]), int(bounds[-1]))]
     futures = [pool().submit(kernel, *args, int(bounds[i]), int(bounds[i + 1])) for i in range(1, len(bounds) - 1)]
@@ -648,39 +654,60 @@ def run_tiles(kernel, args: tuple, cost: np.ndarray, threads: int | None = None)
 BACKENDS = ("fast", "numpy")
 
 
-def _contiguous_words(words: np.ndarray) -> np.ndarray:
-    w = np.ascontiguousarray(words, dtype=np.uint16)
-    return w if w.size else np.zeros(1, dtype=np.uint16)    # kernels clamp reads; give them one word
+class TiledDecoder:
+    """Everything the fast decoder needs, checked and built once (at load): the validated index, the slot
+    tables, contiguous arrays and the tile split for each thread count. decode() is the hot path.
+
+    values: what each symbol decodes to (default: the symbol, uint16 out); slc.fused passes float codes.
+    """
+
+    def __init__(self, stream: TiledStream, values: np.ndarray | None = None):
+        self.stream = stream.validate()
+        self.tables = decode_tables(stream.freqs, stream.scale_bits, values)
+        c = np.ascontiguousarray
+        self.states = c(stream.states, dtype=np.uint32)
+        self.words = c(stream.words, dtype=np.uint16) if len(stream.words) else np.zeros(1, np.uint16)
+        self.tile_words = c(stream.tile_words, dtype=np.int64)
+        self.tile_rows = c(stream.tile_rows, dtype=np.int64)
+        self.tile_syms = self.tile_rows * stream.cols
+        self.escape = -1 if stream.escape is None else int(stream.escape)
+        self.tile_escapes = c(stream.tile_escapes if stream.escape is not None else self.tile_words, dtype=np.int64)
+        self._splits: dict[int, np.ndarray] = {}
+
+    def split(self, threads: int | None) -> np.ndarray:
+        """Tile ranges for `threads` threads (default_threads()), equal in symbols; cached."""
+        threads = default_threads() if threads is None else max(1, int(threads))
+        if threads not in self._splits:
+            self._splits[threads] = split_tiles(np.diff(self.tile_syms), threads)
+        return self._splits[threads]
+
+    def decode(self, threads: int | None = None) -> np.ndarray:
+        """(rows, cols) uint16 symbols; FormatError naming the first bad tile."""
+        s = self.stream
+        out = np.empty(s.n_symbols, dtype=np.uint16)
+        if s.n_tiles and s.cols:
+            tb = self.tables
+            errs = run_tiles(decode_tiles_kernel, (self.states, self.words, self.tile_words, self.tile_syms, tb.fb,
+                                                   tb.values, s.scale_bits, self.escape, self.tile_escapes, out),
+                             self.split(threads))
+            bad = [e for e in errs if e >= 0]
+            if bad:
+                raise FormatError(f"tile {bad[0]}: corrupt (its lanes do not end at L having used exactly their "
+                                  "words, or its escape count disagrees with the index)")
+        return out.reshape(s.rows, s.cols)
 
 
-def decode_tiled(stream: TiledStream, backend: str = "fast", threads: int | None = None,
-                 tables: DecodeTables | None = None) -> np.ndarray:
+def decode_tiled(stream: TiledStream, backend: str = "fast", threads: int | None = None) -> np.ndarray:
     """Decode into a (rows, cols) uint16 array. Raises FormatError naming the first bad tile.
 
-    backend "fast": numba kernels, tiles split over `threads` threads (default: all CPUs);
-    "numpy": the reference (decode_many_numpy). tables: decode_tables(...) built once, reused.
+    backend "fast": numba kernels, tiles split over `threads` threads (default: all CPUs); for repeated
+    decoding build a TiledDecoder once instead. "numpy": the reference (decode_many_numpy).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    stream.validate()
     if backend == "numpy":
         return decode_many_numpy([stream])[0]
-    tables = tables or decode_tables(stream.freqs, stream.scale_bits)
-    tile_syms = np.asarray(stream.tile_rows, dtype=np.int64) * stream.cols
-    out = np.empty(stream.n_symbols, dtype=np.uint16)
-    if stream.n_tiles:
-        errs = run_tiles(decode_tiles_kernel, (np.ascontiguousarray(stream.states, dtype=np.uint32),
-                                               _contiguous_words(stream.words),
-                                               np.ascontiguousarray(stream.tile_words, dtype=np.int64), tile_syms,
-                                               tables.fb, tables.values, stream.scale_bits, out),
-                         np.diff(tile_syms), threads)
-        bad = [e for e in errs if e >= 0]
-        if bad:
-            raise FormatError(f"tile {bad[0]}: lanes do not end at the initial state L having used exactly "
-                              "their words: corrupt tile")
-    out = out.reshape(stream.rows, stream.cols)
-    check_escapes(stream, out)
-    return out
+    return TiledDecoder(stream).decode(threads)
 
 
 def check_escapes(stream: TiledStream, sym: np.ndarray) -> None:

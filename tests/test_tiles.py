@@ -252,3 +252,21 @@ def test_false_accept_rate():
             continue
         wrong += not (out.shape == sym.shape and np.array_equal(out, sym))
     assert wrong <= 10
+
+
+def _decode_in_child(q):
+    sym = _symbols(64, 64, 30, seed=5)
+    q.put(bool(np.array_equal(decode_tiled(encode_tiled(sym, tile_rows=8), threads=2), sym)))
+
+
+def test_thread_pool_survives_fork():
+    """The pool is recreated in a forked child (a child inherits the pool object, not its threads)."""
+    import multiprocessing as mp
+    sym = _symbols(64, 64, 30, seed=5)
+    assert np.array_equal(decode_tiled(encode_tiled(sym, tile_rows=8), threads=2), sym)   # parent uses the pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_decode_in_child, args=(q,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0 and q.get(timeout=5)
