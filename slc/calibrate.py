@@ -83,6 +83,87 @@ def token_chunks(model: nn.Module, tokenizer, text: str | None, max_tokens: int,
     return chunks
 
 
+class StatsHooks:
+    """Hooks on named modules that add each sequence's calibration statistics into `.stats` ({name: LayerStats}).
+
+    layer_stats runs the whole model through them; slc.blockwise runs one decoder block at a time.
+    Forward pre-hooks add the inputs' sum x_j^2 (and with full=True C = sum x x^T); with `fisher`, forward
+    hooks put a gradient hook on every output, so a backward pass adds the squared output gradients
+    (fisher="out": per output f_i; True / "weight": per weight F_ij = sum_t g_ti^2 x_tj^2). Call
+    `new_sequence()` before each sequence's forward pass (count=False: a repeated pass over the same
+    sequence, inputs not counted again), `end_sequence()` after its backward, `remove()` at the end.
+    Layers fed the very same input tensor (q/k/v, gate/up) share one x_sq / C (`shared_with`)."""
+
+    def __init__(self, modules: dict[str, nn.Module], full: bool = False, fisher: bool | str = False):
+        self.full, self.fisher = full, fisher
+        self.per_weight = fisher is True or fisher == "weight"
+        self.stats: dict[str, LayerStats] = {}
+        self.inputs: dict[str, torch.Tensor] = {}                # x^2 of the current sequence, for the backward
+        self.state = {"x": None, "name": None, "count": True}    # count: first pass over this sequence
+        self.handles = []
+        for n, m in modules.items():
+            self.handles.append(m.register_forward_pre_hook(self.pre_hook(n)))
+            if fisher:
+                self.handles.append(m.register_forward_hook(self.fwd_hook(n)))
+
+    def new_sequence(self, count: bool = True) -> None:
+        self.state.update(x=None, name=None, count=count)
+
+    def end_sequence(self) -> None:
+        self.inputs.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.new_sequence()
+        self.inputs.clear()
+
+    def pre_hook(self, name):
+        stats, inputs, state = self.stats, self.inputs, self.state
+
+        def fn(module, args):
+            if not state["count"]:                           # later probe passes: same inputs, already counted
+                return
+            if args[0] is state["x"]:                        # same tensor as the previous layer's input
+                src = stats[state["name"]]
+                if name not in stats:
+                    stats[name] = LayerStats(src.x_sq, src.x_cov, shared_with=state["name"])
+                stats[name].tokens = src.tokens
+                if self.per_weight:
+                    inputs[name] = inputs[state["name"]]
+                return
+            state["x"], state["name"] = args[0], name
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
+            s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)))
+            s.x_sq += x.pow(2).sum(0)
+            s.tokens += x.shape[0]
+            if self.full:
+                if s.x_cov is None:
+                    s.x_cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                s.x_cov += x.T @ x                                                # in place: shared layers see it
+            if self.per_weight:
+                inputs[name] = x.pow(2).float()
+        return fn
+
+    def fwd_hook(self, name):
+        stats, inputs = self.stats, self.inputs
+
+        def fn(module, args, out):
+            if out.requires_grad:
+                def grad_fn(g):
+                    g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2)             # (tokens, out)
+                    s = stats[name]
+                    if self.per_weight:
+                        f = g2.T @ inputs[name]                                      # (out, in) float32
+                        s.weight_fisher = f if s.weight_fisher is None else s.weight_fisher + f
+                    else:
+                        g2 = g2.double().sum(0)
+                        s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
+                out.register_hook(grad_fn)
+        return fn
+
+
 def layer_stats(model: nn.Module, tokenizer, text: str | None, names, max_tokens: int = 512,
                 full: bool = False, fisher: bool | str = False, probes: int = 0) -> dict[str, LayerStats]:
     """Calibration statistics of every layer in `names` from the first `max_tokens` tokens of `text`
@@ -95,60 +176,12 @@ def layer_stats(model: nn.Module, tokenizer, text: str | None, names, max_tokens
     probes > 0 replaces the LM loss by `probes` random projections r . h of the final hidden states h
     (r ~ N(0, I), seeded): E[g g^T] is then the Gauss-Newton matrix of ||h(W + dW) - h(W)||^2, which
     needs no head and no labels (encoders such as MiniLM). Layers fed the very same input tensor
-    (q/k/v, gate/up) share one x_sq / C (`shared_with`)."""
-    per_weight = fisher is True or fisher == "weight"
+    (q/k/v, gate/up) share one x_sq / C (`shared_with`). The hooks are `StatsHooks`."""
     modules = dict(model.named_modules())
     chunks = token_chunks(model, tokenizer, text, max_tokens)
     dev = next(model.parameters()).device
-    stats: dict[str, LayerStats] = {}
-    inputs: dict[str, torch.Tensor] = {}                     # x^2 of the current sequence, for the backward
-    state = {"x": None, "name": None, "count": True}         # count: first pass over this sequence
-
-    def pre_hook(name):
-        def fn(module, args):
-            if not state["count"]:                           # later probe passes: same inputs, already counted
-                return
-            if args[0] is state["x"]:                        # same tensor as the previous layer's input
-                src = stats[state["name"]]
-                if name not in stats:
-                    stats[name] = LayerStats(src.x_sq, src.x_cov, shared_with=state["name"])
-                stats[name].tokens = src.tokens
-                if per_weight:
-                    inputs[name] = inputs[state["name"]]
-                return
-            state["x"], state["name"] = args[0], name
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()          # (tokens, in)
-            s = stats.setdefault(name, LayerStats(torch.zeros(x.shape[1], dtype=torch.float64)))
-            s.x_sq += x.pow(2).sum(0)
-            s.tokens += x.shape[0]
-            if full:
-                if s.x_cov is None:
-                    s.x_cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-                s.x_cov += x.T @ x                                                # in place: shared layers see it
-            if per_weight:
-                inputs[name] = x.pow(2).float()
-        return fn
-
-    def fwd_hook(name):
-        def fn(module, args, out):
-            if out.requires_grad:
-                def grad_fn(g):
-                    g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2)             # (tokens, out)
-                    s = stats[name]
-                    if per_weight:
-                        f = g2.T @ inputs[name]                                      # (out, in) float32
-                        s.weight_fisher = f if s.weight_fisher is None else s.weight_fisher + f
-                    else:
-                        g2 = g2.double().sum(0)
-                        s.out_weight = g2 if s.out_weight is None else s.out_weight + g2
-                out.register_hook(grad_fn)
-        return fn
-
-    handles = []
-    for n in names:
-        handles.append(modules[n].register_forward_pre_hook(pre_hook(n)))
-        if fisher:
-            handles.append(modules[n].register_forward_hook(fwd_hook(n)))
+    hooks = StatsHooks({n: modules[n] for n in names}, full, fisher)
+    handles = [hooks]
     try:
         if fisher:
             handles.append(activation_grads(model))
@@ -157,7 +190,7 @@ def layer_stats(model: nn.Module, tokenizer, text: str | None, names, max_tokens
         gen = torch.Generator().manual_seed(0)
         for ids in chunks:
             ids = ids.to(dev)
-            state.update(x=None, name=None, count=True)
+            hooks.new_sequence()
             if not fisher:
                 with torch.inference_mode():
                     model(ids)
@@ -167,14 +200,12 @@ def layer_stats(model: nn.Module, tokenizer, text: str | None, names, max_tokens
                     for _ in range(probes):
                         out = model(ids)
                         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                        state["count"] = False
+                        hooks.new_sequence(count=False)
                         (h * torch.randn(h.shape, generator=gen).to(h)).sum().backward()
                 else:
                     model(ids, labels=ids).loss.backward()
-            inputs.clear()
+            hooks.end_sequence()
     finally:
         for h in handles:
             h.remove()
-        state.update(x=None, name=None, count=True)
-        inputs.clear()
-    return stats
+    return hooks.stats
