@@ -111,7 +111,7 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
     return hull
 
 
-def _window(w: torch.Tensor, steps, budget_bits: float, window: float, granularity, group_size) -> list:
+def window_steps(w: torch.Tensor, steps, budget_bits: float, window: float, granularity, group_size) -> list:
     """The steps whose rate on w is predicted within +-window bits of the budget (rate ~ r(s0) - log2(s / s0))."""
     if window is None or not math.isfinite(window):
         return list(steps)
@@ -241,7 +241,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     for name, m in it:
         w = dense_weight_of(m).float()
         shapes[name] = tuple(w.shape)
-        tried = steps if budget_bits is None else _window(w, steps, budget_bits, window, granularity, group_size)
+        tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity, group_size)
         points[name] = rd_points(w, stats[name], kinds, tried, int_bits, granularity, group_size,
                                  full=distortion == "full")
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
