@@ -37,8 +37,8 @@ Byte layout (`TiledStream.to_bytes`, all little-endian)
     end-4   4             CRC32 of everything before it
 
 The index costs 8 bytes a tile, the states 4 per lane of which about 2 are pure overhead (each
-lane ends at L = 2**16). With 32 lanes a tile and tiles of ~96 K symbols that is < 0.1 % of
-an int8 weight's stream; `choose_tiles` sizes them (bench/tiles.py measures the whole model).
+lane ends at L = 2**16). With 32 lanes a tile and tiles of ~88 KB that is about 0.1 % of
+an int8 weight's stream; `choose_tiles` sizes them by coded bytes (bench/tiles.py measures the whole model).
 
 Why 32 lanes a tile: the fast decoder runs 16 lanes at once as one AVX-512 vector (a gather for
 the slot table, an expand-load for the renormalisation words, see `decode_step16`); one vector
@@ -87,7 +87,7 @@ _HEADER = struct.Struct("<4sBBBBIIIIII")  # magic, version, flags, scale_bits, l
 #                                            n_tiles, n_words, table_nbytes, escape
 _CRC_BYTES = 4
 TILE_LANES = 32            # lanes per tile: two AVX-512 vectors of 16 (see the read-me)
-TILE_SYMBOLS = 96 * 1024   # target symbols per tile: states + index stay < 0.1 % of int8 weights
+TILE_BYTES = 88 * 1024     # target coded bytes per tile: ~90 bytes of states + index per tile stay ~0.1 %
 MAX_TILES = 1 << 24        # sanity bound for parsers
 VECTOR = 16                # lanes per SIMD decode step (16 x uint32 = one 512-bit vector)
 
@@ -95,9 +95,10 @@ VECTOR = 16                # lanes per SIMD decode step (16 x uint32 = one 512-b
 # ----------------------------------------------------------------------------
 # tile sizes
 
-def choose_tiles(rows: int, cols: int, lanes: int = TILE_LANES, tile_symbols: int = TILE_SYMBOLS,
+def choose_tiles(rows: int, cols: int, bits_per_symbol: float = 8.0, tile_bytes: int = TILE_BYTES,
                  multiple: int = 4) -> np.ndarray:
-    """Row offsets (n_tiles + 1,) int64 splitting `rows` into tiles of about `tile_symbols` symbols.
+    """Row offsets (n_tiles + 1,) int64 splitting `rows` into tiles of about `tile_bytes` coded bytes
+    (at `bits_per_symbol`), so that a tile's states and index cost the same fraction at any rate.
 
     The tile count is rounded up to a multiple of `multiple` (when there are enough rows) so that
     2 or 4 threads get equal shares; rows are spread evenly (tiles differ by at most one row).
@@ -107,7 +108,7 @@ def choose_tiles(rows: int, cols: int, lanes: int = TILE_LANES, tile_symbols: in
         raise ValueError(f"rows and cols must be >= 0, got {rows} x {cols}")
     if rows == 0:
         return np.zeros(1, dtype=np.int64)
-    n = max(1, round(rows * cols / max(int(tile_symbols), 1)))
+    n = max(1, round(rows * cols * max(float(bits_per_symbol), 0.5) / (8 * max(int(tile_bytes), 1))))
     if n > 1 and multiple > 1:
         n = -(-n // multiple) * multiple
     n = min(n, rows)
@@ -372,8 +373,10 @@ def encode_tiled(symbols, tile_rows=None, lanes: int | None = None, scale_bits: 
     N = default_lanes(rows, cols) if lanes is None else int(lanes)
     if N < 1 or N & (N - 1) or N > 1 << rans.MAX_LANES_LOG2:
         raise ValueError(f"lanes must be a power of two in 1..4096, got {N}")
+    counts = rans.count_symbols(sym) if sym.size else np.ones(1, dtype=np.int64)
     if tile_rows is None:
-        bounds = choose_tiles(rows, cols, N)
+        c = counts[counts > 0].astype(np.float64)
+        bounds = choose_tiles(rows, cols, float((c * np.log2(c.sum() / c)).sum() / c.sum()))
     elif np.ndim(tile_rows) == 0:
         step = int(tile_rows)
         if step < 1:
@@ -383,7 +386,6 @@ def encode_tiled(symbols, tile_rows=None, lanes: int | None = None, scale_bits: 
         bounds = np.asarray(tile_rows, dtype=np.int64)
         if bounds.ndim != 1 or bounds[0] != 0 or bounds[-1] != rows or (rows and (np.diff(bounds) <= 0).any()):
             raise ValueError(f"tile_rows must rise strictly from 0 to rows={rows}, got {bounds.tolist()}")
-    counts = rans.count_symbols(sym) if sym.size else np.ones(1, dtype=np.int64)
     if int((counts > 0).sum()) == 1:
         scale_bits = 0                                  # one symbol: f = M = 1, no words at all
     elif scale_bits is None:
