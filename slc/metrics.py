@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import symbols
+from .blockwise import is_path, perplexity_streamed, perplexity_windows
 from .hf import is_linear
 
 # Plain English sentences for MiniLM embedding checks: varied topics and lengths, fixed order.
@@ -215,20 +216,20 @@ def perplexity_details(model: nn.Module, tokenizer, text: str, window: int = 512
     only the tokens no earlier window scored count, the rest is context (label -100). With
     stride == window the windows overlap by one token, so that the first token of a window also
     has a context: every token after the first is scored exactly once, whatever the settings.
+    `model` may be the path of a save_compressed file: it is then evaluated one decoder block at a
+    time (slc.blockwise.perplexity_streamed), for models that do not fit in memory decoded.
     """
-    if not 1 <= stride <= window:
-        raise ValueError(f"need 1 <= stride <= window, got stride={stride}, window={window}")
-    if window < 2:
-        raise ValueError(f"window={window} must be >= 2 (a token and its context)")
+    if is_path(model):
+        return perplexity_streamed(model, tokenizer, text, window, stride)
+    perplexity_windows(2, window, stride)                               # check window and stride first
     ids = _encode(tokenizer, text, None, _device(model))
     n = ids.shape[1]
     if n < 2:
         raise ValueError("text is too short: it must tokenise to at least 2 tokens")
-    step = min(stride, window - 1)
-    nll, scored, windows, prev_end, end = 0.0, 0, 0, 0, min(window, n)
+    wins = perplexity_windows(n, window, stride)
+    nll, scored = 0.0, 0
     with torch.inference_mode():
-        while True:
-            begin = max(0, end - window)
+        for begin, end, prev_end in wins:
             chunk = ids[:, begin:end]                                   # (1, T)
             labels = chunk.clone()
             labels[:, :prev_end - begin] = -100                         # already scored: context only
@@ -237,16 +238,13 @@ def perplexity_details(model: nn.Module, tokenizer, text: str, window: int = 512
             mask = labels != -100
             nll += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
             scored += int(mask.sum())
-            windows += 1
-            if end == n:
-                break
-            prev_end, end = end, min(end + step, n)
     assert scored == n - 1, (scored, n)
-    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": scored, "windows": windows}
+    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": scored, "windows": len(wins)}
 
 
 def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, stride: int = 256) -> float:
-    """Perplexity of a causal LM on `text` over strided windows; deterministic (see perplexity_details)."""
+    """Perplexity of a causal LM (or of a save_compressed file's path, block by block) on `text` over strided
+    windows; deterministic (see perplexity_details)."""
     return perplexity_details(model, tokenizer, text, window, stride)["ppl"]
 
 
