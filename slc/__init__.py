@@ -6,16 +6,19 @@
 
 Modules, bottom up (each imports only the ones before it): errors, rans, symbols, quant,
 lossless, tensor, gptq, ecsq, hf, factors, kernels, nn, models, calibrate, lagrange, lowrank,
-allocate, compress, integrity, checkpoint, then metrics, memory, viz, gguf_peers, demo, render, cli.
+allocate, compress, integrity, checkpoint, blockwise, then metrics, memory, viz, gguf_peers, demo, render, cli.
 """
 from .errors import FormatError
 from .quant import QuantizedTensor, Quantizer
 from .tensor import CompressedTensor
 from .nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, TiedLinear
 from .lowrank import LowRank, allocate_ranks, low_rank
-from .compress import CompressionReport, compress_model, compress_model_gptq, compressed_layers, lowrank_policy
+from .compress import CompressionReport, compress_model, compressed_layers, lowrank_policy
 from .checkpoint import load_compressed, save_compressed
-from .allocate import Allocation, allocate   # the function shadows the submodule name on purpose
+from .allocate import Allocation
+# slc.allocate / slc.compress_model_gptq take a model or a checkpoint path (then block by block, slc.blockwise);
+# the function shadows the submodule name on purpose (`from slc.allocate import allocate` is the model form)
+from .blockwise import allocate, compress_model_gptq
 from . import metrics, memory, models, rans
 
 __all__ = [
