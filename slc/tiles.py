@@ -101,16 +101,20 @@ def choose_tiles(rows: int, cols: int, bits_per_symbol: float = 8.0, tile_bytes:
     """Row offsets (n_tiles + 1,) int64 splitting `rows` into tiles of about `tile_bytes` coded bytes
     (at `bits_per_symbol`), so that a tile's states and index cost the same fraction at any rate.
 
-    The tile count is rounded up to a multiple of `multiple` (when there are enough rows) so that
-    2 or 4 threads get equal shares; rows are spread evenly (tiles differ by at most one row).
+    A tensor of half a tile to 1.5 tiles gets two tiles; above that the count is rounded up to a
+    multiple of `multiple` (when there are enough rows) so that 2 or 4 threads get equal shares; rows
+    are spread evenly (tiles differ by at most one row).
     """
     rows, cols = int(rows), int(cols)
     if rows < 0 or cols < 0:
         raise ValueError(f"rows and cols must be >= 0, got {rows} x {cols}")
     if rows == 0:
         return np.zeros(1, dtype=np.int64)
-    n = max(1, round(rows * cols * max(float(bits_per_symbol), 0.5) / (8 * max(int(tile_bytes), 1))))
-    if n > 1 and multiple > 1:
+    coded = rows * cols * max(float(bits_per_symbol), 0.5) / 8
+    n = max(1, round(coded / max(int(tile_bytes), 1)))
+    if n == 1 and coded >= tile_bytes / 2:          # e.g. SmolLM2's k/v (192 x 576): two tiles, two threads
+        n = 2
+    elif n > 1 and multiple > 1:
         n = -(-n // multiple) * multiple
     n = min(n, rows)
     return np.round(np.linspace(0, rows, n + 1)).astype(np.int64)

@@ -89,6 +89,7 @@ def test_decode_many_numpy_mixes_streams():
 
 def test_choose_tiles():
     b = tiles.choose_tiles(576, 576)
+    assert len(tiles.choose_tiles(192, 576, 7.2)) - 1 == 2            # half a tile to 1.5 tiles: two
     assert b[0] == 0 and b[-1] == 576 and (len(b) - 1) % 4 == 0 and np.ptp(np.diff(b)) <= 1
     assert tiles.choose_tiles(3, 5).tolist() == [0, 3]
     assert tiles.choose_tiles(0, 5).tolist() == [0]
