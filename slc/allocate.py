@@ -100,7 +100,8 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
             if kind == "ecsq":
                 p.bits = buffer_bits_estimate(codes, qt.scale.numel())
             else:                                                   # affine codes + rANS: entropy of the symbols
-                p.bits = buffer_bits_estimate(codes.astype(np.int64) - qt.quantizer.qmin, qt.scale.numel(), signed=False)
+                p.bits = buffer_bits_estimate(codes.astype(np.int64) - qt.quantizer.qmin, qt.scale.numel(),
+                                              signed=False)
             p.distortion = _distortion(qt.dequantize(torch.float32) - w, st, full)
             pts.append(p)
     pts.sort(key=lambda p: p.bits)
@@ -176,7 +177,8 @@ class Allocation(dict):
     def __str__(self) -> str:
         lines = self._lines()
         widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-        out = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in lines]
+        out = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+               for row in lines]
         out.insert(1, "  ".join("-" * w for w in widths))
         out.append(f"budget {self.budget_bits:.3f} bits/weight -> {self.bits_per_weight:.3f} estimated "
                    f"over {len(self.rows)} layers ({self.params} weights); lambda {self.lam:.3g}")

@@ -26,7 +26,8 @@ class LayerStats:
     x_sq: torch.Tensor                        # (in,) float64: sum over tokens of x_j^2 = diag(C)
     x_cov: torch.Tensor | None = None         # (in, in) float64: C = sum_t x_t x_t^T (distortion="full")
     out_weight: torch.Tensor | None = None    # (out,) float64: f_i = sum_t (dLoss/dy_ti)^2 (sensitivity="fisher-out")
-    weight_fisher: torch.Tensor | None = None # (out, in) float32: F_ij = sum_t (dLoss/dy_ti)^2 x_tj^2 (sensitivity="fisher")
+    # (out, in) float32: F_ij = sum_t (dLoss/dy_ti)^2 x_tj^2 (sensitivity="fisher")
+    weight_fisher: torch.Tensor | None = None
     tokens: int = 0
     shared_with: str | None = None            # x_sq / x_cov are the same tensors as this layer's (same input)
 

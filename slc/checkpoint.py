@@ -63,7 +63,8 @@ def save_compressed(model: nn.Module, path) -> Path:
     tensors, tied = _dedupe(state)                          # on the model's device, where ties are still shared memory
     tensors = {k: v.cpu() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": type(model).__name__,
-            "config": json.loads(config.to_json_string(use_diff=False)), "layers": layers, "tied": tied, "tied_heads": heads,
+            "config": json.loads(config.to_json_string(use_diff=False)), "layers": layers, "tied": tied,
+            "tied_heads": heads,
             "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}}
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -207,7 +208,8 @@ def read_tensors(path: Path, meta: dict, model: nn.Module) -> dict:
     if missing or unexpected:
         raise FormatError(f"{path}: tensors disagree with the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    exact = {f"{name}.{b}" for name, lm in meta["layers"].items() for b in lm["buffers"] if b not in ("bias", "vh", "ut")}
+    exact = {f"{name}.{b}" for name, lm in meta["layers"].items()
+             for b in lm["buffers"] if b not in ("bias", "vh", "ut")}
     for k, want in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(want.shape):

@@ -98,7 +98,8 @@ class CompressionReport:
     def __str__(self) -> str:
         head, body = self._table()
         widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
-        fmt = lambda row: "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        fmt = lambda row: "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body[:-1]]
         lines += ["  ".join("-" * w for w in widths), fmt(body[-1])]
         return "\n".join(lines + self._notes())
@@ -179,7 +180,8 @@ def compress_model(model: nn.Module, policy: LinearSpec | dict | None = None, pr
         seconds = time.perf_counter() - t0
         w = (module.weight.detach() if isinstance(module, nn.Embedding) else dense_weight_of(module)).float()
         # entropy: the coder is lossless, so the decoded weight equals the quantiser's (tested); skip the decode
-        w_hat = spec.quantizer.quantize(w).dequantize() if layer.kind == "entropy" else layer.weight_dense(torch.float32)
+        w_hat = (spec.quantizer.quantize(w).dequantize() if layer.kind == "entropy"
+                 else layer.weight_dense(torch.float32))
         rel = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
         set_module(model, name, layer)
         report.rows.append(LayerRow(name, layer.kind, spec.describe(), tuple(layer.shape),
@@ -192,7 +194,8 @@ def compress_model(model: nn.Module, policy: LinearSpec | dict | None = None, pr
 
 
 def lowrank_policy(ranks: dict, factor_quantizer=None) -> dict:
-    """allocate_ranks output {"...q_proj.weight": r} -> a compress_model policy {"...q_proj": LinearSpec("lowrank", rank=r)}."""
+    """allocate_ranks output {"...q_proj.weight": r} -> a compress_model policy
+    {"...q_proj": LinearSpec("lowrank", rank=r)}."""
     return {name.removesuffix(".weight"): LinearSpec("lowrank", rank=int(r), factor_quantizer=factor_quantizer)
             for name, r in ranks.items()}
 
@@ -224,7 +227,8 @@ def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: s
                              "use kind='entropy' (what allocate() returns) or compress_model for other kinds")
         chosen[n] = (m, spec)
     if not chosen:
-        raise ValueError("the policy selects no layer: pass allocate()'s result or {pattern: LinearSpec('entropy', ...)}")
+        raise ValueError("the policy selects no layer: pass allocate()'s result or "
+                         "{pattern: LinearSpec('entropy', ...)}")
     stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=True)
     report = CompressionReport()
     for name, (module, spec) in tqdm(chosen.items(), desc="gptq", unit="layer", disable=not progress):

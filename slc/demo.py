@@ -102,7 +102,8 @@ def model_round_trip(folder, n_tokens: int = 24, text_chars: int = 4000) -> list
     fp32 = memory.measure_load(functools.partial(memory.load_pretrained, str(model_dir("smollm2-135m"))))
     ppl0 = metrics.perplexity(model, tok, text)
     sample0, tps0 = metrics.generate_greedy(model, tok, PROMPT, n_tokens)
-    rows = [{"model": "fp32", "bits/weight": 32.0, "file MB": (model_dir("smollm2-135m") / "model.safetensors").stat().st_size / 1e6,
+    rows = [{"model": "fp32", "bits/weight": 32.0,
+             "file MB": (model_dir("smollm2-135m") / "model.safetensors").stat().st_size / 1e6,
              "perplexity": ppl0, "Δppl %": 0.0, "load RSS MB": fp32["growth"] / 2**20, "RSS × fp32": 1.0,
              "tok/s": tps0, "sample": sample0}]
     variants = (("int8/channel", "quantized", None), ("int8/channel + rANS", "entropy", None),

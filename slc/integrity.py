@@ -76,7 +76,8 @@ def verify_checksums(tensors: dict, checksums, where: str = "") -> None:
     """
     at = f"{where}: " if where else ""
     if not isinstance(checksums, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v) for k, v in checksums.items()):
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v)
+            for k, v in checksums.items()):
         raise FormatError(f"{at}checksums must map tensor names to 8 hex digits")
     missing = sorted(set(tensors) - set(checksums))
     extra = sorted(set(checksums) - set(tensors))

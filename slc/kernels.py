@@ -127,11 +127,12 @@ def packed4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     n, k = shape
     if not packed_usable(x, k, group_size) or packed.dtype != torch.uint8 or packed.numel() != n * k // 2:
         raise ValueError("packed4_linear needs a CPU float32 input of at most MAX_ROWS rows without autograd, an even "
-                         f"width and group size, and n*k/2 packed bytes; got x {x.dtype} {tuple(x.shape)}, shape {shape}, "
-                         f"group_size {group_size}, packed {packed.dtype} {packed.numel()}")
+                         f"width and group size, and n*k/2 packed bytes; got x {x.dtype} {tuple(x.shape)}, "
+                         f"shape {shape}, group_size {group_size}, packed {packed.dtype} {packed.numel()}")
     groups = k // group_size
     s = scale.detach().to(torch.float32).reshape(n, groups).contiguous()
-    zp = (torch.zeros(1, 1) if zero_point is None else zero_point.detach().to(torch.float32)).reshape(-1, groups if zero_point is not None else 1).contiguous()
+    zp = torch.zeros(1, 1) if zero_point is None else zero_point.detach().to(torch.float32)
+    zp = zp.reshape(-1, groups if zero_point is not None else 1).contiguous()
     x2 = x.detach().reshape(-1, k).contiguous()
     out = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _packed_rows(x2.numpy(), packed.contiguous().numpy(), s.numpy(), zp.numpy(), zero_point is not None,

@@ -315,7 +315,8 @@ def _check_meta(meta) -> dict:
     if dtype not in _NAMES:
         raise FormatError(f"dtype {dtype!r} is not one of {sorted(_NAMES)}")
     dt = _NAMES[dtype]
-    if not isinstance(planes, list) or [p.get("name") if isinstance(p, dict) else None for p in planes] != plane_names(dt):
+    if (not isinstance(planes, list)
+            or [p.get("name") if isinstance(p, dict) else None for p in planes] != plane_names(dt)):
         raise FormatError(f"planes must be {plane_names(dt)} for {dtype}")
     numel = int(np.prod(shape))
     for p in planes:

@@ -265,7 +265,8 @@ def logits_cosine(model_a, model_b, tokenizer, text: str, max_tokens: int = 256)
 
     la, lb = logits(model_a).double(), logits(model_b).double()
     if la.shape != lb.shape:
-        raise ValueError(f"logits shapes differ ({tuple(la.shape)} vs {tuple(lb.shape)}): use the same text and max_tokens")
+        raise ValueError(f"logits shapes differ ({tuple(la.shape)} vs {tuple(lb.shape)}): "
+                         "use the same text and max_tokens")
     return float(torch.nn.functional.cosine_similarity(la, lb, dim=-1).mean())
 
 

@@ -131,14 +131,16 @@ class LinearSpec:
     >>> LinearSpec.from_dict(spec.to_dict()) == spec
     True
     """
-    kind: str = "quantized"                              # "quantized", "entropy" or "lowrank"
+    kind: str = "quantized"                            # "quantized", "entropy" or "lowrank"
     quantizer: Quantizer = field(default_factory=Quantizer)  # quantized/entropy codes: int8, symmetric, per output row
-    rank: int | None = None                              # lowrank: keep this many singular values, or
-    energy: float | None = None                          # lowrank: ... the fewest keeping this fraction of sum(S**2), or
-    error: float | None = None                           # lowrank: ... the fewest with ||W - W_r|| / ||W|| <= error
-    factor_quantizer: Quantizer | None = None            # lowrank: quantise Vh and U^T (channel = one scale per singular vector); None keeps float
-    predictor: str = "auto"                              # entropy: "none", "left" or "auto" (lower entropy wins)
-    cache: DecodeCache | None = field(default=None, compare=False)  # entropy: shared LRU of decoded codes; None decodes every forward
+    rank: int | None = None                            # lowrank: keep this many singular values, or
+    energy: float | None = None                        # lowrank: ... the fewest keeping this fraction of sum(S**2), or
+    error: float | None = None                         # lowrank: ... the fewest with ||W - W_r|| / ||W|| <= error
+    # lowrank: quantise Vh and U^T (channel = one scale per singular vector); None keeps float
+    factor_quantizer: Quantizer | None = None
+    predictor: str = "auto"                            # entropy: "none", "left" or "auto" (lower entropy wins)
+    # entropy: shared LRU of decoded codes; None decodes every forward
+    cache: DecodeCache | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -147,12 +149,16 @@ class LinearSpec:
             raise TypeError(f"quantizer must be an slc.Quantizer, got {type(self.quantizer).__name__}; "
                             "e.g. Quantizer(bits=8, granularity='channel')")
         if self.factor_quantizer is not None and not isinstance(self.factor_quantizer, Quantizer):
-            raise TypeError(f"factor_quantizer must be an slc.Quantizer or None, got {type(self.factor_quantizer).__name__}")
-        targets = {k: v for k, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error)) if v is not None}
+            raise TypeError("factor_quantizer must be an slc.Quantizer or None, "
+                            f"got {type(self.factor_quantizer).__name__}")
+        targets = {k: v for k, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error))
+                   if v is not None}
         if self.kind == "lowrank":
             if len(targets) != 1:
-                raise ValueError(f"kind='lowrank' needs exactly one of rank=, energy=, error= (got {sorted(targets) or 'none'})")
-            if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+                raise ValueError("kind='lowrank' needs exactly one of rank=, energy=, error= "
+                                 f"(got {sorted(targets) or 'none'})")
+            if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                          or self.rank < 1):
                 raise ValueError(f"rank={self.rank!r} must be an int >= 1")
             if self.energy is not None and not 0 < self.energy <= 1:
                 raise ValueError(f"energy={self.energy} must be a fraction in (0, 1], e.g. 0.9")
@@ -173,7 +179,8 @@ class LinearSpec:
             return self.quantizer.describe()
         if self.kind == "entropy":
             return self.quantizer.describe() + "+rANS"
-        target = next(f"{k}={v}" for k, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error)) if v is not None)
+        target = next(f"{k}={v}" for k, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error))
+                      if v is not None)
         fq = self.factor_quantizer
         return f"lowrank({target}{', ' + fq.describe() if fq else ''})"
 
@@ -239,11 +246,13 @@ def int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_p
     with it), converting a big weight (an lm_head) 1024 rows at a time; fp16 dequantises (codes * x
     sums can overflow fp16). Why, with timings: bench/results/int_linear.md.
     """
-    if q.mode == "affine" and zero_point is None and q.bits == 8 and q.granularity == "channel" and q.axis in (0, -2) and codes.dtype == torch.int8:
+    if (q.mode == "affine" and zero_point is None and q.bits == 8 and q.granularity == "channel" and q.axis in (0, -2)
+            and codes.dtype == torch.int8):
         k, rows = x.shape[-1], x.numel() // max(x.shape[-1], 1)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= 16 and k % 32 == 0:
             # the CPU kernel reads out of bounds unless K is a multiple of 16 (found by test; 32 for margin)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k).contiguous(), codes, scale.reshape(-1).to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k).contiguous(), codes,
+                                                   scale.reshape(-1).to(x.dtype))
             return y.reshape(*x.shape[:-1], codes.shape[0])
         if kernels.usable(x, codes):                                 # fp32, a few rows: read the int8 codes directly
             return kernels.int8_linear(x, codes, scale)
@@ -253,7 +262,8 @@ def int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_p
                 return F.linear(x, codes.to(x.dtype)) * s
             out = x.new_empty(*x.shape[:-1], codes.shape[0])       # big (an lm_head): convert 1024 rows at a time
             for i in range(0, codes.shape[0], _CHUNK_ROWS):
-                torch.mul(F.linear(x, codes[i:i + _CHUNK_ROWS].to(x.dtype)), s[i:i + _CHUNK_ROWS], out=out[..., i:i + _CHUNK_ROWS])
+                torch.mul(F.linear(x, codes[i:i + _CHUNK_ROWS].to(x.dtype)), s[i:i + _CHUNK_ROWS],
+                          out=out[..., i:i + _CHUNK_ROWS])
             return out
     w = QuantizedTensor(codes, scale, zero_point, q, tuple(shape), x.dtype).dequantize()
     return F.linear(x, w)
@@ -272,7 +282,8 @@ class CompressedLinear(nn.Module):
 
     def __init__(self, meta: dict, buffers: dict[str, torch.Tensor], cache: DecodeCache | None = None):
         super().__init__()
-        self.meta = meta                                            # JSON-able: kind, shape, dtype, quantizers, buffer layout
+        # JSON-able: kind, shape, dtype, quantizers, buffer layout
+        self.meta = meta
         self.kind = meta["kind"]
         self.in_features, self.out_features = meta["in_features"], meta["out_features"]
         self.quantizer = None if meta.get("quantizer") is None else Quantizer.from_dict(meta["quantizer"])
@@ -284,8 +295,10 @@ class CompressedLinear(nn.Module):
         self.cache = cache
         self.n_decodes = 0                                          # entropy: how many times the weight was decoded
         self.decode_seconds = 0.0                                   # entropy: total time spent decoding
-        self.decode_backend = "auto"                                # entropy: "auto" (numba on CPU, torch elsewhere) or "torch"
-        self._uid = next(_uids)                                     # cache key (a deepcopy shares it; the owner check tells them apart)
+        # entropy: "auto" (numba on CPU, torch elsewhere) or "torch"
+        self.decode_backend = "auto"
+        # cache key (a deepcopy shares it; the owner check tells them apart)
+        self._uid = next(_uids)
 
     # --- building ---------------------------------------------------------------------------------
     @classmethod
@@ -400,7 +413,8 @@ class CompressedLinear(nn.Module):
         if self.kind == "lowrank":
             raise ValueError("a lowrank layer has no single QuantizedTensor; use weight_dense()")
         codes = self._decode() if self.kind == "entropy" else self._codes()
-        return QuantizedTensor(codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape, self.dtype)
+        return QuantizedTensor(codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape,
+                               self.dtype)
 
     def _factor(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         """lowrank: Vh (r, n) or U^T (r, m) as floats in `dtype`."""
@@ -416,7 +430,8 @@ class CompressedLinear(nn.Module):
         dtype = dtype or self.dtype
         if self.kind == "lowrank":
             r = self.s.numel()
-            ut, vh = self._factor("ut", r, self.out_features, torch.float32), self._factor("vh", r, self.in_features, torch.float32)
+            ut = self._factor("ut", r, self.out_features, torch.float32)
+            vh = self._factor("vh", r, self.in_features, torch.float32)
             return ((ut.T * self.s) @ vh).to(dtype)
         return self.quantized().dequantize(dtype=dtype)
 
@@ -455,14 +470,15 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         how = self.kind
         if self.kind == "lowrank":
-            how += f", rank={self.s.numel()}" + (f", {self.factor_quantizer.describe()}" if self.factor_quantizer else "")
+            how += f", rank={self.s.numel()}" + (f", {self.factor_quantizer.describe()}"
+                                                  if self.factor_quantizer else "")
         else:
             how += f", {self.quantizer.describe()}"
         return (f"{how}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits/weight={self.bits_per_weight:.2f}, bias={self.bias is not None}")
 
     # --- module plumbing --------------------------------------------------------------------------
-    _FLOAT_DATA = ("bias", "vh", "ut")                              # follow .to(dtype); every other buffer keeps its dtype
+    _FLOAT_DATA = ("bias", "vh", "ut")                          # follow .to(dtype); every other buffer keeps its dtype
 
     def _apply(self, fn, recurse=True):
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
@@ -581,7 +597,8 @@ def _codes_layout(q: Quantizer, shape, prefix: str = "") -> dict:
     if q.mode == "ecsq":
         codes = [("int16", "int32"), list(shape)]                   # ecsq codes are as wide as they need
     else:
-        codes = ["uint8" if q.scheme == "asymmetric" or _packed(q) else "int8", [(n + 1) // 2] if _packed(q) else list(shape)]
+        codes = ["uint8" if q.scheme == "asymmetric" or _packed(q) else "int8",
+                 [(n + 1) // 2] if _packed(q) else list(shape)]
     scale = ["float32", list(q.scale_shape(shape))]
     out = {prefix + "codes": codes, prefix + "scale": scale}
     if q.scheme == "asymmetric":

@@ -163,7 +163,8 @@ class Quantizer:
         return 2 ** self.bits - 1 if self.scheme == "asymmetric" else 2 ** (self.bits - 1) - 1
 
     def describe(self) -> str:
-        g = {"tensor": "tensor", "channel": f"channel(axis={self.axis})", "group": f"group{self.group_size}"}[self.granularity]
+        g = {"tensor": "tensor", "channel": f"channel(axis={self.axis})",
+             "group": f"group{self.group_size}"}[self.granularity]
         if self.mode == "ecsq":
             dz = f"/dz{self.dead_zone:g}" if self.dead_zone else ""
             ref = "" if self.reference == "rms" else f"x{self.reference}"
@@ -237,7 +238,7 @@ class Quantizer:
             hi = blocks.amax(dim=-1, keepdim=True)
             scale = (hi - lo) / self.qmax
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            zero_point = -lo / scale                                           # float zero point: lo maps to code 0 exactly
+            zero_point = -lo / scale                                    # float zero point: lo maps to code 0 exactly
             codes = torch.round(blocks / scale + zero_point).clamp_(0, self.qmax)
         stored = torch.uint8 if self.scheme == "asymmetric" else torch.int8
         codes = self.unblock(codes.to(stored), w.shape)

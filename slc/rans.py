@@ -491,7 +491,8 @@ class RansStream:
         if f.ndim != 1 or not 1 <= f.size <= ALPHABET_LIMIT or f.dtype.kind not in "iu":
             raise FormatError(f"freqs must be a 1-D integer array of 1..65536 entries, got {f.dtype} {f.shape}")
         if int(f.astype(np.int64).sum()) != 1 << self.scale_bits or f.min() < 0:
-            raise FormatError(f"freqs sum to {int(f.astype(np.int64).sum())}, not 2**scale_bits = {1 << self.scale_bits}")
+            raise FormatError(f"freqs sum to {int(f.astype(np.int64).sum())}, "
+                              f"not 2**scale_bits = {1 << self.scale_bits}")
         if np.shape(self.states) != (self.lanes,) or np.asarray(self.states).dtype != np.uint32:
             raise FormatError(f"states must be {self.lanes} uint32 values, got {np.asarray(self.states).dtype} "
                               f"{np.shape(self.states)}")

@@ -14,8 +14,8 @@ Predictors turn codes into residuals that may be cheaper to code:
           compared are kept in `predictor_entropies` so the choice can be shown, not assumed.
 On real int8 weights `left` usually *raises* the entropy (neighbouring weights are
 nearly independent), although an earlier prototype (CodecLLM) credited LEFT for its 1.6-3.5x
-per-layer compression on TinyLlama without ever comparing it with no predictor; `auto` keeps `none`. The predictors and the
-symbol mappings themselves live in slc.symbols.
+per-layer compression on TinyLlama without ever comparing it with no predictor; `auto` keeps `none`.
+The predictors and the symbol mappings themselves live in slc.symbols.
 
 Three modes share this class's interface (buffers / meta / bytes / decompress):
     affine    Quantizer(bits=...): codes in [0, 2**bits) are the rANS symbols (format v1).
@@ -267,7 +267,8 @@ class CompressedTensor:
         zp = b"" if self.zero_point is None else self.zero_point.float().contiguous().numpy().astype("<f4").tobytes()
         stream = self.stream.to_bytes()
         ecsq = self.quantizer.mode == "ecsq"
-        esc = [struct.pack("<I", 4 * self.escapes.numel()), self.escapes.numpy().astype("<i4").tobytes()] if ecsq else []
+        esc = ([struct.pack("<I", 4 * self.escapes.numel()), self.escapes.numpy().astype("<i4").tobytes()]
+               if ecsq else [])
         body = b"".join([MAGIC, struct.pack("<BI", VERSION_ECSQ if ecsq else VERSION, len(header)), header,
                          struct.pack("<I", len(scale)), scale, struct.pack("<I", len(zp)), zp, *esc,
                          struct.pack("<I", len(stream)), stream])
@@ -360,7 +361,8 @@ def check_header(meta) -> dict:
         raise FormatError("compressed tensor header must be a JSON object")
     try:
         shape = meta["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                  for d in shape):
             raise FormatError(f"shape must be a list of positive ints, got {shape!r}")
         if len(shape) > 8 or int(np.prod(shape, dtype=np.float64)) > MAX_NUMEL:
             raise FormatError(f"shape {shape} is too large")

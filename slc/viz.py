@@ -82,7 +82,8 @@ def table(rows: list[dict], columns: Iterable[str] | None = None, digits: int = 
     cells = [[c for c in columns]] + [[v if isinstance(v, str) else sig(v, digits) for v in (r.get(c) for c in columns)]
                                       for r in rows]
     width = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(s.rjust(w) if j else s.ljust(w) for j, (s, w) in enumerate(zip(row, width))) for row in cells]
+    lines = ["  ".join(s.rjust(w) if j else s.ljust(w) for j, (s, w) in enumerate(zip(row, width, strict=True)))
+             for row in cells]
     lines.insert(1, "  ".join("-" * w for w in width))
     return "\n".join(lines)
 
@@ -166,7 +167,8 @@ def codec_sizes(qt, zstd_level: int = 19) -> dict[str, int]:
     import zstandard
 
 
-    raw = qt.codes.detach().cpu().contiguous().numpy().astype(np.int8 if qt.quantizer.scheme == "symmetric" else np.uint8).tobytes()
+    dtype = np.int8 if qt.quantizer.scheme == "symmetric" else np.uint8
+    raw = qt.codes.detach().cpu().contiguous().numpy().astype(dtype).tobytes()
     ct = CompressedTensor.from_quantized(qt, predictor="auto")
     return {
         "fp32": qt.numel * 4,
@@ -180,7 +182,8 @@ def codec_sizes(qt, zstd_level: int = 19) -> dict[str, int]:
     }
 
 
-def size_figure(sizes: dict[str, int], numel: int, title: str = "Bits per weight, same codes, different coders") -> go.Figure:
+def size_figure(sizes: dict[str, int], numel: int,
+                title: str = "Bits per weight, same codes, different coders") -> go.Figure:
     names = list(sizes)
     bpw = [8 * sizes[k] / numel for k in names]
     color = [COLORS[1] if k in ("rANS stream", "slc file") else COLORS[2] if k == "entropy bound" else COLORS[0]
@@ -302,8 +305,9 @@ def overview_figure(rows: list[dict], value: str = "output SNR dB",
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["layer"], r["config"]): r for r in rows}
-    z = np.array([[cell[(l, c)][value] for c in configs] for l in layers], dtype=np.float32)
-    text = [[f"{cell[(l, c)][value]:.1f} dB<br>{cell[(l, c)]['bits/weight']:.2f} b/w" for c in configs] for l in layers]
+    z = np.array([[cell[(layer, c)][value] for c in configs] for layer in layers], dtype=np.float32)
+    text = [[f"{cell[(layer, c)][value]:.1f} dB<br>{cell[(layer, c)]['bits/weight']:.2f} b/w" for c in configs]
+            for layer in layers]
     fig = go.Figure(go.Heatmap(z=z, x=configs, y=layers, text=text, texttemplate="%{text}", textfont_size=9,
                                colorscale="RdYlGn", colorbar=dict(title="dB"),
                                hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>"))
@@ -401,7 +405,8 @@ class LayerExplorer:
                            legend=dict(x=1, xanchor="right", y=1))
         cos = go.Figure(go.Scatter(x=[0], y=[1], mode="lines"))
         cos.update_layout(xaxis_title="token", yaxis_title="cosine(y, ŷ)")
-        for f, t in zip((heat, hist, spec, cos), ("|error|", "stored codes", "singular values", "output cosine per token")):
+        for f, t in zip((heat, hist, spec, cos),
+                        ("|error|", "stored codes", "singular values", "output cosine per token"), strict=True):
             f.update_layout(title=t)
         return [heat, hist, spec, cos]
 
@@ -430,7 +435,8 @@ class LayerExplorer:
             spec_f.layout.shapes = [] if spec.kind != "lowrank" else [dict(
                 type="line", x0=spec.rank, x1=spec.rank, xref="x", y0=0, y1=1, yref="paper",
                 line=dict(dash="dot", color="#666"))]
-            spec_f.layout.title.text = "singular values" + (f" (rank {spec.rank} kept)" if spec.kind == "lowrank" else "")
+            spec_f.layout.title.text = ("singular values"
+                                        + (f" (rank {spec.rank} kept)" if spec.kind == "lowrank" else ""))
         with cos_f.batch_update():
             tc = r["token_cosine"].numpy()
             cos_f.data[0].x, cos_f.data[0].y = np.arange(tc.size), tc
@@ -507,7 +513,8 @@ def curve_figure(rows: list[dict], x: str, y: str, by: str, title: str, log_y: b
 def rank_figure(ranks: dict[str, dict[str, int]], title: str = "Rank given to each layer") -> go.Figure:
     """Grouped bars: for each method, the rank of every layer."""
     layers = list(next(iter(ranks.values())))
-    fig = go.Figure([go.Bar(name=m, x=[short_name(n) for n in layers], y=[r[n] for n in layers]) for m, r in ranks.items()])
+    fig = go.Figure([go.Bar(name=m, x=[short_name(n) for n in layers], y=[r[n] for n in layers])
+                     for m, r in ranks.items()])
     fig.update_layout(title=title, barmode="group", yaxis_title="rank", xaxis_tickangle=-45, height=420)
     return fig
 
@@ -536,7 +543,8 @@ def spectrum_rows(spectra: dict[str, np.ndarray], kinds: dict[str, list[str]]) -
     rows = []
     for kind, names in kinds.items():
         full = len(spectra[names[0]])
-        top = [float((spectra[k][: full // 4].astype(np.float64) ** 2).sum() / (spectra[k].astype(np.float64) ** 2).sum())
+        top = [float((spectra[k][: full // 4].astype(np.float64) ** 2).sum()
+                     / (spectra[k].astype(np.float64) ** 2).sum())
                for k in names]
         r90 = [choose_rank(torch.from_numpy(np.asarray(spectra[k])), energy=0.9) for k in names]
         rows.append({"kind": kind, "layers": len(names), "energy in top 25 % of σ": float(np.median(top)),
