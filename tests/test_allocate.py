@@ -1,7 +1,6 @@
 """Budgeted allocation: hits the budget (all overhead, as compress_model reports it), spends bits where they matter."""
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,7 +57,7 @@ def test_sweep_matches_quantizer_exactly():
     xs, ow = torch.rand(64, generator=g).double(), torch.rand(24, generator=g).double()
     for gran, gs in (("channel", None), ("group", 16)):
         steps = [0.05, 0.3, 1.7]
-        for r, s in zip(sweep(w, steps, xs, ow, gran, gs), steps):
+        for r, s in zip(sweep(w, steps, xs, ow, gran, gs), steps, strict=True):
             dw = (Quantizer(mode="ecsq", step=s, granularity=gran, group_size=gs).quantize(w).dequantize() - w).double()
             assert r["distortion"] == pytest.approx(float(((dw.pow(2) @ xs) * ow).sum()), rel=1e-9)
 

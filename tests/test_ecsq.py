@@ -79,7 +79,8 @@ def test_split_join_escapes_forced():
 
 
 def test_zigzag_known_values():
-    assert zigzag(np.array([0, -1, 1, -2, 2, 2 ** 31 - 1, -2 ** 31])).tolist() == [0, 1, 2, 3, 4, 2 ** 32 - 2, 2 ** 32 - 1]
+    assert (zigzag(np.array([0, -1, 1, -2, 2, 2 ** 31 - 1, -2 ** 31])).tolist()
+            == [0, 1, 2, 3, 4, 2 ** 32 - 2, 2 ** 32 - 1])
     x = np.arange(-1000, 1000)
     assert np.array_equal(unzigzag(zigzag(x)), x)
 

@@ -32,7 +32,8 @@ def test_frontier_figure_one_trace_per_family_and_panel():
     assert [(t.name, t.xaxis) for t in fig.data] == [("GGUF", "x"), ("ECSQ (one step)", "x"),
                                                       ("GGUF", "x2"), ("ECSQ (one step)", "x2")]
     gguf = fig.data[0]
-    assert list(gguf.x) == [4.5, 8.5] and list(gguf.y) == [20.0, 16.1]          # sorted by bits; the fp32 row is no trace
+    # sorted by bits; the fp32 row is no trace
+    assert list(gguf.x) == [4.5, 8.5] and list(gguf.y) == [20.0, 16.1]
     assert list(fig.data[2].y) == pytest.approx([0.03, 2e-4])                   # MiniLM panel: 1 - cos
     assert [t.showlegend for t in fig.data] == [True, True, False, False]       # one legend entry per family
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
@@ -67,9 +68,10 @@ def test_bench_rows_go_to_plain_json_and_back(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import frontier
 
-    bench = type("B", (), {"rows": [frontier.Row("minilm-l6", "fp32", "fp32 (reference)", 32.0, None, math.inf, None, 1.0),
-                                    frontier.Row("minilm-l6", "lossless", "lossless fp32", 26.4, 0.5, math.inf, None, 1.0,
-                                                 extra={"ratio": 0.826})]})()
+    rows = [frontier.Row("minilm-l6", "fp32", "fp32 (reference)", 32.0, None, math.inf, None, 1.0),
+            frontier.Row("minilm-l6", "lossless", "lossless fp32", 26.4, 0.5, math.inf, None, 1.0,
+                         extra={"ratio": 0.826})]
+    bench = type("B", (), {"rows": rows})()
     path = tmp_path / "f.json"
     frontier.write_json(path, frontier.row_dicts(bench), {"command": "x"}, ["- target"])
     text = path.read_text()

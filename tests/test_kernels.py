@@ -82,7 +82,7 @@ def test_concurrent_calls_from_threads_are_correct():
     for t in threads:
         t.join()
     assert not errors
-    for x, y in zip(xs, out):
+    for x, y in zip(xs, out, strict=True):
         assert torch.allclose(y, reference(x, codes, scale), rtol=1e-5, atol=1e-6)
 
 
@@ -130,7 +130,8 @@ def test_packed_kernel_matches_dequantised_weight(quantizer, rows):
 
 
 def test_packed_kernel_refuses_what_it_cannot_do():
-    cl = CompressedLinear.from_linear(torch.nn.Linear(10, 4), LinearSpec("quantized", Quantizer(bits=4, granularity="group", group_size=5)))
+    cl = CompressedLinear.from_linear(torch.nn.Linear(10, 4),
+                                      LinearSpec("quantized", Quantizer(bits=4, granularity="group", group_size=5)))
     x = torch.randn(1, 10)
     assert not kernels.packed_usable(x, 10, 5)                      # odd group size: torch path instead
     assert torch.allclose(cl(x), F.linear(x, cl.weight_dense(torch.float32), cl.bias), atol=1e-5)

@@ -47,7 +47,7 @@ def test_energy_target_is_met_by_the_smallest_rank(minilm, energy):
     for w in minilm.values():
         S = torch.linalg.svdvals(w.double())
         r = low_rank(w, energy=energy).rank
-        kept = lambda k: float((S[:k] ** 2).sum() / (S ** 2).sum())
+        kept = lambda k, S=S: float((S[:k] ** 2).sum() / (S ** 2).sum())
         assert kept(r) >= energy - 1e-9 and (r == 1 or kept(r - 1) < energy)
 
 

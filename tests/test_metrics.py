@@ -132,7 +132,8 @@ def test_capture_inputs_shapes(arch):
 
 def test_capture_inputs_chosen_and_unknown_names():
     model = tiny_model("llama")
-    acts = metrics.capture_inputs(model, TEXT, ByteTokenizer(), module_names=["model.layers.1.mlp.down_proj"], max_tokens=8)
+    acts = metrics.capture_inputs(model, TEXT, ByteTokenizer(), module_names=["model.layers.1.mlp.down_proj"],
+                                  max_tokens=8)
     assert list(acts) == ["model.layers.1.mlp.down_proj"] and acts["model.layers.1.mlp.down_proj"].shape == (8, 64)
     with pytest.raises(ValueError, match="no module named"):
         metrics.capture_inputs(model, TEXT, ByteTokenizer(), module_names=["nope"])
@@ -157,7 +158,8 @@ def test_compare_layers_with_compressed_linear():
 
     dense = tiny_model("llama")
     comp = copy.deepcopy(dense)
-    comp.model.layers[1].self_attn.q_proj = CompressedLinear.from_linear(comp.model.layers[1].self_attn.q_proj, LinearSpec())
+    comp.model.layers[1].self_attn.q_proj = CompressedLinear.from_linear(comp.model.layers[1].self_attn.q_proj,
+                                                                         LinearSpec())
     rows = metrics.compare_layers(dense, comp, ByteTokenizer(), TEXT, max_tokens=32)
     assert len(rows) == 1 and rows[0]["kind"] == "CompressedLinear"
     assert rows[0]["cosine"] > 0.999 and rows[0]["snr_db"] > 30                 # int8 per channel

@@ -2,7 +2,6 @@
 import doctest
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -62,7 +61,8 @@ def test_compress_model_logits_and_report(arch, spec, bound):
     t = report.totals()
     assert t["layers"] == len(compressed_layers(model)) == n_before - 1        # every linear but lm_head
     assert [n for n, why in report.skipped if why != "embedding"] == ["lm_head"]
-    assert ("lm_head", "default skip '*lm_head*'") in report.skipped and any(w == "embedding" for _, w in report.skipped)
+    assert (("lm_head", "default skip '*lm_head*'") in report.skipped
+            and any(w == "embedding" for _, w in report.skipped))
     assert t["bytes_before"] == sum(r.bytes_before for r in report.rows) == 4 * t["params"]
     assert t["bytes_after"] == sum(m.nbytes for m in compressed_layers(model).values())
     assert t["bits_per_weight"] == pytest.approx(8 * t["bytes_after"] / t["params"])
@@ -88,7 +88,7 @@ def test_save_load_round_trip_is_bit_identical(arch, spec, bound, tmp_path):
     before, after = model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys()
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
-    for name, layer in compressed_layers(loaded).items():
+    for _, layer in compressed_layers(loaded).items():
         assert layer.kind == spec.kind and not any(b.is_meta for b in layer.buffers())
         if spec.kind == "quantized" and spec.quantizer.bits == 8:
             assert layer.codes.dtype == torch.int8                                 # INT8 stays INT8 in memory
@@ -200,12 +200,15 @@ CORRUPTIONS = {
     "not slc": (lambda t, m: (t, {**m, "format": "other"}), "format"),
     "unknown architecture": (lambda t, m: (t, {**m, "architecture": "os.system"}), "architecture"),
     "missing tensor": (lambda t, m: ({k: v for k, v in t.items() if not k.endswith("c_fc.codes")}, m), "missing"),
-    "wrong dtype": (lambda t, m: ({**t, "transformer.h.0.mlp.c_fc.codes": t["transformer.h.0.mlp.c_fc.codes"].to(torch.int16)}, m), "int16"),
+    "wrong dtype": (lambda t, m: ({**t, "transformer.h.0.mlp.c_fc.codes":
+                                   t["transformer.h.0.mlp.c_fc.codes"].to(torch.int16)}, m), "int16"),
     "wrong shape": (lambda t, m: ({**t, "transformer.h.0.mlp.c_fc.scale": torch.ones(3, 1)}, m), "shape"),
     "layer meta lies": (lambda t, m: (t, {**m, "layers": {**m["layers"], "transformer.h.0.mlp.c_fc": {
         **m["layers"]["transformer.h.0.mlp.c_fc"], "in_features": 31}}}), "in_features|31|shape"),
-    "corrupt stream": (lambda t, m: ({**t, "transformer.h.0.attn.c_attn.states": torch.zeros_like(t["transformer.h.0.attn.c_attn.states"])}, m), "state|stream|L"),
-    "no such layer": (lambda t, m: (t, {**m, "layers": {"transformer.h.9.mlp.c_fc": m["layers"]["transformer.h.0.mlp.c_fc"]}}), "does not exist"),
+    "corrupt stream": (lambda t, m: ({**t, "transformer.h.0.attn.c_attn.states":
+                                      torch.zeros_like(t["transformer.h.0.attn.c_attn.states"])}, m), "state|stream|L"),
+    "no such layer": (lambda t, m: (t, {**m, "layers": {"transformer.h.9.mlp.c_fc":
+                                                        m["layers"]["transformer.h.0.mlp.c_fc"]}}), "does not exist"),
 }
 
 

@@ -22,7 +22,8 @@ SPECS = [
     pytest.param(LinearSpec(quantizer=Quantizer(scheme="asymmetric")), 0.01, id="int8-asym"),
     pytest.param(LinearSpec(quantizer=Quantizer(bits=4, granularity="group", group_size=16)), 0.15, id="int4-group16"),
     pytest.param(LinearSpec("entropy"), 0.01, id="int8+rans"),
-    pytest.param(LinearSpec("entropy", quantizer=Quantizer(bits=4, granularity="group", group_size=16)), 0.15, id="int4+rans"),
+    pytest.param(LinearSpec("entropy", quantizer=Quantizer(bits=4, granularity="group", group_size=16)), 0.15,
+                 id="int4+rans"),
     pytest.param(LinearSpec("entropy", quantizer=Quantizer(mode="ecsq", step=0.1)), 0.05, id="ecsq+rans"),
     pytest.param(LinearSpec("lowrank", rank=min(IN, OUT)), 1e-5, id="lowrank-full"),
     pytest.param(LinearSpec("lowrank", rank=min(IN, OUT), factor_quantizer=Quantizer()), 0.02, id="lowrank-full-int8"),
@@ -137,11 +138,13 @@ def test_sizes_and_extra_repr():
     cl = CompressedLinear.from_linear(make_linear(), LinearSpec())
     assert cl.nbytes == OUT * IN + 4 * OUT                             # int8 codes + one float32 scale per row
     assert cl.bits_per_weight == pytest.approx(8 + 32 / IN)
-    int4 = CompressedLinear.from_linear(make_linear(), LinearSpec(quantizer=Quantizer(bits=4, granularity="group", group_size=16)))
+    int4 = CompressedLinear.from_linear(make_linear(),
+                                        LinearSpec(quantizer=Quantizer(bits=4, granularity="group", group_size=16)))
     assert int4.codes.dtype == torch.uint8 and int4.codes.numel() == OUT * IN // 2    # two codes per byte
     assert int4.bits_per_weight == pytest.approx(4 + 32 / 16)
     text = repr(CompressedLinear.from_linear(make_linear(), LinearSpec("entropy")))
-    assert "entropy" in text and f"in_features={IN}" in text and f"out_features={OUT}" in text and "bits/weight=" in text
+    assert ("entropy" in text and f"in_features={IN}" in text and f"out_features={OUT}" in text
+            and "bits/weight=" in text)
     assert "rank=5" in repr(CompressedLinear.from_linear(make_linear(), LinearSpec("lowrank", rank=5)))
 
 
@@ -155,7 +158,8 @@ def test_entropy_decodes_on_demand_and_counts():
                    for k, b in cl.state_dict().items() if k not in ("bias",))        # nothing decoded is kept
 
 
-@pytest.mark.parametrize("quantizer", [Quantizer(), Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=16),
+@pytest.mark.parametrize("quantizer", [Quantizer(),
+                                       Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=16),
                                        Quantizer(mode="ecsq", step=0.05)], ids=["int8", "uint4-group", "ecsq"])
 def test_torch_decoder_gives_the_same_weight(quantizer):
     """The GPU path (rans.decode_torch), run on the CPU: bit-identical to the numba decoder."""
@@ -182,11 +186,12 @@ def test_decode_cache_shared_under_a_byte_budget():
     x = torch.randn(2, IN)
     first = [layer(x) for layer in layers]
     again = [layer(x) for layer in layers]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert [layer.n_decodes for layer in layers] == [1, 1, 1] and big.hits == 3 and len(big) == 3
 
     small = DecodeCache(max_bytes=2 * OUT * IN)                         # room for two layers' int8 codes
-    layers = [CompressedLinear.from_linear(make_linear(seed=i), LinearSpec("entropy", cache=small)) for i in range(3)]
+    layers = [CompressedLinear.from_linear(make_linear(seed=i), LinearSpec("entropy", cache=small))
+              for i in range(3)]
     for layer in layers:
         layer(x)
         assert small.nbytes <= small.max_bytes
@@ -197,7 +202,8 @@ def test_decode_cache_shared_under_a_byte_budget():
     assert layers[2].n_decodes == 1
     layers[2].to(torch.float32)                                        # moving a layer drops its entry
     assert layers[2]._uid not in small._items
-    twin = copy.deepcopy(layers[1])                                    # same cache key, other words tensor: decodes its own
+    # same cache key, other words tensor: decodes its own
+    twin = copy.deepcopy(layers[1])
     twin(x)
     assert twin.n_decodes == layers[1].n_decodes + 1
 
@@ -234,7 +240,8 @@ def test_check_meta_rejects_inconsistent_layouts():
             check_meta(bad)
 
 
-@pytest.mark.parametrize("quantizer", [Quantizer(), Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=16)],
+@pytest.mark.parametrize("quantizer", [Quantizer(),
+                                       Quantizer(bits=4, scheme="asymmetric", granularity="group", group_size=16)],
                          ids=["int8-row", "uint4-group"])
 def test_compressed_embedding_and_tied_head(quantizer):
     torch.manual_seed(0)

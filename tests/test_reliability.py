@@ -698,7 +698,8 @@ def test_degenerate_but_valid_inputs_round_trip():
     for w in (torch.tensor([[0.5]]), torch.full((7, 9), 3.0), torch.zeros(4, 4), torch.randn(5, 6, dtype=torch.float64),
               torch.randn(2, 3, 8)):
         ct = CompressedTensor.compress(w)
-        assert torch.equal(CompressedTensor.from_bytes(ct.to_bytes()).decompress(), Quantizer().quantize(w).dequantize())
+        assert torch.equal(CompressedTensor.from_bytes(ct.to_bytes()).decompress(),
+                           Quantizer().quantize(w).dequantize())
 
 
 # =====================================================================================================

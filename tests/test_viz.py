@@ -28,8 +28,9 @@ def _linear(out_f=48, in_f=64, seed=0) -> torch.nn.Linear:
 
 # --- tables and numbers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("x, digits, text", [(0.000123456, 3, "0.000123"), (7.3419, 4, "7.342"), (12345.6, 3, "1.23e+04"),
-                                             (5, 3, "5"), (np.int64(7), 3, "7"), (0.0, 3, "0.0"), (None, 3, "-")])
+@pytest.mark.parametrize("x, digits, text", [(0.000123456, 3, "0.000123"), (7.3419, 4, "7.342"),
+                                             (12345.6, 3, "1.23e+04"), (5, 3, "5"), (np.int64(7), 3, "7"),
+                                             (0.0, 3, "0.0"), (None, 3, "-")])
 def test_sig(x, digits, text):
     assert viz.sig(x, digits) == text
 
@@ -39,7 +40,7 @@ def test_table_aligns_and_rounds():
     lines = t.splitlines()
     assert lines[0].split() == ["name", "v"] and set(lines[1]) <= {"-", " "}
     assert lines[2].split() == ["a", "1.2"] and lines[3].split() == ["bbb", "22"]
-    assert len({len(l) for l in lines}) == 1                     # every line padded to the same width
+    assert len({len(line) for line in lines}) == 1               # every line padded to the same width
 
 
 # --- plotly set-up -----------------------------------------------------------------------------
@@ -146,14 +147,18 @@ def test_spectrum_figure():
 
 def _small_notebook() -> nbformat.NotebookNode:
     fig = viz.code_histogram(np.arange(5))
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                                            "language_info": {"name": "python", "version": "3.11.0"}, "widgets": {"x": 1}})
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"},
+                                            "language_info": {"name": "python", "version": "3.11.0"},
+                                            "widgets": {"x": 1}})
     md = nbformat.v4.new_markdown_cell("# A title\n\n**Main takeaway:** it works.")
     code = nbformat.v4.new_code_cell("1 + 1", execution_count=1, metadata={"collapsed": True, "tags": ["x"]})
-    code.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1, metadata={"a": 1}),
+    code.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1,
+                                           metadata={"a": 1}),
                     nbformat.v4.new_output("display_data", fig._repr_mimebundle_()),
-                    nbformat.v4.new_output("display_data", {"application/vnd.jupyter.widget-view+json": {"model_id": "abc"},
-                                                            "text/plain": "VBox()"})]
+                    nbformat.v4.new_output("display_data",
+                                           {"application/vnd.jupyter.widget-view+json": {"model_id": "abc"},
+                                            "text/plain": "VBox()"})]
     nb.cells = [md, code]
     return nb
 
@@ -199,7 +204,8 @@ def test_render_writes_pages_and_index(tmp_path):
 
 
 def test_execute_runs_a_fresh_kernel(tmp_path):
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
     nb.cells = [nbformat.v4.new_code_cell("import os\nprint(os.getcwd())")]
     render.execute(nb, tmp_path, timeout=120)
     assert nb.cells[0].outputs[0].text.strip() == str(tmp_path)
@@ -239,7 +245,8 @@ def test_generic_charts():
 
 def test_ranks_and_spectra_per_kind():
     torch.manual_seed(0)
-    W = {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 48), "model.layers.1.self_attn.q_proj.weight": torch.randn(32, 48),
+    W = {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 48),
+         "model.layers.1.self_attn.q_proj.weight": torch.randn(32, 48),
          "model.layers.0.mlp.up_proj.weight": torch.randn(64, 48)}
     r = viz.uniform_ranks(W, 0.5)
     assert r["model.layers.0.self_attn.q_proj.weight"] == int(0.5 * 32 * 48 / 80)
