@@ -71,6 +71,16 @@ def _dot_row(x, xsum, buf, o, r, scale, zp, has_zp, gs, y):
 
 
 @njit(cache=True, nogil=True)
+def _count_sentinels(buf, o, cols):
+    """How many of buf[o:o + cols] are escape sentinels (a 1-D slice and a count: vectorised)."""
+    w = buf[o:o + cols]
+    k = 0
+    for t in range(cols):
+        k += w[t] >= _SENTINEL_MIN
+    return k
+
+
+@njit(cache=True, nogil=True)
 def _patch_escapes(buf, o, cols, escapes, k, k_end):
     """Replace sentinels in buf[o:o + cols] by escapes[k], escapes[k + 1], ...; returns the new k,
     or -1 when the row has more escapes than its tile may use."""
@@ -115,10 +125,7 @@ def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escap
             o = 0
             while fill - o >= cols:
                 if has_esc:
-                    mx = np.float32(0.0)
-                    for c in range(o, o + cols):
-                        mx = max(mx, buf[c])
-                    if mx >= _SENTINEL_MIN:
+                    if _count_sentinels(buf, o, cols):
                         k = _patch_escapes(buf, o, cols, escapes, k, k_end)
                         if k < 0:
                             return t
