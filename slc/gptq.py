@@ -11,7 +11,8 @@ import torch
 from .quant import QuantizedTensor
 
 
-def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01):
+def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01,
+         grid: QuantizedTensor | None = None):
     """Quantise `w` (out, in) on `quantizer`'s grid with GPTQ error feedback; returns a QuantizedTensor.
 
     Same grid and scales as quantizer.quantize(w) (for ecsq: step x row RMS of w; for affine: its
@@ -21,6 +22,8 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     (Frantar et al., 2022, with the Cholesky form of the inverse and lazy block updates). `damp`
     (fraction of the mean diagonal) keeps C invertible. Granularity: channel (axis 0) or group.
     The result goes to CompressedTensor.from_quantized like any other QuantizedTensor.
+    grid: a QuantizedTensor of w on `quantizer` whose scales (and zero points) to use instead of
+    quantizer.quantize(w)'s, e.g. slc.importance.weighted_quantize's.
     """
     w = torch.as_tensor(w).detach()
     if w.dim() != 2:
@@ -31,7 +34,9 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     rows, n = w.shape
     if tuple(x_cov.shape) != (n, n):
         raise ValueError(f"x_cov must be ({n}, {n}) for a weight with {n} inputs, got {tuple(x_cov.shape)}")
-    ref = q.quantize(w)                                              # the grid: scales (and zero points)
+    if grid is not None and (grid.quantizer != q or tuple(grid.original_shape) != tuple(w.shape)):
+        raise ValueError("grid must be a QuantizedTensor of this weight on this quantizer")
+    ref = q.quantize(w) if grid is None else grid                    # the grid: scales (and zero points)
     gs = n if q.granularity == "channel" else q.group_size
     scale = ref.scale.reshape(rows, -1).double()                     # (rows, n // gs)
     zp = None if ref.zero_point is None else ref.zero_point.reshape(rows, -1).double()

@@ -1,0 +1,299 @@
+"""Quality per bit out of domain: calibrate on slc.texts' calibration mix, evaluate on text of other kinds.
+
+    python bench/frontier_ood.py                       # every phase, both models
+    python bench/frontier_ood.py --phase weighted      # one phase (rows are merged into the JSON)
+    python bench/frontier_ood.py --report              # rewrite the table from the JSON only
+
+Calibration: `slc.texts.calibration_mix` (pydoc topics, even ones, and stdlib docstrings). Evaluation, each
+sharing no source with it: "in-domain" (held-out pydoc topics), "prose" (package READMEs and licences) and
+"code" (stdlib source never calibrated on). SmolLM2: perplexity on each set (window 512, stride 512);
+MiniLM: mean sentence-embedding cosine vs fp32 over paragraphs of each set. Every row compresses the
+nn.Linear layers inside the blocks; bits/weight count every byte those layers hold (rANS words, states,
+tables, scales, escapes), GGUF the format's own size.
+
+Phases:
+    base      fp32, GGUF Q4_0 / Q5_0, RTN int4 g32 and ECSQ one step, without and with activation-weighted scales
+    alloc     ECSQ allocated at several budgets: plain, weighted scales, + GPTQ
+    gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
+    budget    slc.compress_to_budget at several budgets
+Writes bench/results/frontier_ood.json (rows, merged across runs) and bench/results/frontier_ood.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from slc import CompressedTensor, Quantizer, metrics, models, texts  # noqa: E402
+from slc.allocate import allocate, rate_distortion  # noqa: E402
+from slc.calibrate import layer_stats  # noqa: E402
+from slc.gguf_peers import gguf_roundtrip  # noqa: E402
+from slc.gptq import gptq  # noqa: E402
+from slc.hf import target_layers  # noqa: E402
+from slc.importance import weighted_quantize  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SETS = ("in-domain", "prose", "code")
+MODELS = ("smollm2-135m", "minilm-l6")
+EVAL_CHARS = 4_000            # per evaluation set (~1 000-1 200 SmolLM2 tokens each)
+CAL_CHARS = 40_000            # calibration mix (~10 000 tokens); each use takes its first N tokens
+ALLOC_TOKENS = 1_024          # Fisher / Gauss-Newton pass of the allocation
+STATS_TOKENS = 4_096          # input moments for weighted scales and GPTQ
+BUDGETS = (3.0, 3.5, 3.825, 4.5)
+ECSQ_STEP = 0.25              # one step everywhere, ~4 bits/weight
+GPTQ_BUDGET = 3.825
+GPTQ_BUDGETS = (3.5, 3.825)
+
+
+def buffer_bits(qt) -> float:
+    ct = CompressedTensor.from_quantized(qt)
+    return 8.0 * sum(v.numel() * v.element_size() for v in ct.buffers().values())
+
+
+def paragraphs(text: str, n: int = 24, size: int = 400) -> list[str]:
+    """Pieces of about `size` characters, cut at line ends, for sentence embeddings."""
+    out, cur = [], ""
+    for line in text.splitlines(keepends=True):
+        cur += line
+        if len(cur) >= size:
+            out.append(cur.strip())
+            cur = ""
+    return [p for p in out if p][:n]
+
+
+class Bench:
+    def __init__(self, key: str):
+        self.key = key
+        self.model, self.tok = models.load(key)
+        self.lm = key == "smollm2-135m"
+        self.layers = target_layers(self.model)
+        self.orig = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        self.numel = sum(w.numel() for w in self.orig.values())
+        self.sets = texts.evaluation_sets(EVAL_CHARS)
+        self.cal = texts.calibration_mix(CAL_CHARS)
+        if not self.lm:
+            self.pieces = {k: paragraphs(v) for k, v in self.sets.items()}
+            self.ref = {k: metrics.sentence_embedding(self.model, self.tok, p).double() for k, p in self.pieces.items()}
+        self._stats = {}
+        self.phase = ""
+
+    def measure(self) -> dict:
+        if self.lm:
+            return {k: metrics.perplexity(self.model, self.tok, v, window=512, stride=512)
+                    for k, v in self.sets.items()}
+        out = {}
+        for k, p in self.pieces.items():
+            e = metrics.sentence_embedding(self.model, self.tok, p).double()
+            out[k] = float((e * self.ref[k]).sum(-1).mean())
+        return out
+
+    def score(self, w_hat: dict | None) -> dict:
+        if w_hat is None:
+            return self.measure()
+        with torch.no_grad():
+            for n, m in self.layers.items():
+                m.weight.copy_(w_hat[n].to(m.weight.dtype))
+            try:
+                return self.measure()
+            finally:
+                for n, m in self.layers.items():
+                    m.weight.copy_(self.orig[n])
+
+    def stats(self, text_key: str = "mix", tokens: int = STATS_TOKENS, full: bool = True):
+        key = (text_key, tokens, full)
+        if key not in self._stats:
+            text = self.cal if text_key == "mix" else models.calibration_text(12_000)
+            t0 = time.perf_counter()
+            self._stats[key] = layer_stats(self.model, self.tok, text, list(self.orig), tokens, full=full)
+            print(f"  stats {key}: {time.perf_counter() - t0:.0f} s", flush=True)
+        return self._stats[key]
+
+    def rd(self):
+        if not hasattr(self, "_rd"):
+            t0 = time.perf_counter()
+            self._rd = rate_distortion(self.model, self.tok, self.cal, max_tokens=ALLOC_TOKENS)
+            print(f"  rate-distortion ({self._rd.settings['sensitivity']}, {self._rd.settings['tokens']} tokens): "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        return self._rd
+
+
+def quantize_all(b: Bench, quantizers: dict, weighted: bool = False, use_gptq: bool = False, stats=None,
+                 damp: float = 0.01):
+    """Every layer on its quantiser (plain, activation-weighted scales, and/or GPTQ codes): (w_hat, bits/w)."""
+    out, bits = {}, 0.0
+    for n, w in b.orig.items():
+        q = quantizers[n]
+        qt = weighted_quantize(w, q, stats[n].x_sq) if weighted else q.quantize(w)
+        if use_gptq:
+            qt = gptq(w, stats[n].x_cov, q, damp=damp, grid=qt if weighted else None)
+        out[n] = qt.dequantize()
+        bits += buffer_bits(qt)
+    return out, bits / b.numel
+
+
+def record(rows: list, b: Bench, name: str, bits: float, w_hat, t0: float, note: str = "", group: str = ""):
+    res = b.score(w_hat)
+    row = {"model": b.key, "phase": b.phase, "name": name, "group": group, "bits": bits, "scores": res,
+           "seconds": round(time.perf_counter() - t0, 1), "note": note}
+    rows.append(row)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in res.items())
+    print(f"  {b.key:12s} {name:44s} {bits:6.3f} bits/w  {shown}  ({row['seconds']} s)", flush=True)
+    save(rows)
+    return row
+
+
+def phase_base(b: Bench, rows: list):
+    t0 = time.perf_counter()
+    record(rows, b, "fp32", 32.0, None, t0, group="reference")
+    for qtype, bits in (("Q4_0", 4.5), ("Q5_0", 5.5)):
+        t0 = time.perf_counter()
+        record(rows, b, f"GGUF {qtype}", bits, {n: gguf_roundtrip(w, qtype)[0] for n, w in b.orig.items()}, t0,
+               group="GGUF")
+    st = b.stats()
+    q4 = Quantizer(bits=4, granularity="group", group_size=32)
+    for weighted in (False, True):
+        t0 = time.perf_counter()
+        w, bits = quantize_all(b, {n: q4 for n in b.orig}, weighted, stats=st)
+        tag = " weighted" if weighted else ""
+        record(rows, b, f"RTN int4/g32{tag} + rANS", bits, w, t0, note="packed: 5.000 bits/w", group="int4 g32")
+    qe = Quantizer(mode="ecsq", step=ECSQ_STEP)
+    for weighted in (False, True):
+        t0 = time.perf_counter()
+        w, bits = quantize_all(b, {n: qe for n in b.orig}, weighted, stats=st)
+        record(rows, b, f"ECSQ step {ECSQ_STEP}{' weighted' if weighted else ''}", bits, w, t0, group="ECSQ step")
+
+
+def phase_alloc(b: Bench, rows: list):
+    rd, st = b.rd(), b.stats()
+    for budget in BUDGETS:
+        pol = allocate(b.model, b.tok, budget, rd=rd)
+        qs = {n: pol[n].quantizer for n in b.orig}
+        variants = [("", {}), (" weighted", {"weighted": True})]
+        if budget in GPTQ_BUDGETS:
+            variants.append((" weighted + GPTQ", {"weighted": True, "use_gptq": True}))
+        for label, kw in variants:
+            t0 = time.perf_counter()
+            w, bits = quantize_all(b, qs, stats=st, **kw)
+            record(rows, b, f"ECSQ allocated {budget:g}{label}", bits, w, t0, group=f"allocated{label}")
+
+
+def phase_gptq(b: Bench, rows: list):
+    pol = allocate(b.model, b.tok, GPTQ_BUDGET, rd=b.rd())
+    qs = {n: pol[n].quantizer for n in b.orig}
+    for text_key, tokens, damp in (("pydoc", 2048, 0.01), ("mix", STATS_TOKENS, 0.01), ("mix", STATS_TOKENS, 0.1),
+                                   ("mix", STATS_TOKENS, 1.0)):
+        st = b.stats(text_key, tokens)
+        t0 = time.perf_counter()
+        w, bits = quantize_all(b, qs, use_gptq=True, stats=st, damp=damp)
+        src = "pydoc slice" if text_key == "pydoc" else "calibration mix"
+        record(rows, b, f"ECSQ allocated {GPTQ_BUDGET:g} + GPTQ ({src}, {tokens} tok, damp {damp:g})", bits, w,
+               t0, group="GPTQ tuning")
+
+
+def phase_budget(b: Bench, rows: list):
+    from slc.recipe import compress_to_budget
+    for budget in BUDGETS:
+        model, tok = models.load(b.key)
+        t0 = time.perf_counter()
+        rep = compress_to_budget(model, tok, budget, calibration_text=b.cal, progress=False)
+        sd = {n: m.weight_dense(torch.float32) for n, m in
+              ((n, model.get_submodule(n)) for n in b.orig)}
+        record(rows, b, f"compress_to_budget {budget:g}", rep.bits_per_weight, sd, t0, note=rep.recipe,
+               group="compress_to_budget")
+
+
+PHASES = {"base": phase_base, "alloc": phase_alloc, "gptq": phase_gptq, "budget": phase_budget}
+
+
+def json_path() -> Path:
+    return RESULTS / "frontier_ood.json"
+
+
+def load_rows() -> list:
+    p = json_path()
+    return json.loads(p.read_text())["rows"] if p.exists() else []
+
+
+def save(rows: list) -> None:
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "eval_chars": EVAL_CHARS,
+            "cal_chars": CAL_CHARS, "alloc_tokens": ALLOC_TOKENS, "stats_tokens": STATS_TOKENS}
+    json_path().parent.mkdir(parents=True, exist_ok=True)
+    json_path().write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def report(rows: list, load_note: str) -> str:
+    lines = ["# Quality per bit out of domain (bench/frontier_ood.py)", "", load_note, "",
+             "Calibration: `slc.texts.calibration_mix` (pydoc topics, even ones, + stdlib docstrings). Evaluation "
+             f"sets ({EVAL_CHARS} characters each, none sharing a source with the calibration): in-domain = held-out "
+             "pydoc topics; prose = package READMEs + licences; code = stdlib source. Headline: out of domain "
+             "(prose). Bits/weight: every byte the compressed block layers hold; GGUF: the format's own size.",
+             "SmolLM2 ships as GGUF Q4_1: rows at ≥ 4 bits/weight are confounded by that origin (marked †); "
+             "MiniLM (true fp32) is the clean model.", ""]
+    by = {}
+    for r in rows:
+        by.setdefault(r["name"], {})[r["model"]] = r
+    ref = {m: by["fp32"][m]["scores"] for m in MODELS if "fp32" in by and m in by["fp32"]}
+    head = ["row", "SmolLM2 bits/w", "ppl in-domain", "Δ %", "ppl prose (OOD)", "Δ %", "ppl code (OOD)", "Δ %",
+            "MiniLM bits/w", "cos in-domain", "cos prose (OOD)", "cos code (OOD)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, per in by.items():
+        cells = [name]
+        s = per.get("smollm2-135m")
+        if s and "smollm2-135m" in ref:
+            mark = " †" if s["bits"] >= 4 and name != "fp32" else ""
+            cells.append(f"{s['bits']:.3f}{mark}")
+            for k in SETS:
+                v, r0 = s["scores"][k], ref["smollm2-135m"][k]
+                cells += [f"{v:.3f}", "—" if name == "fp32" else f"{100 * (v / r0 - 1):+.1f}"]
+        else:
+            cells += ["—"] * 7
+        m = per.get("minilm-l6")
+        if m:
+            cells.append(f"{m['bits']:.3f}")
+            cells += [f"{m['scores'][k]:.5f}" for k in SETS]
+        else:
+            cells += ["—"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({(r["name"], r["note"]) for r in rows if r["note"]})
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}: {t}" for n, t in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phase", action="append", choices=sorted(PHASES), help="phases to run (default: all)")
+    p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
+    p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.manual_seed(0)
+    rows = load_rows()
+    if not args.report:
+        for key in args.model or MODELS:
+            print(f"\n== {key}", flush=True)
+            b = Bench(key)
+            for ph in args.phase or list(PHASES):
+                rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph)]
+                b.phase = ph
+                PHASES[ph](b, rows)
+    note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "
+                              f"torch {torch.__version__}, 2 threads) while other jobs ran; load average at the "
+                              f"end {os.getloadavg()[0]:.1f}.")
+    (RESULTS / "frontier_ood.md").write_text(report(rows, note))
+    print(report(rows, note))
+
+
+if __name__ == "__main__":
+    main()
