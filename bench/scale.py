@@ -174,5 +174,74 @@ def main() -> None:
         RESULTS.write_text(f"# bench/scale.py\n\n{table}\n\n{note}\n")
 
 
+# ---------------------------------------------------------------------------- block-wise allocate + GPTQ rows
+
+BLOCKWISE_RESULTS = ROOT / "bench" / "results" / "scale_blockwise.md"
+
+
+class RandomTokens:
+    """A stand-in tokenizer for synthetic checkpoints (they have none): `n` seeded random ids, whatever the text."""
+
+    def __init__(self, vocab: int, n: int, seed: int = 0):
+        self.vocab, self.n, self.seed = vocab, n, seed
+
+    def __call__(self, text, return_tensors="pt"):
+        from types import SimpleNamespace
+        g = torch.Generator().manual_seed(self.seed)
+        return SimpleNamespace(input_ids=torch.randint(0, self.vocab, (1, self.n), generator=g))
+
+
+def blockwise_rows(shape: str = "tinyllama-1.1b", tokens: int = 256, budget: float = 4.5,
+                   sensitivity: str = "fisher", device=None) -> list[list[str]]:
+    """Block-wise allocate, then sequential GPTQ into an slc file, then streamed perplexity, in this process
+    (a fresh interpreter): wall seconds and peak RSS of each step. Synthetic weights: time and memory only."""
+    from slc.blockwise import allocate_checkpoint, gptq_checkpoint, perplexity_streamed
+
+    folder, _ = build(shape)
+    tok = RandomTokens(SHAPES[shape].vocab, tokens)
+    fp32 = SHAPES[shape].n_params * 4
+    out = CACHE / f"{shape}.blockwise.slc.safetensors"
+    rows = []
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        policy = allocate_checkpoint(folder, tok, budget, sensitivity=sensitivity, max_tokens=tokens, device=device)
+        rows.append(["allocate", time.perf_counter() - t0, rss.peak, f"{policy.bits_per_weight:.3f}"])
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        report = gptq_checkpoint(folder, out, tok, policy, max_tokens=tokens, device=device)
+        rows.append(["GPTQ (sequential) -> file", time.perf_counter() - t0, rss.peak,
+                     f"{report.totals()['bits_per_weight']:.3f}"])
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        perplexity_streamed(out, RandomTokens(SHAPES[shape].vocab, 2 * tokens, seed=1), "x", device=device)
+        rows.append(["perplexity, streamed", time.perf_counter() - t0, rss.peak, ""])
+    gb_out = out.stat().st_size / 1e9
+    out.unlink()
+    return [[shape, f"{tokens} tokens, {sensitivity}", name, f"{s:.0f}", f"{peak / GiB:.2f}", f"{peak / fp32:.2f}",
+             bits, f"{gb_out:.2f}"] for name, s, peak, bits in rows]
+
+
+def blockwise_main() -> None:
+    ap = argparse.ArgumentParser(description="block-wise allocate + GPTQ on a synthetic checkpoint")
+    ap.add_argument("--blockwise", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b"], choices=sorted(SHAPES))
+    ap.add_argument("--tokens", type=int, default=256, help="calibration tokens (random ids)")
+    ap.add_argument("--sensitivity", default="fisher", choices=["fisher", "output"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    rows = [r for shape in args.shapes for r in blockwise_rows(shape, args.tokens, sensitivity=args.sensitivity,
+                                                               device=args.device)]
+    header = ["shape", "calibration", "step", "s", "peak RSS GiB", "RSS / fp32 model", "bits/weight", "GB out"]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    note = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"device {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}; {time.strftime('%Y-%m-%d')}")
+    print(table)
+    print(note)
+    if not args.no_save:
+        BLOCKWISE_RESULTS.write_text(f"# bench/scale.py --blockwise\n\n{table}\n\n{note}\n")
+
+
 if __name__ == "__main__":
-    main()
+    blockwise_main() if "--blockwise" in sys.argv else main()
