@@ -24,6 +24,7 @@ from .errors import FormatError
 from .hf import dense_weight_of, is_linear, set_module
 from .integrity import atomic_write, check_config_types, check_skeleton, tensor_checksums, verify_checksums
 from .nn import CompressedEmbedding, CompressedLinear, TiedLinear, check_meta, validate_loaded
+from .sources import default_max_bytes, safetensors_layout
 
 FORMAT = "slc.model"
 FORMAT_VERSION = 1
@@ -116,19 +117,35 @@ def _model_class(arch: str):
     return cls
 
 
-def load_compressed(path, device="cpu", cache=None) -> nn.Module:
+def load_compressed(path, device="cpu", cache=None, max_bytes: int | None = None) -> nn.Module:
     """Rebuild the model from a save_compressed file: no fp32 weights are made, INT8 stays INT8.
 
     cache: an slc.nn.DecodeCache to share among the entropy-coded layers (None: decode every forward).
+    max_bytes: refuse the file (FormatError, before anything is allocated) if its declared tensors plus its
+    largest layer as fp32 would take more (default: half of the memory available now).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     meta = read_meta(path)
+    check_budget(path, meta, default_max_bytes() if max_bytes is None else max_bytes)
     model = build_skeleton(meta, where=str(path), cache=cache)
     tensors = read_tensors(path, meta, model)
     fill(model, tensors, meta, where=str(path))
     return model.to(device).eval()
+
+
+def check_budget(path: Path, meta: dict, max_bytes: int) -> None:
+    """FormatError if loading would materialise more than max_bytes: every tensor the header declares (checked
+    against the file) plus the largest layer of the metadata as fp32 (what a forward may decode)."""
+    infos, _ = safetensors_layout(path, max_bytes)
+    dims = [(lm.get("out_features"), lm.get("in_features")) for lm in meta["layers"].values() if isinstance(lm, dict)]
+    sizes = [4 * m * n for m, n in dims if isinstance(m, int) and isinstance(n, int)]
+    total = sum(i.nbytes for i in infos) + max(sizes, default=0)
+    if total > max_bytes:
+        raise FormatError(f"{path}: loading would take {total / 2**30:.2f} GiB (tensors plus the largest layer as "
+                          f"fp32), over the budget of {max_bytes / 2**30:.2f} GiB (pass a larger max_bytes to "
+                          f"load_compressed if it is genuine)")
 
 
 def build_skeleton(meta: dict, where: str, cache=None) -> nn.Module:
