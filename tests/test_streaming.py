@@ -259,3 +259,36 @@ def test_smollm2_same_file_as_save_compressed(tmp_path_factory, source):
     report = compress_checkpoint(src, tmp / "out.slc", spec, progress=False)
     assert (tmp / "out.slc").read_bytes() == ref.read_bytes()
     assert len(report.rows) == 30 * 7
+
+
+# --- the loader's budget (slc.checkpoint.load_compressed) ----------------------------------------------------
+
+def test_load_compressed_refuses_a_file_over_budget(small, tmp_path):
+    import json
+    import struct
+
+    path = compress_checkpoint(small, tmp_path / "m.slc", LinearSpec("entropy"), progress=False).path
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    need = len(raw) - 8 - n + 4 * 96 * 64                # tensors + the largest layer as fp32
+    assert load_compressed(path, max_bytes=need) is not None
+    with pytest.raises(FormatError, match=r"m.slc: loading would take .* over the budget"):
+        load_compressed(path, max_bytes=need - 1)
+    # a tiny hostile file: its metadata declares a 2^31-weight layer (and nothing is allocated to refuse it)
+    head = json.loads(raw[8:8 + n])
+    meta = json.loads(head["__metadata__"]["slc"])
+    layer = meta["layers"]["model.layers.0.mlp.up_proj"]
+    layer["out_features"], layer["in_features"] = 2**16, 2**15
+    head["__metadata__"]["slc"] = json.dumps(meta)
+    blob = json.dumps(head).encode()
+    blob += b" " * (-len(blob) % 8)
+    (tmp_path / "h.slc").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(FormatError, match=r"h.slc: loading would take 8.0\d GiB"):
+        load_compressed(tmp_path / "h.slc", max_bytes=2**31)
+    # a header declaring a 2^31-weight tensor in a small file
+    head = json.loads(raw[8:8 + n])
+    head["model.norm.weight"]["shape"] = [2**31]
+    blob = json.dumps(head).encode()
+    (tmp_path / "t.slc").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(FormatError, match=r"t.slc.*(invalid shape|declares shape)"):
+        load_compressed(tmp_path / "t.slc")
