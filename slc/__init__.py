@@ -15,6 +15,7 @@ from .nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, 
 from .lowrank import LowRank, allocate_ranks, low_rank
 from .compress import CompressionReport, compress_model, compressed_layers, lowrank_policy
 from .checkpoint import load_compressed, save_compressed
+from .streaming import compress_checkpoint, open_checkpoint, write_synthetic_checkpoint
 from .allocate import Allocation
 # slc.allocate / slc.compress_model_gptq take a model or a checkpoint path (then block by block, slc.blockwise);
 # the function shadows the submodule name on purpose (`from slc.allocate import allocate` is the model form)
@@ -27,5 +28,6 @@ __all__ = [
     "LowRank", "allocate_ranks", "low_rank",
     "CompressionReport", "compress_model", "compress_model_gptq", "compressed_layers", "load_compressed",
     "lowrank_policy", "save_compressed", "allocate", "Allocation", "metrics", "memory", "models", "rans",
+    "compress_checkpoint", "open_checkpoint", "write_synthetic_checkpoint",
 ]
 __version__ = "0.1.0"
