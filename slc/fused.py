@@ -171,7 +171,8 @@ class FusedWeight:
     zero_point: np.ndarray | None = None
     qmin: int = 0
     escapes: np.ndarray | None = None
-    decoder: TiledDecoder = field(init=False, repr=False)     # tables and index, built once
+    decoder: TiledDecoder = field(init=False, repr=False)     # float codes per slot: linear()
+    symbols: TiledDecoder = field(init=False, repr=False)     # symbols per slot: codes(), dequantize()
 
     def __post_init__(self):
         s = self.stream.validate()
@@ -204,6 +205,7 @@ class FusedWeight:
             elif self.escapes is not None and len(self.escapes):
                 raise ValueError("escaped codes given but the stream has no escape symbol")
         self.decoder = TiledDecoder(s, values)                         # once, at load
+        self.symbols = TiledDecoder(s)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -245,7 +247,7 @@ class FusedWeight:
     def codes(self, threads: int | None = None) -> np.ndarray:
         """The integer codes (rows, cols) int64 (decoded with the fast decoder)."""
         s = self.stream
-        sym = TiledDecoder(s).decode(threads).astype(np.int64)
+        sym = self.symbols.decode(threads).astype(np.int64)
         if self.kind == "affine":
             return sym + int(self.qmin)
         codes = (sym >> 1) ^ -(sym & 1)
