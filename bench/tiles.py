@@ -42,6 +42,7 @@ except ImportError:
 
 OUT = ROOT / "bench" / "results" / "tiles.md"
 LINES: list[str] = []
+VERDICTS: list[str] = []      # goal checks, printed at the end
 
 
 def say(s: str = "") -> None:
@@ -164,6 +165,11 @@ def whole_model(quick: bool) -> None:
         del outs
         ms = [f"{n / t / 1e6:.0f}" for t in (t_single, t_t1, t_t2, t_np, t_z)]
         cpu = [f"{n / t / 1e6:.0f}" for t in (c_single, c_t1, c_np, c_z)]
+        over = 100 * (nb_t / nb_s - 1)
+        VERDICTS.append(f"{name}: size overhead {over:.3f} % ({'meets' if over <= 0.2 else 'misses'} <= 0.2 %); "
+                        f"tiled 1 thread {t_single / t_t1:.2f} x one stream wall, {c_single / c_t1:.2f} x CPU time "
+                        f"(goal 2 x); 2 threads {n / t_t2 / 1e6:.0f} M/s (floor 1000) = {t_z / t_t2:.2f} x zstd-3 "
+                        f"(goal 1 x); NumPy {n / t_np / 1e6:.0f} M/s wall, {n / c_np / 1e6:.0f} CPU (floor 50)")
         speed_rows.append([name, *ms, f"{t_single / t_t1:.2f} x", f"{t_z / t_t2:.2f} x", " / ".join(cpu),
                            f"{c_single / c_t1:.2f} x", before.split(" (")[0].replace("load average ", "")])
         say(f"{name}: single {ms[0]} | tiled 1T {ms[1]} | 2T {ms[2]} | numpy {ms[3]} | zstd-3 {ms[4]} "
@@ -318,6 +324,13 @@ def main() -> None:
         threads_section(args.quick)
     if "4" in sections:
         layer_section(args.quick)
+    if VERDICTS:
+        say("## Goals (this run)")
+        say()
+        for v in VERDICTS:
+            say(f"- {v}")
+        say()
+    say(f"After: {load()}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(LINES) + "\n")
     print(f"wrote {OUT}")
