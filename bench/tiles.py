@@ -244,6 +244,11 @@ def threads_section(quick: bool) -> None:
     say(f"numba threading layer: {layer}; {load()}")
     say()
     table(["", "prange (workqueue), us", "ThreadPoolExecutor 2 threads, us", "serial (1 thread), us"], rows)
+    say(f"Chosen: numba nogil kernels on slc.tiles' persistent ThreadPoolExecutor: {t_pool * 1e6:.0f} us a launch "
+        f"against {t_prange * 1e6:.0f} us for prange on the fork-safe workqueue layer (the OpenMP layer, faster to "
+        "launch, kills processes that fork after using it), no process-wide numba setting, and the pool is "
+        "rebuilt in forked children (os.register_at_fork).")
+    say()
 
 
 # ----------------------------------------------------------------------------
