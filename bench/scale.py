@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -171,7 +172,9 @@ def main() -> None:
     print(table)
     print(note)
     if not args.no_save and rows:
-        RESULTS.write_text(f"# bench/scale.py\n\n{table}\n\n{note}\n")
+        old = RESULTS.read_text() if RESULTS.exists() else ""
+        later = old[old.find("\n## ") + 1:] if "\n## " in old else ""        # keep the --compress section
+        RESULTS.write_text(f"# bench/scale.py\n\n{table}\n\n{note}\n" + ("\n" + later if later else ""))
 
 
 # ---------------------------------------------------------------------------- block-wise allocate + GPTQ rows
@@ -243,5 +246,134 @@ def blockwise_main() -> None:
         BLOCKWISE_RESULTS.write_text(f"# bench/scale.py --blockwise\n\n{table}\n\n{note}\n")
 
 
+# ---------------------------------------------------------------------------- compress_checkpoint rows
+
+COMPRESS_METHODS = {"int8+rANS": "entropy", "ECSQ 0.2": "ecsq"}
+COMPRESS_SECTION = "## compress_checkpoint (`--compress`)"
+COMPRESS_JSON = ROOT / "bench" / "results" / "scale_compress.json"     # every row measured so far
+
+
+def compress_spec(method: str):
+    from slc import LinearSpec, Quantizer
+    return LinearSpec("entropy") if method == "int8+rANS" else LinearSpec("entropy", Quantizer(mode="ecsq", step=0.2))
+
+
+class TreeRSS(PeakRSS):
+    """PeakRSS that also keeps the peak of each process of the tree (a Dask worker's own peak)."""
+
+    def sample(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            total += rss
+            self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), rss)
+        self.peak = max(self.peak, total)
+        return total
+
+    def __enter__(self) -> TreeRSS:
+        self.per_process = {}
+        return super().__enter__()
+
+
+def compress_pass(shape: str, method: str, workers: int) -> dict:
+    """compress_checkpoint of one synthetic checkpoint (run in a fresh child process); figures as a dict."""
+    from slc.streaming import compress_checkpoint
+
+    folder = CACHE / shape
+    out = CACHE / f"{shape}.{method.replace(' ', '_').replace('+', '_')}.{workers}w.slc.safetensors"
+    load0 = os.getloadavg()[0]
+    with TreeRSS(interval=0.05) as rss:
+        client = cluster = None
+        if workers:
+            from dask.distributed import Client, LocalCluster
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+            client = Client(cluster)
+        t0 = time.perf_counter()
+        report = compress_checkpoint(folder, out, compress_spec(method), client=client, resume=False, progress=False,
+                                     errors=False)
+        seconds = time.perf_counter() - t0
+        if cluster is not None:
+            client.close()
+            cluster.close()
+    s = report.summary()
+    me = os.getpid()
+    out.unlink()
+    return {"seconds": seconds, "gb_in": s["gb_in"], "gb_out": s["gb_out"], "file_bpw": s["file_bits_per_weight"],
+            "layer_bpw": report.totals()["bits_per_weight"], "peak": rss.peak,
+            "max_process": max(rss.per_process.values()), "driver": rss.per_process.get(me, 0),
+            "load": (load0 + os.getloadavg()[0]) / 2}
+
+
+def compress_main() -> None:
+    ap = argparse.ArgumentParser(description="compress_checkpoint rows on synthetic checkpoints")
+    ap.add_argument("--compress", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=sorted(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=list(COMPRESS_METHODS), choices=list(COMPRESS_METHODS))
+    ap.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="0: in process; n: n-worker LocalCluster")
+    ap.add_argument("--compress-pass", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    if args.compress_pass:
+        torch.set_num_threads(1)
+        shape, method, workers = args.compress_pass
+        print(json.dumps(compress_pass(shape, method, int(workers))))
+        return
+    store = json.loads(COMPRESS_JSON.read_text()) if COMPRESS_JSON.exists() and not args.no_save else {}
+    for shape in args.shapes:
+        build(shape)
+        for method in args.methods:
+            for workers in args.workers:
+                out = subprocess.run([sys.executable, __file__, "--compress", "--compress-pass", shape, method,
+                                      str(workers)], capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr[-3000:])
+                    raise SystemExit(f"{shape} {method} {workers}: failed")
+                store[f"{shape}|{method}|{workers}"] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(shape, method, workers, store[f"{shape}|{method}|{workers}"], flush=True)
+                if not args.no_save:                     # after every row: a long run stopped early keeps its rows
+                    COMPRESS_JSON.write_text(json.dumps(store, indent=1))
+                    write_compress_section(store)
+    print(compress_table(store))
+
+
+def compress_table(store: dict) -> str:
+    order = {s: i for i, s in enumerate(SHAPES)}
+    rows = []
+    for key in sorted(store, key=lambda k: (order[k.split("|")[0]], k.split("|")[1], int(k.split("|")[2]))):
+        shape, method, workers = key.split("|")
+        r, workers = store[key], int(workers)
+        largest = max(math.prod(s) for _, s in SHAPES[shape].tensors()) * 4
+        fp32 = SHAPES[shape].n_params * 4
+        rows.append([shape, method, f"{workers} workers" if workers else "in process", f"{r['gb_in']:.2f}",
+                     f"{r['gb_out']:.2f}", f"{r['layer_bpw']:.3f}", f"{r['file_bpw']:.3f}", f"{r['seconds']:.0f}",
+                     f"{r['gb_in'] * 1e3 / r['seconds']:.1f}", f"{r['seconds'] / r['gb_in']:.1f}",
+                     f"{r['peak'] / GiB:.2f}", f"{r['max_process'] / GiB:.2f}", f"{r['peak'] / fp32:.3f}",
+                     f"{(GiB + 4 * largest) / GiB:.2f}", f"{r['load']:.1f}"])
+    header = ["shape", "method", "mode", "GB in", "GB out", "bits/w layers", "bits/w file", "wall s", "MB/s in",
+              "s/GB", "peak RSS GiB (tree)", "max process GiB", "peak / fp32 model", "budget GiB", "load avg"]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+def write_compress_section(store: dict) -> None:
+    """Replace the --compress section of bench/results/scale.md (the read rows above it stay)."""
+    note = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, torch {torch.__version__}, one torch thread per "
+            f"process; {time.strftime('%Y-%m-%d')}")
+    section = f"{COMPRESS_SECTION}\n\n{compress_table(store)}\n\n{note}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# bench/scale.py\n"
+    head, found, rest = text.partition(COMPRESS_SECTION)
+    nxt = rest.find("\n## ") if found else -1
+    rest = rest[nxt + 1:] if nxt >= 0 else ""
+    RESULTS.write_text(head.rstrip("\n") + "\n\n" + section + ("\n" + rest if rest else ""))
+
+
 if __name__ == "__main__":
-    blockwise_main() if "--blockwise" in sys.argv else main()
+    if "--blockwise" in sys.argv:
+        blockwise_main()
+    elif "--compress" in sys.argv:
+        compress_main()
+    else:
+        main()
