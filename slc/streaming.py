@@ -46,13 +46,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import FORMAT, FORMAT_VERSION
+from .checkpoint import FORMAT, FORMAT_VERSION, read_meta
 from .compress import CompressionReport, LayerRow
 from .errors import FormatError
 from .hf import DEFAULT_SKIP, conv1d_class, is_linear, resolve_spec, skipped
-from .integrity import atomic_write, crc32_tensor
+from .integrity import atomic_write, crc32_tensor, verify_checksums
 from .models import weight_kind
-from .nn import CompressedLinear, LinearSpec
+from .nn import CompressedLinear, LinearSpec, validate_loaded
 from .quant import DTYPES, Quantizer, dtype_name
 from .sources import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, open_checkpoint, safetensors_layout
 from .symbols import entropy_bits
@@ -69,7 +69,7 @@ SAFETENSORS_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", 
 TORCH_TO_SAFETENSORS = {dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items()}
 
 __all__ = ["compress_checkpoint", "StreamReport", "layer_statistics", "open_checkpoint", "write_synthetic_checkpoint",
-           "journal_path", "write_safetensors"]
+           "journal_path", "write_safetensors", "read_layer"]
 
 
 # --- safetensors, written the way save_file writes it ---------------------------------------------------
@@ -597,6 +597,30 @@ def assemble(dst: Path, plan: Plan, parts: dict) -> None:
                                       f"(CRC32 {crc:08x}, expected {checksums[name]}); rerun to redo it")
 
     atomic_write(dst, write)
+
+
+def read_layer(path, name: str) -> CompressedLinear:
+    """One compressed layer of an slc file, read alone (its buffers checked against their CRC32): no model built.
+
+    path: a save_compressed / compress_checkpoint file; name: a module name in its metadata "layers"."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_meta(path)
+    if name not in meta["layers"]:
+        some = ", ".join(repr(n) for n in list(meta["layers"])[:3])
+        raise KeyError(f"{path}: no compressed layer {name!r} (layers look like {some})")
+    lmeta = meta["layers"][name]
+    if lmeta.get("kind") == "embedding":
+        raise ValueError(f"{path}: {name!r} is an embedding; read_layer reads linear layers")
+    layer = CompressedLinear.from_meta(lmeta)
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(f"{name}.{k}") for k in lmeta["buffers"]}
+    verify_checksums({f"{name}.{k}": t for k, t in state.items()},
+                     {f"{name}.{k}": meta["checksums"].get(f"{name}.{k}", "") for k in state}, where=str(path))
+    layer.load_state_dict(state, strict=True, assign=True)
+    validate_loaded(layer)
+    return layer
 
 
 # --- per-layer statistics, streamed ------------------------------------------------------------------------

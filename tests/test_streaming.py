@@ -292,3 +292,14 @@ def test_load_compressed_refuses_a_file_over_budget(small, tmp_path):
     (tmp_path / "t.slc").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
     with pytest.raises(FormatError, match=r"t.slc.*(invalid shape|declares shape)"):
         load_compressed(tmp_path / "t.slc")
+
+
+def test_read_layer_alone(small, tmp_path):
+    from slc.streaming import read_layer
+
+    path = compress_checkpoint(small, tmp_path / "m.slc", LinearSpec("entropy"), progress=False).path
+    model = load_compressed(path)
+    layer = read_layer(path, "model.layers.1.mlp.up_proj")
+    assert torch.equal(layer.weight_dense(), model.model.layers[1].mlp.up_proj.weight_dense())
+    with pytest.raises(KeyError, match="no compressed layer 'model.embed_tokens'"):
+        read_layer(path, "model.embed_tokens")
