@@ -18,7 +18,7 @@ PKG = ROOT / "slc"
 LAYERS = [
     "errors", "rans", "tiles", "fused", "kernels", "symbols", "quant", "lossless", "tensor", "gptq", "ecsq",
     "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange", "lowrank", "allocate",
-    "compress", "importance", "integrity", "checkpoint", "streaming", "blockwise",
+    "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
     "metrics", "memory", "gguf_peers", "viz", "demo", "render", "cli", "__main__", "__init__",
 ]
 

@@ -1,0 +1,141 @@
+"""One call for the best model slc makes at a size: `compress_to_budget(model, tokenizer, 3.5)`.
+
+The recipe is what measures best out of domain (bench/results/frontier_ood.md: calibrated on
+slc.texts' calibration mix, evaluated on package READMEs / licences and Python source):
+
+    1. allocation   slc.allocate: every layer's ECSQ step from a Lagrangian over rate-distortion points,
+                    distortion weighted by the loss (Fisher; Gauss-Newton for encoders) on the calibration mix
+    2. scales       slc.importance.weighted_quantize: each row's step re-chosen (rate-neutral) and refit to
+                    minimise the activation-weighted error, sum_j E[x_j^2] dW_ij^2
+    3. GPTQ         error feedback on those grids, only where it measured better out of domain (see USE_GPTQ)
+    4. landing      the bits are measured on the real rANS-coded layers (words, states, tables, scales,
+                    escapes: everything the layers hold); if they miss the budget by more than 1 %, the
+                    allocation target is rescaled and steps 1-3 rerun (the calibration is reused)
+
+The model is changed in place only once the result lands within `TOLERANCE` (2 %) of the budget; a budget
+outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import Allocation, allocate, rate_distortion
+from .calibrate import layer_stats
+from .compress import CompressionReport, LayerRow
+from .gptq import gptq
+from .hf import dense_weight_of, set_module
+from .importance import weighted_quantize
+from .nn import CompressedLinear
+from .texts import calibration_mix
+
+TOLERANCE = 0.02              # the result lands within 2 % of the budget, or nothing is changed
+AIM = 0.01                    # ... and we re-aim while it misses by more than 1 %
+MAX_ATTEMPTS = 4
+CALIBRATION_CHARS = 40_000    # of slc.texts.calibration_mix when no text is given (~10 000 SmolLM2 tokens)
+ALLOC_TOKENS = 1_024          # tokens for the allocation's Fisher / Gauss-Newton pass (one backward each)
+STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted scales (and GPTQ)
+# GPTQ on top of allocation + weighted scales, by what it did out of domain (bench/results/frontier_ood.md):
+# {"causal-lm": ..., "encoder": ...}
+USE_GPTQ = {"causal-lm": False, "encoder": False}
+GPTQ_DAMP = 0.1
+
+
+@dataclass
+class BudgetReport:
+    """What compress_to_budget did: the recipe, the bits it landed on, and the per-layer report."""
+    budget_bits: float
+    bits_per_weight: float              # measured: every byte the compressed layers hold, per weight
+    recipe: str
+    allocation: Allocation
+    compression: CompressionReport
+    attempts: list = field(default_factory=list)    # (allocation target, measured bits/weight) per attempt
+    seconds: float = 0.0
+
+    @property
+    def error(self) -> float:
+        """Relative miss of the budget: bits_per_weight / budget_bits - 1."""
+        return self.bits_per_weight / self.budget_bits - 1
+
+    def __str__(self) -> str:
+        tries = ", ".join(f"{t:.3f} -> {b:.3f}" for t, b in self.attempts)
+        return (f"budget {self.budget_bits:.3f} bits/weight -> {self.bits_per_weight:.3f} measured "
+                f"({100 * self.error:+.2f} %), {len(self.compression.rows)} layers\n"
+                f"recipe: {self.recipe}\nattempts (target -> measured): {tries}\n"
+                f"{self.seconds:.0f} s")
+
+
+def _task(model: nn.Module) -> str:
+    head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    return "causal-lm" if head else "encoder"
+
+
+def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
+                       progress: bool = True, use_gptq: bool | None = None, skip=None) -> BudgetReport:
+    """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
+
+    budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
+    Conv1D but embeddings and lm_head, as compress_model). calibration_text: None = slc.texts'
+    calibration mix (varied text generalises better than one kind). use_gptq: None = what measured
+    better out of domain for this kind of model (USE_GPTQ). Returns a BudgetReport; raises ValueError
+    for a budget outside what the recipe reaches on this model, RuntimeError if it cannot land within
+    TOLERANCE (the model is then left as it was).
+    """
+    if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
+        raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
+    t0 = time.perf_counter()
+    text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
+    task = _task(model)
+    use_gptq = USE_GPTQ[task] if use_gptq is None else bool(use_gptq)
+    rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
+                         progress=progress)
+    n_weights = sum(a * b for a, b in rd.shapes.values())
+    lo = sum(min(p.bits for p in pts) for pts in rd.points.values()) / n_weights
+    hi = sum(max(p.bits for p in pts) for pts in rd.points.values()) / n_weights
+    if not lo * (1 + AIM) <= budget_bits <= hi * (1 - AIM):
+        raise ValueError(f"budget {budget_bits} bits/weight is outside what slc's recipe reaches on this model: "
+                         f"{lo * (1 + AIM):.2f} .. {hi * (1 - AIM):.2f} bits/weight (coarsest .. finest ECSQ step on "
+                         "every layer, all overhead); below that, compress fewer layers or use low rank; above it, "
+                         "store int8 or lossless")
+    modules = dict(model.named_modules())
+    stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq)
+    target, attempts, layers, pol = float(budget_bits), [], {}, None
+    for _ in range(MAX_ATTEMPTS):
+        target = min(max(target, lo), hi)
+        pol = allocate(model, tokenizer, target, rd=rd)
+        layers, bits = {}, 0
+        it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
+        for name, spec in it:
+            module = modules[name]
+            w = dense_weight_of(module).float()
+            qt = weighted_quantize(w, spec.quantizer, stats[name].x_sq)
+            if use_gptq:
+                qt = gptq(w, stats[name].x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt)
+            qt.original_dtype = module.weight.dtype
+            layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None),
+                                                    device=module.weight.device)
+            layers[name] = (layer, qt, w)
+            bits += 8 * layer.nbytes
+        measured = bits / n_weights
+        attempts.append((target, measured))
+        if abs(measured / budget_bits - 1) <= AIM:
+            break
+        target *= budget_bits / measured                    # rates move together: rescale the target and retry
+    if abs(measured / budget_bits - 1) > TOLERANCE:
+        raise RuntimeError(f"could not land within {TOLERANCE:.0%} of {budget_bits} bits/weight "
+                           f"(attempts, target -> measured: {attempts}); the model is unchanged")
+    report = CompressionReport()
+    for name, (layer, qt, w) in layers.items():
+        rel = float((qt.dequantize(torch.float32) - w).norm() / w.norm().clamp_min(1e-30))
+        set_module(model, name, layer)
+        spec = pol[name]
+        report.rows.append(LayerRow(name, spec.kind, spec.describe() + " (weighted" + (", GPTQ)" if use_gptq else ")"),
+                                    tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
+                                    layer.bits_per_weight, rel, 0.0))
+    recipe = (f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens) + activation-weighted "
+              f"steps ({STATS_TOKENS} tokens)" + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else ""))
+    return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)

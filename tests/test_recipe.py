@@ -1,0 +1,53 @@
+"""slc.compress_to_budget: the best recipe at a size, landing within 2 % of the budget, all overhead counted."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import slc
+from slc import CompressedLinear
+from slc.models import tiny_model
+from slc.recipe import TOLERANCE, compress_to_budget
+
+
+def _tok(text, return_tensors="pt"):
+    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+
+
+def test_tiny_model_lands_on_the_budget_and_is_swapped():
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    before = model(ids).logits
+    report = compress_to_budget(model, _tok, 4.0, calibration_text="calibration text for a tiny model " * 40,
+                                progress=False)
+    assert slc.compress_to_budget is compress_to_budget
+    assert abs(report.bits_per_weight / 4.0 - 1) <= TOLERANCE
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == len(report.compression.rows) == 14              # 2 blocks x 7 linears, head skipped
+    held = sum(8 * m.nbytes for m in layers) / sum(m.shape[0] * m.shape[1] for m in layers)
+    assert held == pytest.approx(report.bits_per_weight)                 # measured on what the layers hold
+    after = model(ids).logits
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert "weighted" in report.recipe and report.attempts and "measured" in str(report)
+
+
+def test_a_budget_no_recipe_reaches_is_refused_and_the_model_untouched():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="outside what slc's recipe reaches"):
+        compress_to_budget(model, _tok, 0.3, calibration_text="some text " * 50, progress=False)
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+    for bad in (0, -1, "4", True, 40):
+        with pytest.raises(ValueError, match="budget_bits"):
+            compress_to_budget(model, _tok, bad, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_lands_within_two_percent():
+    from slc import models
+    model, tok = models.load("smollm2-135m")
+    report = compress_to_budget(model, tok, 3.5, progress=False)
+    assert abs(report.bits_per_weight / 3.5 - 1) <= TOLERANCE, str(report)
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len(layers) == 210
+    held = sum(8 * m.nbytes for m in layers) / sum(m.shape[0] * m.shape[1] for m in layers)
+    assert abs(held / 3.5 - 1) <= TOLERANCE
