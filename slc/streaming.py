@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,6 +63,7 @@ from .tensor import CompressedTensor
 PART_VERSION = 1                      # bump when a part's content for the same inputs changes
 SAMPLE_BYTES = 64 << 10               # a source tensor's fingerprint reads three samples of this size
 COPY_CHUNK = 16 << 20                 # assembly copies a part's bytes in pieces of this size
+LOCK = "lock"                         # journal file holding the pid of the run writing it
 # safetensors writes tensors sorted by dtype, in the reverse order of its Dtype enum, then by name
 # (so every tensor stays aligned): write_safetensors does the same, and its files equal save_file's byte for byte
 SAFETENSORS_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
@@ -476,8 +478,10 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     plan = plan_units(ckpt, policy, dtype, skip, name=given if Path(given).is_dir() else str(Path(given).parent))
     journal = journal_path(dst)
     if not resume and journal.exists():
+        lock_journal(journal, dst)                     # refuses while another run is writing it
         shutil.rmtree(journal)
     journal.mkdir(parents=True, exist_ok=True)
+    lock_journal(journal, dst)
 
     parts: dict[str, tuple[dict, dict]] = {}
     todo = []
@@ -529,6 +533,7 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
             c.close()
         if cluster is not None:
             cluster.close()
+        (journal / LOCK).unlink(missing_ok=True)       # the parts stay until the file is in place
     shutil.rmtree(journal, ignore_errors=True)
 
     report = StreamReport(skipped=plan.skipped, unmatched_patterns=plan.unmatched_patterns, path=str(dst),
@@ -543,6 +548,27 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     report.seconds = time.perf_counter() - t_start
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
+
+
+def lock_journal(journal: Path, dst: Path) -> None:
+    """Claim the journal for this process: RuntimeError if a live process holds it (a dead one's lock is taken)."""
+    lock = journal / LOCK
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and psutil.pid_exists(pid):
+                raise RuntimeError(f"{dst}: another compress_checkpoint (pid {pid}) is writing it (journal {journal})"
+                                   f"; wait for it, or stop it and rerun") from None
+            lock.unlink(missing_ok=True)               # a dead run's lock (or our own)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
 
 
 def _finished(journal: Path, unit: dict) -> tuple[dict, dict]:

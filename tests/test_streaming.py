@@ -303,3 +303,19 @@ def test_read_layer_alone(small, tmp_path):
     assert torch.equal(layer.weight_dense(), model.model.layers[1].mlp.up_proj.weight_dense())
     with pytest.raises(KeyError, match="no compressed layer 'model.embed_tokens'"):
         read_layer(path, "model.embed_tokens")
+
+
+def test_a_live_run_holds_the_journal(small, tmp_path):
+    dst = tmp_path / "o.slc"
+    journal = journal_path(dst)
+    journal.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (journal / "lock").write_text(str(sleeper.pid))
+        with pytest.raises(RuntimeError, match=rf"another compress_checkpoint \(pid {sleeper.pid}\)"):
+            compress_checkpoint(small, dst, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    compress_checkpoint(small, dst, progress=False)      # the holder is gone: its lock is taken over
+    assert dst.exists() and not journal.exists()
