@@ -270,11 +270,16 @@ class TreeRSS(PeakRSS):
                 continue
             total += rss
             self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), rss)
+            try:
+                cpu = p.cpu_times()
+                self.cpu[p.pid] = cpu.user + cpu.system            # last seen: a worker's total when it exits
+            except psutil.Error:
+                pass
         self.peak = max(self.peak, total)
         return total
 
     def __enter__(self) -> TreeRSS:
-        self.per_process = {}
+        self.per_process, self.cpu = {}, {}
         return super().__enter__()
 
 
@@ -304,7 +309,7 @@ def compress_pass(shape: str, method: str, workers: int) -> dict:
     return {"seconds": seconds, "gb_in": s["gb_in"], "gb_out": s["gb_out"], "file_bpw": s["file_bits_per_weight"],
             "layer_bpw": report.totals()["bits_per_weight"], "peak": rss.peak,
             "max_process": max(rss.per_process.values()), "driver": rss.per_process.get(me, 0),
-            "load": (load0 + os.getloadavg()[0]) / 2}
+            "load": (load0 + os.getloadavg()[0]) / 2, "cpu_s": sum(rss.cpu.values())}
 
 
 def compress_main() -> None:
@@ -314,6 +319,7 @@ def compress_main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(COMPRESS_METHODS), choices=list(COMPRESS_METHODS))
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="0: in process; n: n-worker LocalCluster")
     ap.add_argument("--compress-pass", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--table-only", action="store_true", help="rewrite the section from scale_compress.json")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     if args.compress_pass:
@@ -322,6 +328,9 @@ def compress_main() -> None:
         print(json.dumps(compress_pass(shape, method, int(workers))))
         return
     store = json.loads(COMPRESS_JSON.read_text()) if COMPRESS_JSON.exists() and not args.no_save else {}
+    if args.table_only:
+        write_compress_section(store)
+        return
     for shape in args.shapes:
         build(shape)
         for method in args.methods:
@@ -351,9 +360,11 @@ def compress_table(store: dict) -> str:
                      f"{r['gb_out']:.2f}", f"{r['layer_bpw']:.3f}", f"{r['file_bpw']:.3f}", f"{r['seconds']:.0f}",
                      f"{r['gb_in'] * 1e3 / r['seconds']:.1f}", f"{r['seconds'] / r['gb_in']:.1f}",
                      f"{r['peak'] / GiB:.2f}", f"{r['max_process'] / GiB:.2f}", f"{r['peak'] / fp32:.3f}",
-                     f"{(GiB + 4 * largest) / GiB:.2f}", f"{r['load']:.1f}"])
+                     f"{(GiB + 4 * largest) / GiB:.2f}", f"{r['load']:.1f}",
+                     *([f"{r['cpu_s']:.0f}", f"{r['gb_in'] * 1e3 / r['cpu_s']:.1f}"] if "cpu_s" in r else ["", ""])])
     header = ["shape", "method", "mode", "GB in", "GB out", "bits/w layers", "bits/w file", "wall s", "MB/s in",
-              "s/GB", "peak RSS GiB (tree)", "max process GiB", "peak / fp32 model", "budget GiB", "load avg"]
+              "s/GB", "peak RSS GiB (tree)", "max process GiB", "peak / fp32 model", "budget GiB", "load avg",
+              "CPU s", "MB / CPU s"]
     return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
