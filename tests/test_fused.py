@@ -106,16 +106,34 @@ def test_many_rows_and_shapes():
         fw.linear(torch.randn(1, 63))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.integers(1, 30), cols=st.integers(1, 70), nx=st.integers(1, 8), lanes=st.sampled_from([1, 4, 32]),
-       tile=st.integers(1, 30), seed=st.integers(0, 1000))
-def test_hypothesis_shapes(rows, cols, nx, lanes, tile, seed):
+       tile=st.integers(1, 30), kind=st.sampled_from(["int8", "grouped", "ecsq"]), seed=st.integers(0, 1000))
+def test_hypothesis_shapes(rows, cols, nx, lanes, tile, kind, seed):
     rng = np.random.default_rng(seed)
-    codes = rng.integers(-8, 8, (rows, cols))
-    scale = rng.random((rows, 1)).astype(np.float32)
-    fw = FusedWeight(encode_tiled(codes + 8, tile_rows=tile, lanes=lanes), "affine", scale, qmin=-8)
     x = torch.from_numpy(rng.standard_normal((nx, cols)).astype(np.float32))
-    assert torch.allclose(fw.linear(x), _reference(codes, scale, None, x), atol=1e-4, rtol=1e-4)
+    zp, esc, E = None, None, None
+    if kind == "ecsq":                                       # zig-zag symbols, >= E escaped (int32 extremes too)
+        codes = rng.integers(-6, 7, (rows, cols))
+        codes[rng.random((rows, cols)) < 0.05] = rng.choice([2 ** 31 - 1, -2 ** 31, 1000, -77])
+        z = np.where(codes >= 0, 2 * codes, -2 * codes - 1)
+        E = 9
+        sym, esc = np.where(z >= E, E, z), codes[z >= E].astype(np.int32)
+        scale = rng.random((rows, 1)).astype(np.float32)
+        qmin = 0
+    else:
+        groups = [g for g in range(1, cols + 1) if cols % g == 0]
+        g = groups[seed % len(groups)] if kind == "grouped" else 1
+        codes = rng.integers(0, 16, (rows, cols))
+        qmin = 0 if kind == "grouped" else -8
+        codes = codes + qmin
+        sym = codes - qmin
+        scale = rng.random((rows, g)).astype(np.float32)
+        zp = (rng.random((rows, g)) * 15).astype(np.float32) if kind == "grouped" else None
+    fw = FusedWeight(encode_tiled(sym, tile_rows=tile, lanes=lanes, escape=E), "ecsq" if kind == "ecsq" else "affine",
+                     scale, zp, qmin=qmin, escapes=esc)
+    assert np.array_equal(fw.codes(), codes)
+    assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x), atol=1e-3, rtol=1e-4)
 
 
 def test_buffers_roundtrip():
