@@ -43,8 +43,10 @@ an int8 weight's stream; `choose_tiles` sizes them by coded bytes (bench/tiles.p
 Why 32 lanes a tile: the fast decoder runs 16 lanes at once as one AVX-512 vector (a gather for
 the slot table, an expand-load for the renormalisation words, see `decode_step16`); one vector
 is latency-bound (each step needs the previous state), two or more independent vectors per step
-keep the core busy. 32 lanes doubled today's single-stream decoder on this machine; 64 gained 7 %
-more at twice the states.
+keep the core busy. 16 lanes a tile were no faster than the single-stream decoder, 32 about twice
+as fast, 64 a few per cent more for twice the states (bench/results/tiles.md has the figures).
+A slot -> symbol byte table with small per-symbol tables (all in L1) was slower: three dependent
+gathers instead of two.
 
 Checks: parsing (`from_bytes`, `from_buffers`, `validate`) checks the index: tiles cover the rows
 in order without gaps or overlap, word ranges lie inside the words and fit the tile's symbols,
