@@ -15,6 +15,7 @@ Phases:
     base      fp32, GGUF Q4_0 / Q5_0, RTN int4 g32 and ECSQ one step, without and with activation-weighted scales
     alloc     ECSQ allocated at several budgets: plain, weighted scales, + GPTQ
     gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
+    rotate    randomised block-Hadamard rotation of the input side (slc.rotation), measurement only
     budget    slc.compress_to_budget at several budgets
 Writes bench/results/frontier_ood.json (rows, merged across runs) and bench/results/frontier_ood.md.
 """
@@ -40,6 +41,7 @@ from slc.gguf_peers import gguf_roundtrip  # noqa: E402
 from slc.gptq import gptq  # noqa: E402
 from slc.hf import target_layers  # noqa: E402
 from slc.importance import weighted_quantize  # noqa: E402
+from slc.rotation import rotate_stats, rotation  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SETS = ("in-domain", "prose", "code")
@@ -199,6 +201,35 @@ def phase_gptq(b: Bench, rows: list):
                t0, group="GPTQ tuning")
 
 
+def quantize_rotated(b: Bench, quantizers: dict, weighted: bool, stats):
+    """Each layer as W R quantised (R: seeded block-Hadamard on the input side), scored as Q(W R) R^T."""
+    out, bits, rots = {}, 0.0, {}
+    for n, w in b.orig.items():
+        r = rots.setdefault(w.shape[1], rotation(w.shape[1], seed=w.shape[1]))
+        wr = (w.double() @ r).float()
+        imp = rotate_stats(stats[n].x_cov, r) if weighted else None
+        qt = weighted_quantize(wr, quantizers[n], imp) if weighted else quantizers[n].quantize(wr)
+        out[n] = (qt.dequantize(torch.float64) @ r.T).float()
+        bits += buffer_bits(qt)
+    return out, bits / b.numel
+
+
+def phase_rotate(b: Bench, rows: list):
+    st = b.stats()
+    q4 = Quantizer(bits=4, granularity="group", group_size=32)
+    qe = Quantizer(mode="ecsq", step=ECSQ_STEP)
+    pol = allocate(b.model, b.tok, 3.5, rd=b.rd())
+    cases = [("RTN int4/g32 rotated", {n: q4 for n in b.orig}, False),
+             ("RTN int4/g32 rotated weighted", {n: q4 for n in b.orig}, True),
+             (f"ECSQ step {ECSQ_STEP} rotated", {n: qe for n in b.orig}, False),
+             ("ECSQ allocated 3.5 rotated weighted", {n: pol[n].quantizer for n in b.orig}, True)]
+    for name, qs, weighted in cases:
+        t0 = time.perf_counter()
+        w, bits = quantize_rotated(b, qs, weighted, st)
+        record(rows, b, name + (" + rANS" if "RTN" in name else ""), bits, w, t0, group="rotated",
+               note="measurement only: rotation is not in the file format")
+
+
 def phase_budget(b: Bench, rows: list):
     from slc.recipe import compress_to_budget
     for budget in TARGET_BUDGETS:
@@ -211,7 +242,8 @@ def phase_budget(b: Bench, rows: list):
                group="compress_to_budget")
 
 
-PHASES = {"base": phase_base, "alloc": phase_alloc, "gptq": phase_gptq, "budget": phase_budget}
+PHASES = {"base": phase_base, "alloc": phase_alloc, "gptq": phase_gptq, "rotate": phase_rotate,
+          "budget": phase_budget}
 
 
 def json_path() -> Path:

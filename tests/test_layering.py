@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "slc"
 
 LAYERS = [
-    "errors", "rans", "tiles", "fused", "kernels", "symbols", "quant", "lossless", "tensor", "gptq", "ecsq",
+    "errors", "rans", "tiles", "fused", "kernels", "symbols", "quant", "rotation", "lossless", "tensor", "gptq", "ecsq",
     "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange", "lowrank", "allocate",
     "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
     "metrics", "memory", "gguf_peers", "viz", "demo", "render", "cli", "__main__", "__init__",
