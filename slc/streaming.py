@@ -469,6 +469,13 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     max_bytes: the per-tensor read budget of open_checkpoint (default: half the available memory).
     dtype: the model's dtype (default: the config's, as from_pretrained's dtype="auto"); floats are stored in it.
     errors: compute each layer's relative error for the report (one more decode per layer).
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> src = write_synthetic_checkpoint(d + "/tiny", "tiny", progress=False)
+    >>> report = compress_checkpoint(src, d + "/tiny.slc", LinearSpec("entropy"), progress=False)
+    >>> len(report.rows), report.reused, sorted(os.listdir(d))
+    (14, 0, ['tiny', 'tiny.slc'])
     """
     t_start = time.perf_counter()
     dst = Path(dst).absolute()
