@@ -40,10 +40,11 @@ import torch
 from numba import njit
 
 from slc.errors import FormatError
-from slc.tiles import TiledDecoder, TiledStream, decode_block, run_tiles, tile_ok
+from slc.tiles import TiledDecoder, TiledStream, decode_block, decode_two, run_tiles, tile_ok
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
+FUSED_BLOCK = 2048              # symbols decoded per call: amortises the calls, two buffers stay in L1
 SENTINEL = np.float32(2.0 ** 100)  # table value of the escape symbol: no int32 code comes near it
 _SENTINEL_MIN = np.float32(2.0 ** 90)  # compare against this (fastmath-safe, no inf/nan involved)
 
@@ -94,49 +95,88 @@ def _patch_escapes(buf, o, cols, escapes, k, k_end):
 
 
 @njit(cache=True, nogil=True)
+def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc, escapes, k, k_end):
+    """Multiply every complete row in buf[b0:b0 + fill] with x (escapes patched first), move the rest to
+    buf[b0:]. Returns (fill, row, k); k = -1 when the tile has more escapes than its index allows."""
+    cols = x.shape[1]
+    o = b0
+    while b0 + fill - o >= cols:
+        if has_esc and _count_sentinels(buf, o, cols):
+            k = _patch_escapes(buf, o, cols, escapes, k, k_end)
+            if k < 0:
+                return fill, row, k
+        _dot_row(x, xsum, buf, o, row, scale, zp, has_zp, gs, y)
+        row += 1
+        o += cols
+    rest = b0 + fill - o
+    for c in range(rest):
+        buf[b0 + c] = buf[o + c]
+    return rest, row, k
+
+
+@njit(cache=True, nogil=True)
 def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escapes, fb, values, scale_bits,
                        scale, zp, has_zp, escapes, has_esc, y, lo, hi):
-    """y[:, rows of tiles lo..hi-1] = x @ W[those rows]^T, decoding W a row at a time.
+    """y[:, rows of tiles lo..hi-1] = x @ W[those rows]^T, decoding W about a row at a time, two tiles
+    side by side (as slc.tiles.decode_tiles_kernel: two independent chains keep the core busier).
 
     x (nx, cols) f32; xsum (nx, groups) per-group sums of x; values: f32 code per slot (escape: SENTINEL).
     Returns -1, or the first tile that is corrupt (lanes, words or escape count)."""
     nx, cols = x.shape
     lanes = states.shape[1]
     gs = cols // scale.shape[1]
-    blk = lanes * ((cols + lanes - 1) // lanes)          # whole steps covering at least one row
-    buf = np.empty(blk + cols, dtype=np.float32)          # decoded, not yet multiplied: < one row + one block
-    xl = np.empty(lanes, dtype=np.uint32)
-    for t in range(lo, hi):
+    if cols % lanes == 0:                                 # whole rows and whole steps: no leftovers to move
+        blk = cols * ((FUSED_BLOCK + cols - 1) // cols)
+    else:                                                 # whole steps covering at least a row
+        blk = lanes * ((max(cols, FUSED_BLOCK) + lanes - 1) // lanes)
+    half = blk + cols                                     # each tile's buffer: < one row + one block
+    buf = np.empty(2 * half, dtype=np.float32)            # tile t at buf[0:], tile t + 1 at buf[half:]
+    xa = np.empty(lanes, dtype=np.uint32)
+    xb = np.empty(lanes, dtype=np.uint32)
+    t = lo
+    while t < hi:
+        pair = t + 1 < hi and lanes % 32 == 0
+        nb = 2 if pair else 1
         for n in range(lanes):
-            xl[n] = states[t, n]
-        ptr = tile_words[t]
-        end = tile_words[t + 1]
-        row = tile_rows[t]
-        n_sym = (tile_rows[t + 1] - row) * cols
-        k = tile_escapes[t] if has_esc else 0
-        k_end = tile_escapes[t + 1] if has_esc else 0
-        done = 0
-        fill = 0
-        while done < n_sym:
-            m = min(blk, n_sym - done)                  # only a tile's last block ends inside a step
-            ptr = decode_block(xl, fb, values, words, ptr, end, scale_bits, buf, fill, m)
-            done += m
-            fill += m
-            o = 0
-            while fill - o >= cols:
-                if has_esc:
-                    if _count_sentinels(buf, o, cols):
-                        k = _patch_escapes(buf, o, cols, escapes, k, k_end)
-                        if k < 0:
-                            return t
-                _dot_row(x, xsum, buf, o, row, scale, zp, has_zp, gs, y)
-                row += 1
-                o += cols
-            for c in range(fill - o):
-                buf[c] = buf[o + c]
-            fill -= o
-        if not tile_ok(xl, ptr, end) or k != k_end:
+            xa[n] = states[t, n]
+            if pair:
+                xb[n] = states[t + 1, n]
+        pa, ea = tile_words[t], tile_words[t + 1]
+        pb, eb = tile_words[t + 1], tile_words[t + nb]
+        ra, rb = tile_rows[t], tile_rows[t + 1]
+        na = (tile_rows[t + 1] - ra) * cols
+        nbs = (tile_rows[t + nb] - rb) * cols if pair else 0
+        ka = tile_escapes[t] if has_esc else 0
+        kb = tile_escapes[t + 1] if has_esc else 0
+        ka_end = tile_escapes[t + 1] if has_esc else 0
+        kb_end = tile_escapes[t + nb] if has_esc else 0
+        da = db = fa = fbl = 0                            # symbols decoded, symbols waiting in each buffer
+        while da < na or db < nbs:
+            ma = min(blk, na - da)                        # only a tile's last block ends inside a step
+            mb = min(blk, nbs - db)
+            both = 0
+            if ma == blk and mb == blk:
+                pa, pb, both = decode_two(xa, xb, fb, values, words, pa, ea, pb, eb, scale_bits, buf, fa,
+                                          half + fbl, blk)
+            if ma:
+                pa = decode_block(xa, fb, values, words, pa, ea, scale_bits, buf, fa + both, ma - both)
+                da += ma
+                fa, ra, ka = _consume_rows(buf, 0, fa + ma, ra, x, xsum, scale, zp, has_zp, gs, y, has_esc,
+                                           escapes, ka, ka_end)
+                if ka < 0:
+                    return t
+            if mb:
+                pb = decode_block(xb, fb, values, words, pb, eb, scale_bits, buf, half + fbl + both, mb - both)
+                db += mb
+                fbl, rb, kb = _consume_rows(buf, half, fbl + mb, rb, x, xsum, scale, zp, has_zp, gs, y, has_esc,
+                                            escapes, kb, kb_end)
+                if kb < 0:
+                    return t + 1
+        if not tile_ok(xa, pa, ea) or ka != ka_end:
             return t
+        if pair and (not tile_ok(xb, pb, eb) or kb != kb_end):
+            return t + 1
+        t += nb
     return -1
 
 
