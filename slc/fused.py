@@ -1,14 +1,14 @@
 """Fused decode x matmul: y = x @ W^T straight from a tiled rANS stream, for generation (x of 1..8 rows).
 
 A weight W (out, in) is coded row-major as a `slc.tiles.TiledStream`, so a tile is a block of
-output rows. Each thread takes a contiguous range of tiles; for each tile it decodes about one
-row's worth of symbols at a time into a small buffer (one row plus one step: a few KiB, in L1),
-turns symbols into codes through the slot table itself (the table's values are the float codes),
-and multiplies every finished row with x right away:
+output rows. Each thread takes a contiguous range of tiles and works on two of them side by side
+(two independent decode chains): it decodes a block of whole rows (>= FUSED_BLOCK symbols) of each
+into a small buffer (about 10 KiB each, in L1), the slot table giving float codes directly (the
+symbol -> code mapping is folded into the table), and multiplies every finished row with x right away:
 
     y[i, r] = sum_g scale[r, g] * (sum_{t in g} x[i, t] * code[r, t]  -  zp[r, g] * sum_{t in g} x[i, t])
 
-Nothing bigger than a row buffer is materialised; the coded words are read once, in order.
+Nothing bigger than those buffers is materialised; the coded words are read once, in order.
 
 Symbol kinds (what a symbol means; the mapping is folded into the decode table, built once):
     affine  code = symbol + qmin. int8 per channel (groups = 1, qmin = -127) or grouped int4
