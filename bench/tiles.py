@@ -209,8 +209,9 @@ def threads_section(quick: bool) -> None:
     @njit(parallel=True)
     def decode_prange(states, words, tile_words, tile_syms, fb, values, sb, out, errs):
         for t in prange(states.shape[0]):
+            lo = np.int64(t)                               # the prange index is unsigned: keep int64 arithmetic
             errs[t] = tiles.decode_tiles_kernel(states, words, tile_words, tile_syms, fb, values, sb, -1, tile_words,
-                                                out, t, t + 1)
+                                                out, lo, lo + 1)
 
     @njit(nogil=True)
     def empty_kernel(out, lo, hi):
