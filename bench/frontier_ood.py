@@ -232,7 +232,7 @@ def phase_rotate(b: Bench, rows: list):
 
 def phase_budget(b: Bench, rows: list):
     from slc.recipe import compress_to_budget
-    for budget in TARGET_BUDGETS:
+    for budget in b.budgets or TARGET_BUDGETS:
         model, tok = models.load(b.key)
         t0 = time.perf_counter()
         rep = compress_to_budget(model, tok, budget, calibration_text=b.cal, progress=False)
@@ -307,6 +307,7 @@ def main(argv=None) -> None:
     p.add_argument("--phase", action="append", choices=sorted(PHASES), help="phases to run (default: all)")
     p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
+    p.add_argument("--budgets", type=float, nargs="*", default=None, help="budgets of the 'budget' phase")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -316,6 +317,7 @@ def main(argv=None) -> None:
         for key in args.model or MODELS:
             print(f"\n== {key}", flush=True)
             b = Bench(key)
+            b.budgets = args.budgets
             for ph in args.phase or list(PHASES):
                 rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph)]
                 b.phase = ph

@@ -102,15 +102,16 @@ def _code_bits(c: torch.Tensor) -> torch.Tensor:
 def _ecsq(b, imp, q: Quantizer, multipliers, refit: bool):
     _, s0 = quantize_blocks(b, q.step, q.dead_zone, q.reference)
     off = 0.5 - q.dead_zone
-    D, R, C, S = [], [], [], []
+
+    def codes(s):
+        return torch.copysign(torch.floor(b.abs() / s + off).clamp_min(0), b)
+
+    D, R = [], []
     for m in multipliers:
-        s = s0 * m
-        c = torch.copysign(torch.floor(b.abs() / s + off).clamp_min(0), b)
-        D.append((imp * (b - c * s).pow(2)).sum(-1))
+        c = codes(s0 * m)
+        D.append((imp * (b - c * (s0 * m)).pow(2)).sum(-1))
         R.append(_code_bits(c).sum(-1))
-        C.append(c)
-        S.append(s)
-    D, R = torch.stack(D, -1), torch.stack(R, -1)                   # (blocks, candidates)
+    D, R = torch.stack(D, -1).double(), torch.stack(R, -1)          # (blocks, candidates)
     one = min(range(len(multipliers)), key=lambda k: abs(multipliers[k] - 1.0))
     target = float(R[:, one].sum())
     scale = float(D[:, one].sum()) / max(target, 1.0)              # lam in units of D per bit
@@ -123,9 +124,8 @@ def _ecsq(b, imp, q: Quantizer, multipliers, refit: bool):
         else:
             hi = mid
     k = torch.argmin(D + math.exp(hi) * scale * R, -1)
-    pick = k[:, None, None].expand(-1, 1, b.shape[-1])
-    c = torch.stack(C, 1).gather(1, pick).squeeze(1)
-    s = torch.stack(S, 1).gather(1, k[:, None, None]).squeeze(1)
+    s = s0 * torch.tensor(multipliers, dtype=s0.dtype)[k][:, None]
+    c = codes(s)
     if refit:
         s = _refit(b, c, imp, s)
     return c, s

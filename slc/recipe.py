@@ -103,13 +103,17 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                          "store int8 or lossless")
     modules = dict(model.named_modules())
     stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq)
-    target, attempts, layers, pol = float(budget_bits), [], {}, None
+    target, attempts, layers, pol, done = float(budget_bits), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
         pol = allocate(model, tokenizer, target, rd=rd)
         layers, bits = {}, 0
         it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
         for name, spec in it:
+            if (name, spec.quantizer) in done:                     # same step as an earlier attempt: reuse
+                layers[name] = done[name, spec.quantizer]
+                bits += 8 * layers[name][0].nbytes
+                continue
             module = modules[name]
             w = dense_weight_of(module).float()
             qt = weighted_quantize(w, spec.quantizer, stats[name].x_sq)
@@ -118,7 +122,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
             qt.original_dtype = module.weight.dtype
             layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None),
                                                     device=module.weight.device)
-            layers[name] = (layer, qt, w)
+            rel = float((qt.dequantize(torch.float32) - w).norm() / w.norm().clamp_min(1e-30))
+            layers[name] = done[name, spec.quantizer] = (layer, rel)
             bits += 8 * layer.nbytes
         measured = bits / n_weights
         attempts.append((target, measured))
@@ -129,8 +134,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         raise RuntimeError(f"could not land within {TOLERANCE:.0%} of {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")
     report = CompressionReport()
-    for name, (layer, qt, w) in layers.items():
-        rel = float((qt.dequantize(torch.float32) - w).norm() / w.norm().clamp_min(1e-30))
+    for name, (layer, rel) in layers.items():
+        w = dense_weight_of(modules[name])
         set_module(model, name, layer)
         spec = pol[name]
         report.rows.append(LayerRow(name, spec.kind, spec.describe() + " (weighted" + (", GPTQ)" if use_gptq else ")"),
