@@ -17,7 +17,8 @@ Phases:
     gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
     rotate    randomised block-Hadamard rotation of the input side (slc.rotation), measurement only
     budget    slc.compress_to_budget at several budgets
-Writes bench/results/frontier_ood.json (rows, merged across runs) and bench/results/frontier_ood.md.
+Writes bench/results/frontier_ood.json (or --json FILE, so that runs of different models or phases can go
+side by side) and bench/results/frontier_ood.md from every bench/results/frontier_ood*.json.
 """
 from __future__ import annotations
 
@@ -246,8 +247,19 @@ PHASES = {"base": phase_base, "alloc": phase_alloc, "gptq": phase_gptq, "rotate"
           "budget": phase_budget}
 
 
+JSON = {"path": RESULTS / "frontier_ood.json"}
+
+
 def json_path() -> Path:
-    return RESULTS / "frontier_ood.json"
+    return JSON["path"]
+
+
+def all_rows() -> list:
+    """Rows of every frontier_ood*.json (runs of different models may write separate files)."""
+    rows = []
+    for p in sorted(RESULTS.glob("frontier_ood*.json")):
+        rows += json.loads(p.read_text())["rows"]
+    return rows
 
 
 def load_rows() -> list:
@@ -308,10 +320,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--budgets", type=float, nargs="*", default=None, help="budgets of the 'budget' phase")
+    p.add_argument("--json", default=None, help="rows file (default bench/results/frontier_ood.json)")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
+    if args.json:
+        JSON["path"] = Path(args.json).resolve()
     rows = load_rows()
     if not args.report:
         for key in args.model or MODELS:
@@ -325,8 +340,9 @@ def main(argv=None) -> None:
     note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "
                               f"torch {torch.__version__}, 2 threads) while other jobs ran; load average at the "
                               f"end {os.getloadavg()[0]:.1f}.")
-    (RESULTS / "frontier_ood.md").write_text(report(rows, note))
-    print(report(rows, note))
+    text = report(all_rows(), note)
+    (RESULTS / "frontier_ood.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
