@@ -197,15 +197,25 @@ def smollm2():
 
 
 @pytest.mark.slow
-def test_smollm2_allocation_and_gptq_equal_the_whole_model(smollm2, tmp_path):
+def test_smollm2_output_allocation_equals_the_whole_model(smollm2):
     model, tok, folder = smollm2
     a = allocate_model(model, tok, 4.5, sensitivity="output")
     b = allocate_checkpoint(folder, tok, 4.5, sensitivity="output")
     assert steps(a) == steps(b)
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_writes_the_same_bytes(smollm2, tmp_path):
+    """GPTQ on the first and last two blocks (the rest stays dense: read from the checkpoint), 512 tokens."""
+    from slc.quant import Quantizer
+    model, tok, folder = smollm2
+    spec = LinearSpec("entropy", quantizer=Quantizer(mode="ecsq", step=0.2), predictor="none")
+    policy = {f"model.layers.{i}.*": spec for i in (0, 1, 28, 29)}
     dense = copy.deepcopy(model)
-    compress_model_gptq(dense, tok, a, max_tokens=512)
+    compress_model_gptq(dense, tok, policy, max_tokens=512)
     save_compressed(dense, tmp_path / "a.slc.safetensors")
-    gptq_checkpoint(folder, tmp_path / "b.slc.safetensors", tok, b, max_tokens=512, sequential=False, device="cpu")
+    gptq_checkpoint(folder, tmp_path / "b.slc.safetensors", tok, policy, max_tokens=512, sequential=False,
+                    device="cpu")
     ta, tb = load_file(tmp_path / "a.slc.safetensors"), load_file(tmp_path / "b.slc.safetensors")
     assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
 
