@@ -98,10 +98,10 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
                 continue
             codes = qt.codes.reshape(-1).numpy()
             if kind == "ecsq":
-                p.bits = buffer_bits_estimate(codes, qt.scale.numel())
+                p.bits = buffer_bits_estimate(codes, qt.scale.numel(), shape=tuple(w.shape))
             else:                                                   # affine codes + rANS: entropy of the symbols
                 p.bits = buffer_bits_estimate(codes.astype(np.int64) - qt.quantizer.qmin, qt.scale.numel(),
-                                              signed=False)
+                                              signed=False, shape=tuple(w.shape))
             p.distortion = _distortion(qt.dequantize(torch.float32) - w, st, full)
             pts.append(p)
     pts.sort(key=lambda p: p.bits)

@@ -27,7 +27,15 @@ from .nn import CompressedEmbedding, CompressedLinear, TiedLinear, check_meta, v
 from .sources import default_max_bytes, safetensors_layout
 
 FORMAT = "slc.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: entropy layers may be tiled (slc.tiles); files without tiles are still written as 1
+VERSIONS = (1, 2)
+
+
+def file_version(layers: dict) -> int:
+    """The format version a file with these layer metas needs: 2 with a tiled entropy layer, else 1
+    (so a file without tiles reads in an slc from before tiles, and loads + saves back byte for byte)."""
+    tiled = any(isinstance(m.get("tensor"), dict) and m["tensor"].get("layout") == "tiled" for m in layers.values())
+    return 2 if tiled else 1
 
 
 def _dedupe(state: dict) -> tuple[dict, dict]:
@@ -63,7 +71,7 @@ def save_compressed(model: nn.Module, path) -> Path:
     state = model.state_dict()
     tensors, tied = _dedupe(state)                          # on the model's device, where ties are still shared memory
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": type(model).__name__,
+    meta = {"format": FORMAT, "version": file_version(layers), "architecture": type(model).__name__,
             "config": json.loads(config.to_json_string(use_diff=False)), "layers": layers, "tied": tied,
             "tied_heads": heads,
             "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}}
@@ -95,9 +103,9 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
                           f"expected {FORMAT!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{path} has format version {meta.get('version')!r}; this slc reads version "
-                          f"{FORMAT_VERSION} (a newer file needs a newer slc)")
+    if meta.get("version") not in VERSIONS:
+        raise FormatError(f"{path} has format version {meta.get('version')!r}; this slc reads versions "
+                          f"{VERSIONS} (a newer file needs a newer slc)")
     for key, typ in (("architecture", str), ("config", dict), ("layers", dict), ("tied", dict), ("tied_heads", dict),
                      ("dtypes", dict), ("checksums", dict)):
         if not isinstance(meta.get(key), typ):

@@ -42,6 +42,7 @@ from . import rans
 from .quant import Quantizer
 from .symbols import ESCAPE_BITS, entropy_from_counts, escape_from_counts, value_counts, zigzag
 from .tensor import CompressedTensor
+from .tiles import choose_tiles, default_lanes
 
 HEADER_BITS_ESTIMATE = 8 * 260   # CompressedTensor v2 header JSON + framing, roughly (measured 230..290 bytes)
 
@@ -82,14 +83,23 @@ def estimate_from_counts(vals: np.ndarray, counts: np.ndarray, n: int, escape: b
         sym_counts = sym_counts[:np.flatnonzero(sym_counts)[-1] + 1] if sym_counts.any() else sym_counts[:1]
     payload = entropy_from_counts(sym_counts, n) if n else 0.0
     return {"payload_bits": payload * 1.0005, "alphabet": int(sym_counts.size), "n_escapes": n_esc,
-            "lanes": rans.choose_lanes(n), "table_bits": _table_bits_estimate(sym_counts, n), "n": n}
+            "lanes": rans.choose_lanes(n), "table_bits": _table_bits_estimate(sym_counts, n), "n": n,
+            "escape": escape}
 
 
-def buffer_bits(e: dict, n_scales: int) -> float:
-    """Bits of CompressedTensor.buffers() for a stream_estimate: 16-bit words, int32 states,
-    a dense int32 frequency table, float32 scales, int32 escapes."""
-    words = math.ceil(e["payload_bits"] / 16) + e["lanes"] // 2
-    return 16 * words + 32 * (e["lanes"] + e["alphabet"] + n_scales + e["n_escapes"])
+def buffer_bits(e: dict, n_scales: int, shape: tuple | None = None) -> float:
+    """Bits of a coded weight's buffers for a stream_estimate: 16-bit words, int32 states, a dense
+    int32 frequency table, float32 scales, int32 escapes. shape None: one stream (CompressedTensor);
+    shape (rows, cols): the tiled layout of a CompressedLinear (slc.tiles: lanes per tile, an int64
+    tile index of 2 offsets a tile, 3 with escapes)."""
+    lanes, index_bits = e["lanes"], 0
+    if shape is not None:
+        rows, cols = shape
+        n_tiles = len(choose_tiles(rows, cols, e["payload_bits"] / max(e["n"], 1))) - 1
+        lanes = n_tiles * default_lanes(rows, cols)
+        index_bits = 64 * (n_tiles + 1) * (3 if e["escape"] else 2)
+    words = math.ceil(e["payload_bits"] / 16) + lanes // 2
+    return 16 * words + 32 * (lanes + e["alphabet"] + n_scales + e["n_escapes"]) + index_bits
 
 
 def stream_bits_estimate(codes: np.ndarray) -> float:
@@ -98,21 +108,23 @@ def stream_bits_estimate(codes: np.ndarray) -> float:
     return e["payload_bits"] + e["table_bits"] + 32 * e["lanes"] + 8 * 28 + ESCAPE_BITS * e["n_escapes"]
 
 
-def buffer_bits_estimate(codes: np.ndarray, n_scales: int, signed: bool = True) -> float:
-    """Estimated bits of CompressedTensor.buffers() (what a CompressedLinear holds in memory):
-    16-bit words, int32 states, a dense int32 frequency table, float32 scales, int32 escapes."""
-    return buffer_bits(stream_estimate(codes, signed), n_scales)
+def buffer_bits_estimate(codes: np.ndarray, n_scales: int, signed: bool = True, shape: tuple | None = None) -> float:
+    """Estimated bits of the buffers a coded weight holds in memory (see `buffer_bits`; shape (rows, cols):
+    a tiled CompressedLinear, None: a CompressedTensor's one stream)."""
+    return buffer_bits(stream_estimate(codes, signed), n_scales, shape)
 
 
 def estimate_bits(w, quantizer, layout: str = "bytes") -> float:
     """Estimated all-in bits per weight of CompressedTensor.compress(w, quantizer) (ecsq), without encoding.
 
-    layout="bytes": len(to_bytes()) (compact table, header); "buffers": the bytes of buffers().
+    layout="bytes": len(to_bytes()) (compact table, header); "buffers": the bytes of buffers();
+    "tiled": the buffers of a tiled CompressedLinear (2-D w).
     """
     qt = quantizer.quantize(w)
     codes = qt.codes.detach().cpu().reshape(-1).numpy()
-    if layout == "buffers":
-        return buffer_bits_estimate(codes, qt.scale.numel()) / codes.size
+    if layout in ("buffers", "tiled"):
+        shape = tuple(qt.original_shape) if layout == "tiled" else None
+        return buffer_bits_estimate(codes, qt.scale.numel(), shape=shape) / codes.size
     total = stream_bits_estimate(codes) + 32 * qt.scale.numel() + HEADER_BITS_ESTIMATE
     return total / codes.size
 
@@ -130,7 +142,7 @@ def step_for_bits(w, target_bpw: float, granularity: str = "channel", group_size
     Rate falls as the step grows (about one bit per halving), so we bisect log(step) on
     [1e-5, 1e2] until the rate is within `tol` (relative) of the target. exact=True measures
     every candidate with a real CompressedTensor (slower); the default uses `estimate_bits`.
-    layout: "bytes" (to_bytes, the file) or "buffers" (what a CompressedLinear holds in memory).
+    layout: "bytes" (to_bytes, the file), "buffers" (a CompressedTensor in memory) or "tiled" (a CompressedLinear).
 
     >>> import torch
     >>> w = torch.randn(128, 512, generator=torch.Generator().manual_seed(0))
@@ -275,7 +287,7 @@ def sweep(w: torch.Tensor, steps, x_sq=None, out_weight=None, granularity: str =
         vals = np.flatnonzero(hist)
         e = estimate_from_counts(vals, hist[vals], n)
         n_scales = sc.size
-        out.append({"step": float(st), "bits": buffer_bits(e, n_scales) / n,
+        out.append({"step": float(st), "bits": buffer_bits(e, n_scales, (rows, cols)) / n,
                     "bytes_bits": (e["payload_bits"] + e["table_bits"] + 32 * e["lanes"] + 8 * 28
                                    + ESCAPE_BITS * e["n_escapes"] + 32 * n_scales + HEADER_BITS_ESTIMATE) / n,
                     "distortion": float(dist)})

@@ -3,10 +3,15 @@
 Three storage kinds, chosen by a `LinearSpec`:
     quantized  integer codes + float32 scales in buffers (int8 stays int8; 2..4-bit codes are
                packed two per byte). forward multiplies with the codes directly where it can.
-    entropy    the codes rANS-coded (a `CompressedTensor`'s buffers: words, states, freqs, scales).
-               forward decodes the weight on demand, on the buffers' device (numba on CPU, the torch
-               decoder on CUDA), so between forwards only the coded bytes are held. A `DecodeCache`
-               shared by many layers keeps recently decoded codes under a byte budget.
+    entropy    the codes rANS-coded, so between forwards only the coded bytes are held. Two layouts:
+               tiled (the default where the scales are per row or group): independent tiles of
+                   output rows (slc.tiles); a forward of a few rows (generation, <= fused.MAX_ROWS)
+                   decodes tile by tile on every core and multiplies as it decodes (slc.fused), nothing
+                   bigger than a row is materialised; more rows (prefill, batches) decode the weight
+                   once and use a dense GEMM.
+               stream (files written before tiles, the left predictor, per-tensor scales): one rANS
+                   stream (a `CompressedTensor`'s buffers), decoded whole on every forward.
+               A `DecodeCache` shared by many layers keeps recently decoded codes under a byte budget.
     lowrank    truncated SVD factors Vh (r, n), S (r,), U^T (r, m), each optionally quantised;
                forward is two small matmuls: y = ((x @ Vh^T) * S) @ U^T.
 
@@ -36,8 +41,15 @@ from .errors import FormatError
 from .factors import low_rank, quantize_factors
 from .hf import dense_weight_of
 from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
-from .symbols import PREDICTORS
+from .fused import MAX_ROWS as FUSED_MAX_ROWS
+from .fused import FusedWeight
+from .rans import decode_torch
+from .symbols import PREDICTORS, code_dtype, join_escapes, split_escapes
 from .tensor import CompressedTensor, check_header, decode_codes
+from .tiles import TiledStream, encode_tiled
+
+LAYOUTS = ("tiled", "stream")
+TILED_BUFFERS = ("words", "states", "freqs", "tile_rows", "tile_words", "tile_escapes", "escapes")
 
 KINDS = ("quantized", "entropy", "lowrank")
 LAYER_KINDS = KINDS + ("embedding",)                                # what a saved layer's metadata may say
@@ -139,6 +151,9 @@ class LinearSpec:
     # lowrank: quantise Vh and U^T (channel = one scale per singular vector); None keeps float
     factor_quantizer: Quantizer | None = None
     predictor: str = "auto"                            # entropy: "none", "left" or "auto" (lower entropy wins)
+    # entropy: "tiled" (fused decode x matmul), "stream" (one rANS stream) or None: tiled wherever it
+    # applies (scales per row or group, no left predictor), else stream
+    layout: str | None = None
     # entropy: shared LRU of decoded codes; None decodes every forward
     cache: DecodeCache | None = field(default=None, compare=False)
 
@@ -171,6 +186,12 @@ class LinearSpec:
                 raise ValueError("factor_quantizer only applies to kind='lowrank'; use quantizer= for the codes")
         if self.predictor not in PREDICTORS + ("auto",):
             raise ValueError(f"predictor={self.predictor!r}: use one of {PREDICTORS + ('auto',)}")
+        if self.layout is not None:
+            if self.kind != "entropy" or self.layout not in LAYOUTS:
+                raise ValueError(f"layout={self.layout!r}: use one of {LAYOUTS} (kind='entropy' only) or None")
+            if self.layout == "tiled" and not (_rowwise(self.quantizer) and self.predictor != "left"):
+                raise ValueError("layout='tiled' needs scales per output row or group (granularity 'channel', "
+                                 "axis 0, or 'group') and no 'left' predictor; use layout='stream'")
         if self.cache is not None and not isinstance(self.cache, DecodeCache):
             raise TypeError(f"cache must be an slc.nn.DecodeCache or None, got {type(self.cache).__name__}")
 
@@ -184,11 +205,21 @@ class LinearSpec:
         fq = self.factor_quantizer
         return f"lowrank({target}{', ' + fq.describe() if fq else ''})"
 
+    @property
+    def tiled(self) -> bool:
+        """An entropy layer of this spec is coded in tiles (see `layout`)."""
+        if self.kind != "entropy" or self.layout == "stream":
+            return False
+        return self.layout == "tiled" or (_rowwise(self.quantizer) and self.predictor != "left")
+
     def to_dict(self) -> dict:
-        """JSON-able; the cache is a run-time object and is not included."""
-        return {"kind": self.kind, "quantizer": _quantizer_dict(self.quantizer), "rank": self.rank,
-                "energy": self.energy, "error": self.error,
-                "factor_quantizer": _quantizer_dict(self.factor_quantizer), "predictor": self.predictor}
+        """JSON-able; the cache is a run-time object and is not included ("layout" only when set)."""
+        d = {"kind": self.kind, "quantizer": _quantizer_dict(self.quantizer), "rank": self.rank,
+             "energy": self.energy, "error": self.error,
+             "factor_quantizer": _quantizer_dict(self.factor_quantizer), "predictor": self.predictor}
+        if self.layout is not None:
+            d["layout"] = self.layout
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, cache: DecodeCache | None = None) -> "LinearSpec":
@@ -196,7 +227,7 @@ class LinearSpec:
         return cls(kind=d["kind"], quantizer=Quantizer.from_dict(d["quantizer"]), rank=d.get("rank"),
                    energy=d.get("energy"), error=d.get("error"),
                    factor_quantizer=None if fq is None else Quantizer.from_dict(fq),
-                   predictor=d.get("predictor", "auto"), cache=cache)
+                   predictor=d.get("predictor", "auto"), layout=d.get("layout"), cache=cache)
 
 
 # --- codes <-> buffers ---------------------------------------------------------------------------
@@ -235,6 +266,31 @@ def _codes_buffers(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Ten
     if qt.zero_point is not None:
         out[prefix + "zero_point"] = qt.zero_point.contiguous()
     return out
+
+
+def _encode_tiles(qt: QuantizedTensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A row-wise quantised (out, in) weight -> (tiled tensor header, buffers): slc.tiles' stream of the
+    symbols (affine: code - qmin; ecsq: zig-zag with an escape symbol, escaped codes kept in `escapes`)."""
+    q, (rows, cols) = qt.quantizer, qt.original_shape
+    codes = qt.codes.detach().cpu().reshape(rows, cols).numpy()
+    escapes = None
+    if q.mode == "ecsq":
+        sym, escape, escapes = split_escapes(codes)
+        stream = encode_tiled(sym.reshape(rows, cols), escape=escape)
+    else:
+        stream = encode_tiled((codes.astype(np.int32) - q.qmin).astype(np.uint16))
+    ecsq = q.mode == "ecsq"
+    header = {**stream.meta, "kind": "ecsq" if ecsq else "affine", "qmin": 0 if ecsq else q.qmin,
+              "dtype": dtype_name(qt.original_dtype), "quantizer": q.to_dict(compact=True),
+              "n_escapes": 0 if escapes is None else int(escapes.size)}
+    buffers = stream.buffers()
+    buffers["states"] = buffers["states"].reshape(-1)
+    buffers["scale"] = qt.scale.detach().cpu().contiguous()
+    if qt.zero_point is not None:
+        buffers["zero_point"] = qt.zero_point.detach().cpu().contiguous()
+    if escapes is not None:
+        buffers["escapes"] = torch.from_numpy(escapes)
+    return header, buffers
 
 
 def int_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point, q: Quantizer,
@@ -299,6 +355,9 @@ class CompressedLinear(nn.Module):
         self.decode_backend = "auto"
         # cache key (a deepcopy shares it; the owner check tells them apart)
         self._uid = next(_uids)
+        tensor = meta.get("tensor")
+        self.tiled = isinstance(tensor, dict) and tensor.get("layout") == "tiled"
+        self._fused = None                                          # tiled: FusedWeight, built at first use
 
     # --- building ---------------------------------------------------------------------------------
     @classmethod
@@ -350,11 +409,13 @@ class CompressedLinear(nn.Module):
         meta = _layer_meta(spec.kind, spec, qt.original_shape, qt.original_dtype)
         meta["quantizer"] = _quantizer_dict(spec.quantizer)
         if spec.kind == "quantized":
-            buffers = {k: v.to(device) for k, v in _codes_buffers(qt).items()}
+            buffers = _codes_buffers(qt)
+        elif spec.tiled:
+            meta["tensor"], buffers = _encode_tiles(qt)
         else:
             ct = CompressedTensor.from_quantized(qt, predictor=spec.predictor)
-            meta["tensor"] = ct.meta
-            buffers = {k: v.to(device) for k, v in ct.buffers().items()}
+            meta["tensor"], buffers = ct.meta, ct.buffers()
+        buffers = {k: v.to(device) for k, v in buffers.items()}
         return cls._assemble(meta, buffers, bias, spec.cache)
 
     @classmethod
@@ -391,6 +452,42 @@ class CompressedLinear(nn.Module):
         codes = getattr(self, prefix + "codes")
         return _unpack_nibbles(codes, q, shape) if _packed(q) else codes
 
+    def fused_weight(self) -> FusedWeight:
+        """tiled: the coded weight with its decode tables (built once, after the buffers hold data)."""
+        if self._fused is None:
+            t, rows = self.meta["tensor"], self.out_features
+            b = {k: getattr(self, k).cpu() for k in TILED_BUFFERS if getattr(self, k, None) is not None}
+            zp = getattr(self, "zero_point", None)
+            self._fused = FusedWeight(TiledStream.from_buffers(b, t), t["kind"], self.scale.cpu().reshape(rows, -1),
+                                      None if zp is None else zp.cpu().reshape(rows, -1), t["qmin"], b.get("escapes"))
+        return self._fused
+
+    def _tiled_codes(self, backend: str) -> torch.Tensor:
+        """tiled: integer codes in QuantizedTensor's storage dtype; every tile decoded (on all cores on CPU,
+        tile by tile with the torch decoder on other devices or with backend "torch")."""
+        t, q = self.meta["tensor"], self.quantizer
+        if backend == "auto" and self.words.device.type == "cpu":
+            codes = torch.from_numpy(self.fused_weight().codes())
+        else:
+            b = {k: getattr(self, k) for k in TILED_BUFFERS if getattr(self, k, None) is not None}
+            ts = TiledStream.from_buffers({k: v.cpu() for k, v in b.items() if k.startswith("tile_")} |
+                                          {k: b[k].cpu() for k in ("words", "states", "freqs")}, t)
+            parts = []
+            for i in range(ts.n_tiles):                               # words of tile i, its lanes' states
+                w0, w1 = int(ts.tile_words[i]), int(ts.tile_words[i + 1])
+                n = int(ts.tile_rows[i + 1] - ts.tile_rows[i]) * self.in_features
+                states = b["states"][i * ts.lanes:(i + 1) * ts.lanes]
+                parts.append(decode_torch(b["words"][w0:w1], states, b["freqs"], n, ts.lanes, ts.scale_bits))
+            sym = torch.cat(parts) if parts else b["words"].new_zeros(0, dtype=torch.int32)
+            if q.mode == "ecsq":
+                codes = join_escapes(sym, t["escape"], b["escapes"])
+            else:
+                codes = sym.to(torch.int64) + q.qmin
+        codes = codes.reshape(self.shape)
+        if q.mode == "ecsq":
+            return codes.to(torch.from_numpy(np.zeros(0, code_dtype(codes.cpu().numpy()))).dtype)
+        return codes.to(torch.uint8 if q.scheme == "asymmetric" else torch.int8)
+
     def _decode(self) -> torch.Tensor:
         """entropy: the integer codes, decoded on the buffers' device (or taken from the cache)."""
         if self.cache is not None:                                  # keyed by layer, valid only for these very words
@@ -398,10 +495,13 @@ class CompressedLinear(nn.Module):
             if hit is not None:
                 return hit
         t0 = time.perf_counter()
-        names = ("words", "states", "freqs", "escapes")
-        buffers = {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
         backend = "torch" if self.decode_backend == "torch" else "auto"
-        codes = decode_codes(buffers, self.meta["tensor"], backend=backend, quantizer=self.quantizer)
+        if self.tiled:
+            codes = self._tiled_codes(backend)
+        else:
+            names = ("words", "states", "freqs", "escapes")
+            buffers = {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
+            codes = decode_codes(buffers, self.meta["tensor"], backend=backend, quantizer=self.quantizer)
         self.n_decodes += 1
         self.decode_seconds += time.perf_counter() - t0
         if self.cache is not None:
@@ -449,6 +549,11 @@ class CompressedLinear(nn.Module):
             r = self.s.numel()
             z = F.linear(x, self._factor("vh", r, self.in_features, x.dtype)) * self.s.to(x.dtype)   # (..., r)
             y = z @ self._factor("ut", r, self.out_features, x.dtype)                                # (..., out)
+        elif self.tiled and self._fusable(x):                      # generation: decode x matmul, tile by tile
+            t0 = time.perf_counter()
+            y = self.fused_weight().linear(x)
+            self.n_decodes += 1
+            self.decode_seconds += time.perf_counter() - t0         # decode and multiply: they are one pass
         elif (gs := self._packed_group()) and kernels.packed_usable(x, self.in_features, gs):
             y = kernels.packed4_linear(x, self.codes, self.scale, getattr(self, "zero_point", None),   # generation
                                        self.quantizer.qmin, self.shape, gs)
@@ -456,6 +561,14 @@ class CompressedLinear(nn.Module):
             codes = self._decode() if self.kind == "entropy" else self._codes()
             y = int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """A few rows on the CPU and no DecodeCache (with one, decoded codes are kept and reused instead)."""
+        if self.cache is not None or self.decode_backend == "torch":
+            return False
+        if x.device.type != "cpu" or self.words.device.type != "cpu":
+            return False
+        return x.numel() <= FUSED_MAX_ROWS * self.in_features
 
     # --- sizes and printing -----------------------------------------------------------------------
     @property
@@ -488,11 +601,13 @@ class CompressedLinear(nn.Module):
                 self._buffers[k] = self._buffers[k].to(d)          # scales, codes, S: the stored format
         if self.cache is not None:
             self.cache.discard(self._uid)                           # free the entry; its words are gone anyway
+        self._fused = None                                          # its tables point at the old buffers
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         if self.cache is not None:
             self.cache.discard(self._uid)                           # cached codes would be stale
+        self._fused = None
         return super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -616,8 +731,13 @@ def expected_layout(meta: dict) -> dict:
         out = {"words": ["int16", None], "states": ["int32", None], "freqs": ["int32", None]}
         q = Quantizer.from_dict(meta["quantizer"])
         out.update({k: v for k, v in _codes_layout(q, shape).items() if k != "codes"})
+        tiled = isinstance(meta.get("tensor"), dict) and meta["tensor"].get("layout") == "tiled"
+        if tiled:
+            out.update(tile_rows=["int64", None], tile_words=["int64", None])   # the tile index
         if q.mode == "ecsq":
             out["escapes"] = ["int32", None]                        # codes too big for the 16-bit alphabet
+            if tiled:
+                out["tile_escapes"] = ["int64", None]
     else:
         r = meta["rank"]
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(shape):
@@ -685,7 +805,15 @@ def validate_loaded(layer: CompressedLinear) -> None:
     for k, b in layer._buffers.items():
         if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise FormatError(f"buffer {k!r} holds NaN/Inf")
-    if layer.kind == "entropy":
+    if layer.kind == "entropy" and layer.tiled:
+        t, q = layer.meta["tensor"], layer.quantizer
+        if t.get("shape") != [layer.out_features, layer.in_features] or t.get("quantizer") != q.to_dict(compact=True):
+            raise FormatError("tiled tensor header disagrees with the layer (shape or quantizer)")
+        if t.get("kind") != ("ecsq" if q.mode == "ecsq" else "affine") or t.get("qmin") != (
+                0 if q.mode == "ecsq" else q.qmin) or (q.mode == "ecsq") != (t.get("escape") is not None):
+            raise FormatError("tiled tensor header disagrees with the layer's quantizer (kind, qmin or escape)")
+        layer.fused_weight()                                     # parses the index, escape counts and tables
+    elif layer.kind == "entropy":
         m = check_header(layer.meta["tensor"])                   # FormatError for any malformed field
         if m["shape"] != [layer.out_features, layer.in_features] or m["quantizer_obj"] != layer.quantizer:
             raise FormatError("entropy tensor header disagrees with the layer (shape or quantizer)")
