@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import FORMAT, FORMAT_VERSION, read_meta
+from .checkpoint import FORMAT, file_version, read_meta
 from .compress import CompressionReport, LayerRow
 from .errors import FormatError
 from .hf import DEFAULT_SKIP, conv1d_class, is_linear, resolve_spec, skipped
@@ -602,7 +602,7 @@ def assemble(dst: Path, plan: Plan, parts: dict) -> None:
             checksums[k] = meta["checksums"][k]
             where[k] = info
             entries.append((k, info.stored, info.shape, info.nbytes))
-    slc_meta = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": plan.architecture,
+    slc_meta = {"format": FORMAT, "version": file_version(layers), "architecture": plan.architecture,
                 "config": plan.config, "layers": layers, "tied": plan.tied, "tied_heads": {}, "dtypes": dtypes}
     if plan.generation_config is not None:
         slc_meta["generation_config"] = plan.generation_config
