@@ -13,6 +13,7 @@ tables, scales, escapes), GGUF the format's own size.
 
 Phases:
     base      fp32, GGUF Q4_0 / Q5_0, RTN int4 g32 and ECSQ one step, without and with activation-weighted scales
+    uniform   ECSQ one step at ~3.5 bits/weight, without and with weighted scales (against allocation)
     alloc     ECSQ allocated at several budgets: plain, weighted scales, + GPTQ
     gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
     rotate    randomised block-Hadamard rotation of the input side (slc.rotation), measurement only
@@ -53,6 +54,7 @@ ALLOC_TOKENS = 1_024          # Fisher / Gauss-Newton pass of the allocation
 STATS_TOKENS = 4_096          # input moments for weighted scales and GPTQ
 BUDGETS = (3.5, 3.825, 4.5)
 ECSQ_STEP = 0.25              # one step everywhere, ~4 bits/weight
+UNIFORM_STEP = 0.38           # ... and ~3.5 bits/weight
 GPTQ_BUDGET = 3.825
 GPTQ_BUDGETS = (3.825,)
 TARGET_BUDGETS = (3.5, 4.5)
@@ -176,6 +178,17 @@ def phase_base(b: Bench, rows: list):
         record(rows, b, f"ECSQ step {ECSQ_STEP}{' weighted' if weighted else ''}", bits, w, t0, group="ECSQ step")
 
 
+def phase_uniform(b: Bench, rows: list):
+    """One step everywhere at ~3.5 bits/weight: does the per-layer allocation generalise out of domain?"""
+    st = b.stats(full=False)
+    q = Quantizer(mode="ecsq", step=UNIFORM_STEP)
+    for weighted in (False, True):
+        t0 = time.perf_counter()
+        w, bits = quantize_all(b, {n: q for n in b.orig}, weighted, stats=st)
+        record(rows, b, f"ECSQ step {UNIFORM_STEP}{' weighted' if weighted else ''}", bits, w, t0,
+               group="ECSQ step")
+
+
 def phase_alloc(b: Bench, rows: list):
     rd, st = b.rd(), b.stats()
     for budget in BUDGETS:
@@ -243,7 +256,7 @@ def phase_budget(b: Bench, rows: list):
                group="compress_to_budget")
 
 
-PHASES = {"base": phase_base, "alloc": phase_alloc, "gptq": phase_gptq, "rotate": phase_rotate,
+PHASES = {"base": phase_base, "uniform": phase_uniform, "alloc": phase_alloc, "gptq": phase_gptq, "rotate": phase_rotate,
           "budget": phase_budget}
 
 
