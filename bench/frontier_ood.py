@@ -256,8 +256,8 @@ def phase_budget(b: Bench, rows: list):
                group="compress_to_budget")
 
 
-PHASES = {"base": phase_base, "uniform": phase_uniform, "alloc": phase_alloc, "gptq": phase_gptq, "rotate": phase_rotate,
-          "budget": phase_budget}
+PHASES = {"base": phase_base, "uniform": phase_uniform, "alloc": phase_alloc, "gptq": phase_gptq,
+          "rotate": phase_rotate, "budget": phase_budget}
 
 
 JSON = {"path": RESULTS / "frontier_ood.json"}
