@@ -20,12 +20,13 @@ LOCK        = requirements.lock
 LOCKENV    ?= build/lockenv
 FUZZ_SECONDS ?= 600
 
-.PHONY: help install lock lint models demo test test-unit test-notebooks browser-test bench fuzz soak render notebooks lab clean
+.PHONY: help install lock lint models demo test test-unit test-heavy test-notebooks browser-test bench fuzz soak render notebooks lab clean
 
 help:
 	@echo "make demo          create .venv, fetch the real models, compress them, print the table"
 	@echo "make test          the whole suite: ruff, unit tests, nbval on every notebook, browser check"
 	@echo "make lint          ruff check on slc, tests, bench, scripts"
+	@echo "make test-heavy    real-model equalities that take minutes (block-wise vs whole model)"
 	@echo "make lock          re-resolve pyproject's ranges in a throwaway venv, rewrite $(LOCK)"
 	@echo "make bench         codec and model benchmarks (tables for the README)"
 	@echo "make fuzz          coverage-guided fuzzing of the stream and file parsers (FUZZ_SECONDS=$(FUZZ_SECONDS))"
@@ -79,7 +80,11 @@ demo: models
 	$(PY) -m slc.demo
 
 test-unit: models
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not heavy"
+
+# Real-model equalities that take minutes (block-wise vs whole-model allocation and GPTQ on SmolLM2).
+test-heavy: models
+	$(PY) -m pytest tests -q -p no:cacheprovider -m heavy
 
 test-notebooks: models
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg -q -p no:cacheprovider

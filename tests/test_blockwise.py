@@ -197,6 +197,7 @@ def smollm2():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy                     # minutes: `make test-heavy`, not `make test`
 def test_smollm2_output_allocation_equals_the_whole_model(smollm2):
     model, tok, folder = smollm2
     a = allocate_model(model, tok, 4.5, sensitivity="output")
@@ -205,6 +206,7 @@ def test_smollm2_output_allocation_equals_the_whole_model(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy                     # minutes: `make test-heavy`, not `make test`
 def test_smollm2_gptq_writes_the_same_bytes(smollm2, tmp_path):
     """GPTQ on the first and last two blocks (the rest stays dense: read from the checkpoint), 512 tokens."""
     from slc.quant import Quantizer
@@ -221,6 +223,7 @@ def test_smollm2_gptq_writes_the_same_bytes(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy                     # minutes: `make test-heavy`, not `make test`
 def test_smollm2_fisher_backward_stream_equals_the_whole_model(smollm2):
     model, tok, folder = smollm2
     a = allocate_model(model, tok, 4.5, sensitivity="fisher")
