@@ -46,10 +46,10 @@ from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTab
 from .allocate import allocate as allocate_model
 from .calibrate import StatsHooks, token_chunks
 from .checkpoint import build_skeleton, read_meta, save_compressed
-from .compress import CompressionReport, LayerRow
+from .compress import CompressionReport, LayerRow, selected_specs
 from .compress import compress_model_gptq as compress_model_gptq_dense
 from .gptq import gptq
-from .hf import dense_weight_of, resolve_spec, set_module, target_layers
+from .hf import dense_weight_of, set_module, target_layers
 from .integrity import verify_checksums
 from .nn import CompressedLinear, TiedLinear, validate_loaded
 from .sources import open_checkpoint
@@ -383,18 +383,7 @@ def allocate(model, tokenizer, budget_bits: float = 4.5, calibration_text: str |
 
 def chosen_layers(names, policy) -> dict:
     """{name: LinearSpec} of the layers `policy` compresses; ValueError for kinds GPTQ cannot store."""
-    chosen = {}
-    for n in names:
-        spec = resolve_spec(n, policy)[0]
-        if spec is None:
-            continue
-        if spec.kind != "entropy":
-            raise ValueError(f"GPTQ stores rANS-coded codes: layer {n!r} has kind={spec.kind!r}; use kind='entropy' "
-                             "(what allocate() returns) or compress_model for other kinds")
-        chosen[n] = spec
-    if not chosen:
-        raise ValueError("the policy selects no layer: pass allocate()'s result or {pattern: LinearSpec('entropy')}")
-    return chosen
+    return selected_specs(names, policy, ("entropy",), "GPTQ")
 
 
 def gptq_layer(name: str, module: nn.Module, spec, x_cov: torch.Tensor, block: int, damp: float):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .calibrate import layer_stats
 from .gptq import gptq
 from .hf import DEFAULT_SKIP, dense_weight_of, is_linear, resolve_spec, set_module, target_layers, tied_head
-from .nn import CompressedEmbedding, CompressedLinear, LinearSpec, TiedLinear
+from .nn import CompressedEmbedding, CompressedLinear, LinearSpec, TiedLinear, check_policy
 
 
 @dataclass
@@ -126,13 +126,7 @@ def compress_model(model: nn.Module, policy: LinearSpec | dict | None = None, pr
     embeddings: a quantized LinearSpec for every nn.Embedding (default None: they stay dense). An output
     head tied to the token embedding then multiplies with the same codes (TiedLinear), whatever `skip` says.
     """
-    policy = LinearSpec() if policy is None else policy
-    if isinstance(policy, dict):
-        for pat, spec in policy.items():
-            if not isinstance(pat, str) or not (spec is None or isinstance(spec, LinearSpec)):
-                raise TypeError(f"policy must map str patterns to LinearSpec or None; got {pat!r}: {spec!r}")
-    elif not isinstance(policy, LinearSpec):
-        raise TypeError(f"policy must be a LinearSpec or a dict of pattern -> LinearSpec, got {type(policy).__name__}")
+    policy = check_policy(policy)
     if isinstance(skip, str):
         raise TypeError("skip must be a tuple of patterns, e.g. ('*lm_head*',), not a single string")
 
@@ -205,6 +199,24 @@ def compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
 
 
+def selected_specs(names, policy, kinds: tuple, who: str) -> dict:
+    """{name: LinearSpec} of the layers among `names` that `policy` compresses (slc.hf.resolve_spec).
+    ValueError when a selected spec's kind is not in `kinds` (what `who` can store) or nothing is selected."""
+    chosen = {}
+    for n in names:
+        spec = resolve_spec(n, policy)[0]
+        if spec is None:
+            continue
+        if spec.kind not in kinds:
+            raise ValueError(f"{who} stores kinds {kinds}: layer {n!r} has kind={spec.kind!r}; use one of those "
+                             "(allocate() returns 'entropy' specs) or compress_model for other kinds")
+        chosen[n] = spec
+    if not chosen:
+        raise ValueError(f"the policy selects no layer for {who}: pass allocate()'s result or "
+                         "{pattern: LinearSpec('entropy', ...)}")
+    return chosen
+
+
 def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: str | None = None,
                         max_tokens: int = 2048, block: int = 128, damp: float = 0.01, skip=None,
                         progress: bool = False):
@@ -217,18 +229,7 @@ def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: s
 
     """
     layers = target_layers(model, skip)
-    chosen = {}
-    for n, m in layers.items():
-        spec = resolve_spec(n, policy)[0]
-        if spec is None:
-            continue
-        if spec.kind != "entropy":
-            raise ValueError(f"compress_model_gptq stores rANS-coded codes: layer {n!r} has kind={spec.kind!r}; "
-                             "use kind='entropy' (what allocate() returns) or compress_model for other kinds")
-        chosen[n] = (m, spec)
-    if not chosen:
-        raise ValueError("the policy selects no layer: pass allocate()'s result or "
-                         "{pattern: LinearSpec('entropy', ...)}")
+    chosen = {n: (layers[n], spec) for n, spec in selected_specs(layers, policy, ("entropy",), "GPTQ").items()}
     stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=True)
     report = CompressionReport()
     for name, (module, spec) in tqdm(chosen.items(), desc="gptq", unit="layer", disable=not progress):

@@ -33,9 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import layer_stats
-from .compress import CompressionReport, LayerRow
+from .compress import CompressionReport, LayerRow, selected_specs
 from .gptq import gptq
-from .hf import dense_weight_of, resolve_spec, set_module, target_layers
+from .hf import dense_weight_of, set_module, target_layers
 from .nn import CompressedLinear
 from .quant import QuantizedTensor, Quantizer, as_float_tensor, quantize_blocks
 
@@ -190,17 +190,8 @@ def compress_model_weighted(model: nn.Module, tokenizer, policy, calibration_tex
     if importance not in ("x_sq", "fisher"):
         raise ValueError(f"importance={importance!r}: use 'x_sq' (per input column) or 'fisher' (per weight)")
     layers = target_layers(model, skip)
-    chosen = {}
-    for n, m in layers.items():
-        spec = resolve_spec(n, policy)[0]
-        if spec is None:
-            continue
-        if spec.kind not in ("quantized", "entropy"):
-            raise ValueError(f"layer {n!r} has kind={spec.kind!r}: weighted scales apply to 'quantized' or "
-                             "'entropy' specs; use compress_model for low rank")
-        chosen[n] = (m, spec)
-    if not chosen:
-        raise ValueError("the policy selects no layer: pass allocate()'s result or {pattern: LinearSpec(...)}")
+    chosen = {n: (layers[n], spec) for n, spec in
+              selected_specs(layers, policy, ("quantized", "entropy"), "weighted scales").items()}
     if stats is None:
         stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=use_gptq,
                             fisher="weight" if importance == "fisher" else False)

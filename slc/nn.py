@@ -252,6 +252,19 @@ def _packed(q: Quantizer) -> bool:
     return q.mode == "affine" and q.bits <= 4
 
 
+def check_policy(policy):
+    """A compress_model policy, validated: one LinearSpec (None: the default LinearSpec()), or a dict
+    {fnmatch pattern on module names: LinearSpec or None}. TypeError names what is wrong."""
+    policy = LinearSpec() if policy is None else policy
+    if isinstance(policy, dict):
+        for pat, spec in policy.items():
+            if not isinstance(pat, str) or not (spec is None or isinstance(spec, LinearSpec)):
+                raise TypeError(f"policy must map str patterns to LinearSpec or None; got {pat!r}: {spec!r}")
+    elif not isinstance(policy, LinearSpec):
+        raise TypeError(f"policy must be a LinearSpec or a dict of pattern -> LinearSpec, got {type(policy).__name__}")
+    return policy
+
+
 def _layer_meta(kind: str, spec: LinearSpec, shape: tuple, dtype: torch.dtype) -> dict:
     """The JSON description every layer starts from (kind-specific fields and "buffers" are added after)."""
     out_f, in_f = shape

@@ -53,7 +53,7 @@ from .errors import FormatError
 from .hf import DEFAULT_SKIP, conv1d_class, is_linear, resolve_spec, skipped
 from .integrity import atomic_write, crc32_tensor, verify_checksums
 from .models import weight_kind
-from .nn import CompressedLinear, LinearSpec, validate_loaded
+from .nn import CompressedLinear, LinearSpec, check_policy, validate_loaded
 from .quant import DTYPES, Quantizer, dtype_name
 from .sources import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, open_checkpoint, safetensors_layout
 from .symbols import entropy_bits
@@ -212,13 +212,7 @@ def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=
         for k in keys:
             source_of[k] = k if k in ckpt else (have[0] if have else None)
 
-    policy = LinearSpec() if policy is None else policy
-    if isinstance(policy, dict):
-        for pat, spec in policy.items():
-            if not isinstance(pat, str) or not (spec is None or isinstance(spec, LinearSpec)):
-                raise TypeError(f"policy must map str patterns to LinearSpec or None; got {pat!r}: {spec!r}")
-    elif not isinstance(policy, LinearSpec):
-        raise TypeError(f"policy must be a LinearSpec or a dict of pattern -> LinearSpec, got {type(policy).__name__}")
+    policy = check_policy(policy)
     conv1d = conv1d_class()
     layers, skipped, used, linear_names = {}, [], set(), []
     for name, module in model.named_modules():
