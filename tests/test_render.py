@@ -40,14 +40,15 @@ def _links(page: str) -> dict[str, str]:
                                                      nav.group(1))}
 
 
-def test_seven_notebooks():
-    assert len(NOTEBOOKS) == 7, [p.name for p in NOTEBOOKS]
+def test_notebooks_are_numbered_in_order():
+    assert len(NOTEBOOKS) >= 8, [p.name for p in NOTEBOOKS]
+    assert [p.name[:3] for p in NOTEBOOKS] == [f"{i:02d}_" for i in range(1, len(NOTEBOOKS) + 1)]
 
 
 def test_index_lists_every_notebook_in_order_with_its_takeaway(site):
     index = (site / "index.html").read_text(encoding="utf-8")
     items = re.findall(r'<li><a href="([^"]+)">(.*?)</a>.*?<span class="t">(.*?)</span></li>', index, re.S)
-    assert [href for href, _, _ in items] == PAGES                       # all seven, in file-name order
+    assert [href for href, _, _ in items] == PAGES                       # all of them, in file-name order
     for (href, title, takeaway), path in zip(items, NOTEBOOKS, strict=True):
         assert (site / href).is_file()
         nb = nbformat.read(path, as_version=4)
