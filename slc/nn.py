@@ -243,8 +243,7 @@ def _pack_nibbles(qt: QuantizedTensor) -> torch.Tensor:
 def _unpack_nibbles(packed: torch.Tensor, q: Quantizer, shape) -> torch.Tensor:
     n = int(np.prod(shape))
     sym = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:n]
-    code_dtype = torch.uint8 if q.scheme == "asymmetric" else torch.int8
-    return (sym.to(torch.int16) + q.qmin).to(code_dtype).reshape(shape)
+    return (sym.to(torch.int16) + q.qmin).to(q.storage_dtype).reshape(shape)
 
 
 def _packed(q: Quantizer) -> bool:
@@ -497,9 +496,7 @@ class CompressedLinear(nn.Module):
             else:
                 codes = sym.to(torch.int64) + q.qmin
         codes = codes.reshape(self.shape)
-        if q.mode == "ecsq":
-            return codes.to(torch.from_numpy(np.zeros(0, code_dtype(codes.cpu().numpy()))).dtype)
-        return codes.to(torch.uint8 if q.scheme == "asymmetric" else torch.int8)
+        return codes.to(code_dtype(codes) if q.mode == "ecsq" else q.storage_dtype)
 
     def _decode(self) -> torch.Tensor:
         """entropy: the integer codes, decoded on the buffers' device (or taken from the cache)."""

@@ -159,6 +159,11 @@ class Quantizer:
         return 0 if self.scheme == "asymmetric" else -(2 ** (self.bits - 1) - 1)
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        """How affine codes are held: uint8 (asymmetric) or int8 (ecsq codes: see slc.symbols.code_dtype)."""
+        return torch.uint8 if self.scheme == "asymmetric" else torch.int8
+
+    @property
     def qmax(self) -> int:
         return 2 ** self.bits - 1 if self.scheme == "asymmetric" else 2 ** (self.bits - 1) - 1
 
@@ -240,8 +245,7 @@ class Quantizer:
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             zero_point = -lo / scale                                    # float zero point: lo maps to code 0 exactly
             codes = torch.round(blocks / scale + zero_point).clamp_(0, self.qmax)
-        stored = torch.uint8 if self.scheme == "asymmetric" else torch.int8
-        codes = self.unblock(codes.to(stored), w.shape)
+        codes = self.unblock(codes.to(self.storage_dtype), w.shape)
         return QuantizedTensor(
             codes=codes, scale=scale.float(), zero_point=None if zero_point is None else zero_point.float(),
             quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)

@@ -403,6 +403,14 @@ def unpack_table(buf: bytes, sparse: bool, scale_bits: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # the stream
 
+def framed(parts) -> bytes:
+    """The parts joined, then the CRC32 of all of them (little-endian u32): how slc streams end."""
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return b"".join([*parts, struct.pack("<I", crc)])
+
+
 @dataclass
 class RansStream:
     """One encoded message: parameters, table, final states and words.
@@ -431,11 +439,8 @@ class RansStream:
         flags, table = pack_table(self.freqs)
         head = _HEADER.pack(MAGIC, VERSION, flags, self.scale_bits, self.lanes.bit_length() - 1,
                             self.n_symbols, len(self.words), len(table))
-        parts = [head, self.states.astype("<u4", copy=False).data, self.words.astype("<u2", copy=False).data, table]
-        crc = 0
-        for p in parts:
-            crc = zlib.crc32(p, crc)
-        return b"".join(parts + [struct.pack("<I", crc)])
+        return framed([head, self.states.astype("<u4", copy=False).data, self.words.astype("<u2", copy=False).data,
+                       table])
 
     @classmethod
     def from_bytes(cls, data) -> "RansStream":

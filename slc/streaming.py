@@ -353,7 +353,8 @@ def compress_unit(src: str, unit: dict, journal: str, max_bytes: int | None = No
     return meta
 
 
-def _crc_range(file: Path, offset: int, nbytes: int) -> int:
+def _crc_range(file: Path, offset: int, nbytes: int, out=None, what: str = "") -> int:
+    """CRC32 of `nbytes` of `file` from `offset`, read in chunks; each chunk also written to `out` if given."""
     crc = 0
     with open(file, "rb") as f:
         f.seek(offset)
@@ -361,8 +362,10 @@ def _crc_range(file: Path, offset: int, nbytes: int) -> int:
         while left:
             chunk = f.read(min(COPY_CHUNK, left))
             if not chunk:
-                raise FormatError(f"{file}: truncated")
+                raise FormatError(f"{file}: truncated{what}")
             crc = zlib.crc32(chunk, crc)
+            if out is not None:
+                write_all(out, chunk)
             left -= len(chunk)
     return crc
 
@@ -608,17 +611,7 @@ def assemble(dst: Path, plan: Plan, parts: dict) -> None:
             write_all(out, header)
             for name, *_ in ordered:
                 info = where[name]
-                crc = 0
-                with open(info.file, "rb") as f:
-                    f.seek(info.offset)
-                    left = info.nbytes
-                    while left:
-                        chunk = f.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise FormatError(f"{info.file}: part truncated in tensor {name!r}")
-                        crc = zlib.crc32(chunk, crc)
-                        write_all(out, chunk)
-                        left -= len(chunk)
+                crc = _crc_range(info.file, info.offset, info.nbytes, out, f" in tensor {name!r}")
                 if f"{crc:08x}" != checksums[name]:
                     raise FormatError(f"{info.file}: tensor {name!r} changed on disk since it was written "
                                       f"(CRC32 {crc:08x}, expected {checksums[name]}); rerun to redo it")

@@ -86,11 +86,15 @@ def unzigzag(z):
     return (z >> 1) ^ -(z & 1)
 
 
-def code_dtype(codes: np.ndarray):
-    """int16 when every code fits, else int32 (how signed ECSQ codes are stored)."""
-    if codes.size == 0:
-        return np.int16
-    return np.int16 if -2 ** 15 <= int(codes.min()) and int(codes.max()) < 2 ** 15 else np.int32
+def code_dtype(codes):
+    """int16 when every code fits, else int32 (how signed ECSQ codes are stored); a numpy dtype for a numpy
+    array, a torch dtype for a tensor."""
+    torch_in = isinstance(codes, torch.Tensor)
+    fits = codes.numel() == 0 if torch_in else codes.size == 0
+    fits = fits or (-2 ** 15 <= int(codes.min()) and int(codes.max()) < 2 ** 15)
+    if torch_in:
+        return torch.int16 if fits else torch.int32
+    return np.int16 if fits else np.int32
 
 
 def escape_from_counts(vals: np.ndarray, counts: np.ndarray, n: int) -> int:

@@ -436,10 +436,9 @@ def decode_codes(buffers: dict[str, torch.Tensor], meta: dict, device=None, back
     sym = rans.decode_torch(b["words"], b["states"], b["freqs"], meta["n_symbols"], meta["lanes"], meta["scale_bits"])
     if q.mode == "ecsq":
         codes = join_escapes(sym, meta["escape_symbol"], buffers["escapes"].to(device))
-        big = codes.numel() and (int(codes.min()) < -2 ** 15 or int(codes.max()) >= 2 ** 15)
-        return codes.to(torch.int32 if big else torch.int16).reshape(shape)
+        return codes.to(code_dtype(codes)).reshape(shape)
     codes = undo_predictor(sym.to(torch.int64), meta["predictor"], q.bits, shape) + q.qmin
-    return codes.to(torch.uint8 if q.scheme == "asymmetric" else torch.int8).reshape(shape)
+    return codes.to(q.storage_dtype).reshape(shape)
 
 
 def decompress_buffers(buffers: dict[str, torch.Tensor], meta: dict, dtype=None, device=None) -> torch.Tensor:

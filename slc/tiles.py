@@ -185,10 +185,7 @@ class TiledStream:
         parts = [head] + [np.asarray(a).astype("<u4").tobytes() for a in index]
         parts += [self.states.astype("<u4", copy=False).tobytes(), self.words.astype("<u2", copy=False).tobytes(),
                   table]
-        crc = 0
-        for p in parts:
-            crc = zlib.crc32(p, crc)
-        return b"".join(parts + [struct.pack("<I", crc)])
+        return rans.framed(parts)
 
     @classmethod
     def from_bytes(cls, data) -> "TiledStream":
