@@ -19,8 +19,9 @@ STAMP       = $(VENV)/.installed
 LOCK        = requirements.lock
 LOCKENV    ?= build/lockenv
 FUZZ_SECONDS ?= 600
+PEERS_DIR  ?= build/peers
 
-.PHONY: help install lock lint models demo test test-unit test-heavy test-notebooks browser-test bench fuzz soak render notebooks lab clean
+.PHONY: help install lock lint models demo test test-unit test-heavy test-notebooks browser-test bench peers fuzz soak render notebooks lab clean
 
 help:
 	@echo "make demo          create .venv, fetch the real models, compress them, print the table"
@@ -29,6 +30,7 @@ help:
 	@echo "make test-heavy    real-model equalities that take minutes (block-wise vs whole model)"
 	@echo "make lock          re-resolve pyproject's ranges in a throwaway venv, rewrite $(LOCK)"
 	@echo "make bench         codec and model benchmarks (tables for the README)"
+	@echo "make peers         bench-only: build llama.cpp's llama-quantize / llama-imatrix into $(PEERS_DIR) (~15 min)"
 	@echo "make fuzz          coverage-guided fuzzing of the stream and file parsers (FUZZ_SECONDS=$(FUZZ_SECONDS))"
 	@echo "make render        notebooks -> self-contained HTML in build/html/"
 	@echo "make notebooks     re-execute the notebooks in place (after changing what slc prints)"
@@ -99,6 +101,12 @@ test: lint test-unit test-notebooks
 bench: models
 	$(PY) bench/codec.py
 	$(PY) bench/model.py
+
+# llama.cpp's own quantiser for bench/peers.py, from the source the llama-cpp-python sdist vendors (CPU,
+# cached: a second run does nothing). Nothing else depends on it; bench/peers.py says to run this if missing
+# (another PEERS_DIR: give bench/peers.py the same folder as SLC_PEERS_DIR).
+peers: $(STAMP)
+	PYTHON=$(PY) scripts/build_peers.sh $(PEERS_DIR)
 
 fuzz: $(STAMP)
 	$(PY) bench/fuzz.py --seconds $(FUZZ_SECONDS)

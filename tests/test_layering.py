@@ -19,7 +19,7 @@ LAYERS = [
     "errors", "rans", "tiles", "fused", "kernels", "symbols", "quant", "rotation", "lossless", "tensor", "gptq", "ecsq",
     "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange", "lowrank", "allocate",
     "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
-    "metrics", "memory", "gguf_peers", "viz", "demo", "render", "cli", "__main__", "__init__",
+    "metrics", "memory", "gguf_peers", "llamacpp", "viz", "demo", "render", "cli", "__main__", "__init__",
 ]
 
 
