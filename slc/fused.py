@@ -40,10 +40,14 @@ import torch
 from numba import njit
 
 from slc.errors import FormatError
-from slc.tiles import TiledDecoder, TiledStream, decode_block, decode_two, run_tiles, tile_ok
+from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_kernel, decode_two, default_threads,
+                       run_tiles, tile_ok)
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
+                                # (bench/tiles.py section 5 measures where the two cross)
+SYMBOLS_PER_THREAD = 160_000    # a second thread pays for its ~50 us launch only above about this many weights
+                                # (bench/tiles.py section 4: 192 x 576 runs faster on 1 thread than on 2)
 FUSED_BLOCK = 2048              # symbols decoded per call: amortises the calls, two buffers stay in L1
 SENTINEL = np.float32(2.0 ** 100)  # table value of the escape symbol: no int32 code comes near it
 _SENTINEL_MIN = np.float32(2.0 ** 90)  # compare against this (fastmath-safe, no inf/nan involved)
@@ -180,6 +184,60 @@ def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escap
     return -1
 
 
+@njit(cache=True, nogil=True)
+def _patch_tile(out, a, b, escapes, k, k_end) -> bool:
+    """Escape sentinels in out[a:b] replaced by escapes[k:k_end] in order; False unless exactly that many."""
+    for i in range(a, b):
+        if out[i] >= _SENTINEL_MIN:
+            if k >= k_end:
+                return False
+            out[i] = np.float32(escapes[k])
+            k += 1
+    return k == k_end
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _scale_rows(out, r0, r1, cols, scale, zp, has_zp):
+    """out rows r0..r1-1 (flat, `cols` wide) := (code - zp) * scale, group by group, in place."""
+    G = scale.shape[1]
+    gs = cols // G
+    for r in range(r0, r1):
+        for g in range(G):
+            o = r * cols + g * gs
+            w = out[o:o + gs]
+            s = scale[r, g]
+            if has_zp:
+                z = zp[r, g]
+                for t in range(gs):
+                    w[t] = (w[t] - z) * s
+            else:
+                for t in range(gs):
+                    w[t] = w[t] * s
+
+
+@njit(cache=True, nogil=True)
+def dense_tiles_kernel(states, words, tile_words, tile_rows, tile_syms, fb, values, scale_bits, scale, zp, has_zp,
+                       escapes, has_esc, tile_escapes, out, lo, hi):
+    """out (flat f32) rows of tiles lo..hi-1 := the de-quantised weight: two tiles decoded side by side
+    straight to float codes (slc.tiles.decode_tiles_kernel with the float table), escapes patched, then
+    scaled while the rows are still in cache. Returns -1, or the first corrupt tile."""
+    cols = out.size // max(tile_rows[-1], 1)
+    t = lo
+    while t < hi:
+        nb = 2 if t + 1 < hi else 1
+        bad = decode_tiles_kernel(states, words, tile_words, tile_syms, fb, values, scale_bits, -1, tile_escapes,
+                                  out, t, t + nb)
+        if bad >= 0:
+            return bad
+        for u in range(t, t + nb):
+            if has_esc and not _patch_tile(out, tile_syms[u], tile_syms[u + 1], escapes, tile_escapes[u],
+                                           tile_escapes[u + 1]):
+                return u
+            _scale_rows(out, tile_rows[u], tile_rows[u + 1], cols, scale, zp, has_zp)
+        t += nb
+    return -1
+
+
 def _as_f32_2d(a, rows: int, what: str) -> np.ndarray:
     a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -296,11 +354,31 @@ class FusedWeight:
         return codes
 
     def dequantize(self, threads: int | None = None) -> np.ndarray:
-        """W (rows, cols) float32, the whole matrix: the reference for linear() and the prefill path."""
-        c = self.codes(threads).astype(np.float32).reshape(self.shape[0], self.scale.shape[1], -1)
-        if self.zero_point is not None:
-            c -= self.zero_point[:, :, None]
-        return (c * self.scale[:, :, None]).reshape(self.shape)
+        """W (rows, cols) float32, the whole matrix (the prefill path and the reference for linear()):
+        decoded straight to float codes and scaled tile by tile on `threads` threads, one pass."""
+        s, d = self.stream, self.decoder
+        out = np.empty(s.n_symbols, dtype=np.float32)
+        if s.n_tiles and s.cols:
+            zp = self.zero_point if self.zero_point is not None else self.scale
+            esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
+            args = (d.states, d.words, d.tile_words, d.tile_rows, d.tile_syms, d.tables.fb, d.tables.values,
+                    s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None,
+                    d.tile_escapes, out)
+            self._raise_bad(run_tiles(dense_tiles_kernel, args, d.split(self.threads(threads))))
+        return out.reshape(self.shape)
+
+    def threads(self, threads: int | None = None) -> int:
+        """Threads worth using for one pass over this weight: `threads` (default all CPUs), fewer for small
+        weights (SYMBOLS_PER_THREAD each), never more than its tiles."""
+        want = default_threads() if threads is None else max(1, int(threads))
+        return max(1, min(want, self.stream.n_symbols // SYMBOLS_PER_THREAD, self.stream.n_tiles))
+
+    @staticmethod
+    def _raise_bad(errs: list) -> None:
+        bad = [e for e in errs if e >= 0]
+        if bad:
+            raise FormatError(f"tile {bad[0]}: corrupt (its lanes do not end at L having used exactly their "
+                              "words, or its escape count is wrong)")
 
     def linear(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """x @ W^T for float32 x (..., cols) on the CPU. Up to MAX_ROWS rows: fused, tile by tile on
@@ -330,11 +408,7 @@ class FusedWeight:
         esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
         args = (x, xsum, d.states, d.words, d.tile_words, d.tile_rows, d.tile_escapes, d.tables.fb, d.tables.values,
                 s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
-        errs = run_tiles(fused_tiles_kernel, args, d.split(threads))
-        bad = [e for e in errs if e >= 0]
-        if bad:
-            raise FormatError(f"tile {bad[0]}: corrupt (its lanes do not end at L having used exactly their "
-                              "words, or its escape count is wrong)")
+        self._raise_bad(run_tiles(fused_tiles_kernel, args, d.split(self.threads(threads))))
 
 
 def fused_linear(x: torch.Tensor, weight: FusedWeight, bias: torch.Tensor | None = None,

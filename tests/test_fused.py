@@ -27,7 +27,7 @@ def _reference(codes, scale, zero_point, x):
     return torch.from_numpy((x.double().numpy() @ w.T).astype(np.float32))
 
 
-def _affine(w, q):
+def _affine(w, q, tile_rows=None):
     """(FusedWeight, codes, scale, zero point) for a Quantizer's affine codes of w."""
     qt = q.quantize(w)
     rows, cols = w.shape
@@ -35,7 +35,7 @@ def _affine(w, q):
     g = 1 if q.granularity == "channel" else cols // q.group_size
     scale = qt.scale.float().numpy().reshape(rows, g)
     zp = None if qt.zero_point is None else qt.zero_point.float().numpy().reshape(rows, g)
-    fw = FusedWeight(encode_tiled(codes - q.qmin), "affine", scale, zp, qmin=q.qmin)
+    fw = FusedWeight(encode_tiled(codes - q.qmin, tile_rows=tile_rows), "affine", scale, zp, qmin=q.qmin)
     return fw, codes, scale, zp
 
 
@@ -170,6 +170,56 @@ def test_bad_input():
         FusedWeight(bad, "ecsq", scale, escapes=fw.escapes).linear(x)
     with pytest.raises(ValueError, match="kind"):
         FusedWeight(s, "int3", scale)
+
+
+def _dense_reference(codes, scale, zp):
+    """W in float32 from integer codes, the way QuantizedTensor does it: (code - zp) * scale, group by group."""
+    rows, cols = codes.shape
+    c = codes.astype(np.float32).reshape(rows, scale.shape[1], -1)
+    if zp is not None:
+        c = c - zp[:, :, None]
+    return (c * scale[:, :, None]).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dequantize_one_pass_equals_codes(threads):
+    """dequantize() (decoded straight to float codes, scaled tile by tile) is bit-identical to codes() -> float."""
+    w = torch.randn(200, 128)
+    w[5, 7] = 40.0                                                   # an escape
+    for fw, codes, scale, zp in [_affine(w, q, 16) for q in QUANTIZERS] + [_ecsq(w, 0.1, escape=60, tile_rows=8)]:
+        assert fw.stream.n_tiles >= 2
+        np.testing.assert_array_equal(fw.codes(threads), codes)
+        np.testing.assert_array_equal(fw.dequantize(threads), _dense_reference(codes, scale, zp))
+
+
+def test_dequantize_rejects_bad_tiles():
+    w = torch.randn(64, 128)
+    w[10, 0] = w[40, 0] = 50.0
+    fw, codes, scale, _ = _ecsq(w, 0.1, escape=40, tile_rows=16)
+    s = fw.stream
+    te = s.tile_escapes.copy()
+    te[1:-1] = te[-1]                                                # the index puts every escape in tile 0
+    moved = TiledStream(s.rows, s.cols, s.lanes, s.scale_bits, s.freqs, s.tile_rows, s.tile_words, s.states,
+                        s.words, s.escape, te)
+    with pytest.raises(FormatError, match="tile 0"):
+        FusedWeight(moved, "ecsq", scale, escapes=fw.escapes).dequantize()
+    words = s.words.copy()
+    words[int(s.tile_words[1]) + 2] ^= 0x5A                          # tile 1's words
+    bad = TiledStream(s.rows, s.cols, s.lanes, s.scale_bits, s.freqs, s.tile_rows, s.tile_words, s.states,
+                      words, s.escape, s.tile_escapes)
+    for threads in (1, 2):
+        with pytest.raises(FormatError, match="tile 1"):
+            FusedWeight(bad, "ecsq", scale, escapes=fw.escapes).dequantize(threads)
+
+
+def test_threads_for_small_weights():
+    """A second thread only where there is work for it: small weights run on one (its launch costs more)."""
+    small = _affine(torch.randn(192, 576), QUANTIZERS[0])[0]
+    big = _affine(torch.randn(1536, 576), QUANTIZERS[0])[0]
+    assert small.threads(2) == 1 and big.threads(2) == 2 and big.threads(1) == 1
+    assert big.threads(64) <= big.stream.n_tiles
+    x = torch.randn(1, 576)
+    assert torch.equal(small.linear(x, threads=2), small.linear(x, threads=1))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
