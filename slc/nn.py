@@ -41,7 +41,6 @@ from .errors import FormatError
 from .factors import low_rank, quantize_factors
 from .hf import dense_weight_of
 from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
-from .fused import MAX_ROWS as FUSED_MAX_ROWS
 from .fused import FusedWeight
 from .rans import decode_torch
 from .symbols import PREDICTORS, code_dtype, join_escapes, split_escapes
@@ -559,7 +558,7 @@ class CompressedLinear(nn.Module):
             r = self.s.numel()
             z = F.linear(x, self._factor("vh", r, self.in_features, x.dtype)) * self.s.to(x.dtype)   # (..., r)
             y = z @ self._factor("ut", r, self.out_features, x.dtype)                                # (..., out)
-        elif self.tiled and self._fusable(x):                      # generation: decode x matmul, tile by tile
+        elif self.tiled and self._fusable(x):                      # decode x matmul tile by tile, or dense
             t0 = time.perf_counter()
             y = self.fused_weight().linear(x)
             self.n_decodes += 1
@@ -573,12 +572,11 @@ class CompressedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """A few rows on the CPU and no DecodeCache (with one, decoded codes are kept and reused instead)."""
+        """On the CPU with no DecodeCache (with one, decoded codes are kept and reused instead): slc.fused
+        multiplies, fused decode x matmul up to fused.MAX_ROWS rows, one-pass de-quantise + GEMM above."""
         if self.cache is not None or self.decode_backend == "torch":
             return False
-        if x.device.type != "cpu" or self.words.device.type != "cpu":
-            return False
-        return x.numel() <= FUSED_MAX_ROWS * self.in_features
+        return x.device.type == "cpu" and self.words.device.type == "cpu"
 
     # --- sizes and printing -----------------------------------------------------------------------
     @property
