@@ -16,7 +16,8 @@ Phases:
     uniform   ECSQ one step at ~3.5 bits/weight, without and with weighted scales (against allocation)
     alloc     ECSQ allocated at several budgets: plain, weighted scales, + GPTQ
     gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
-    rotate    randomised block-Hadamard rotation of the input side (slc.rotation), measurement only
+    rotate    LinearSpec(rotate="hadamard") (slc.rotation) through the real CompressedLinear layers, against
+              the same specs unrotated: RTN int4/g32, ECSQ one step (plain and weighted), ECSQ allocated
     budget    slc.compress_to_budget at several budgets
 Writes bench/results/frontier_ood.json (or --json FILE, so that runs of different models or phases can go
 side by side) and bench/results/frontier_ood.md from every bench/results/frontier_ood*.json.
@@ -29,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +45,9 @@ from slc.gguf_peers import gguf_roundtrip  # noqa: E402
 from slc.gptq import gptq  # noqa: E402
 from slc.hf import target_layers  # noqa: E402
 from slc.importance import weighted_quantize  # noqa: E402
-from slc.rotation import rotate_stats, rotation  # noqa: E402
+from slc.hf import set_module  # noqa: E402
+from slc.nn import CompressedLinear, DecodeCache, LinearSpec  # noqa: E402
+from slc.rotation import rotate_stats  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SETS = ("in-domain", "prose", "code")
@@ -215,33 +219,46 @@ def phase_gptq(b: Bench, rows: list):
                t0, group="GPTQ tuning")
 
 
-def quantize_rotated(b: Bench, quantizers: dict, weighted: bool, stats):
-    """Each layer as W R quantised (R: seeded block-Hadamard on the input side), scored as Q(W R) R^T."""
-    out, bits, rots = {}, 0.0, {}
-    for n, w in b.orig.items():
-        r = rots.setdefault(w.shape[1], rotation(w.shape[1], seed=w.shape[1]))
-        wr = (w.double() @ r).float()
-        imp = rotate_stats(stats[n].x_cov, r) if weighted else None
-        qt = weighted_quantize(wr, quantizers[n], imp) if weighted else quantizers[n].quantize(wr)
-        out[n] = (qt.dequantize(torch.float64) @ r.T).float()
-        bits += buffer_bits(qt)
-    return out, bits / b.numel
+def swap_in(b: Bench, specs: dict, weighted: bool, stats, cache: DecodeCache) -> float:
+    """Swap a CompressedLinear of its spec in for every layer (a rotating spec stores W R and rotates the
+    activations in forward; weighted: scales for diag(R^T C R)); returns bits/weight of every byte they hold."""
+    nbytes = 0
+    for n, m in b.layers.items():
+        spec = replace(specs[n], cache=cache)
+        if weighted:
+            rot = spec.rotation(m.weight.shape[1])
+            w = b.orig[n] if rot is None else rot.apply(b.orig[n].double()).float()
+            x_sq = stats[n].x_sq if rot is None else rotate_stats(stats[n].x_cov, rot)
+            layer = CompressedLinear.from_quantized(weighted_quantize(w, spec.quantizer, x_sq), spec, m.bias)
+        else:
+            layer = CompressedLinear.from_linear(m, spec)
+        set_module(b.model, n, layer)
+        nbytes += layer.nbytes
+    return 8 * nbytes / b.numel
 
 
 def phase_rotate(b: Bench, rows: list):
     st = b.stats()
     q4 = Quantizer(bits=4, granularity="group", group_size=32)
     qe = Quantizer(mode="ecsq", step=ECSQ_STEP)
-    pol = allocate(b.model, b.tok, 3.5, rd=b.rd())
-    cases = [("RTN int4/g32 rotated", {n: q4 for n in b.orig}, False),
-             ("RTN int4/g32 rotated weighted", {n: q4 for n in b.orig}, True),
-             (f"ECSQ step {ECSQ_STEP} rotated", {n: qe for n in b.orig}, False),
-             ("ECSQ allocated 3.5 rotated weighted", {n: pol[n].quantizer for n in b.orig}, True)]
-    for name, qs, weighted in cases:
-        t0 = time.perf_counter()
-        w, bits = quantize_rotated(b, qs, weighted, st)
-        record(rows, b, name + (" + rANS" if "RTN" in name else ""), bits, w, t0, group="rotated",
-               note="measurement only: rotation is not in the file format")
+    cases = [("RTN int4/g32 + rANS", q4, False), (f"ECSQ step {ECSQ_STEP}", qe, False),
+             (f"ECSQ step {ECSQ_STEP} weighted", qe, True), ("ECSQ allocated 3.5", None, False)]
+    for name, q, weighted in cases:
+        for rotate in (None, "hadamard"):
+            t0 = time.perf_counter()
+            if q is None:
+                rd = rate_distortion(b.model, b.tok, b.cal, max_tokens=ALLOC_TOKENS, rotate=rotate)
+                specs = allocate(b.model, b.tok, 3.5, rd=rd)
+            else:
+                specs = {n: LinearSpec("entropy", q, rotate=rotate) for n in b.orig}
+            try:
+                bits = swap_in(b, specs, weighted, st, DecodeCache(2 << 30))
+                record(rows, b, f"{name}{' rotated' if rotate else ''} (CompressedLinear)", bits, None, t0,
+                       group="rotated" if rotate else "CompressedLinear",
+                       note="stored rotated: LinearSpec(rotate='hadamard')" if rotate else "")
+            finally:
+                for n, m in b.layers.items():
+                    set_module(b.model, n, m)
 
 
 def phase_budget(b: Bench, rows: list):

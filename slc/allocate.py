@@ -29,13 +29,18 @@ moves, so the achieved bits/weight lands within `tolerance` of the budget.
 
 `allocate` returns an `Allocation`: a dict {module name: LinearSpec} that `compress_model`
 takes as a policy (exact names are valid fnmatch patterns), plus the per-layer table.
+
+rotate="hadamard": every layer is stored rotated (LinearSpec(rotate=...), slc.rotation), so its points are
+measured on W R with the moments of its rotated inputs R^T x: C' = R^T C R (the calibration keeps the full
+C), x_sq' = diag(C'). The per-weight Fisher of rotated inputs is not in the stats; its row sums are
+(||R^T x|| = ||x||), so each row's sum is spread over the columns as x_sq' (`rotated_stats`).
 """
 from __future__ import annotations
 
 import html
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,6 +53,7 @@ from .lagrange import Point, solve
 from .models import weight_kind
 from .nn import LinearSpec
 from .quant import Quantizer
+from .rotation import Rotation
 
 KINDS = ("ecsq", "int")
 SENSITIVITIES = ("fisher", "fisher-out", "gn", "output")
@@ -110,6 +116,23 @@ def rd_points(w: torch.Tensor, st: LayerStats, kinds=("ecsq",), steps=DEFAULT_ST
         if not hull or p.distortion < hull[-1].distortion:
             hull.append(p)
     return hull
+
+
+def rotated_stats(st: LayerStats, rot: Rotation, keep_cov: bool = False) -> LayerStats:
+    """The layer's calibration moments as its rotated inputs R^T x see them (st needs the full C).
+
+    x_sq = diag(R^T C R) exactly (and C itself with keep_cov); a per-weight Fisher F_ij = sum_t g_ti^2 x_tj^2
+    becomes (sum_j F_ij) x_sq'_j / sum_j x_sq'_j (row sums are exact: a rotation keeps ||x_t||; the spread over
+    columns is the rank-one approximation). Per-output weights do not change."""
+    if st.x_cov is None:
+        raise ValueError("rotated statistics need the full input moments C (layer_stats(..., full=True))")
+    cov = rot.conjugate(st.x_cov)
+    x_sq = torch.diagonal(cov).clone()
+    wf = st.weight_fisher
+    if wf is not None:
+        spread = x_sq / x_sq.sum().clamp_min(1e-300)
+        wf = (wf.double().sum(1, keepdim=True) * spread[None, :]).to(wf.dtype)
+    return replace(st, x_sq=x_sq, x_cov=cov if keep_cov else None, weight_fisher=wf, shared_with=None)
 
 
 def window_steps(w: torch.Tensor, steps, budget_bits: float, window: float, granularity, group_size) -> list:
@@ -208,10 +231,12 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
                     granularity: str = "channel", group_size: int | None = None, steps=DEFAULT_STEPS,
                     int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto", distortion: str = "diag",
                     max_tokens: int = 512, skip=None, budget_bits: float | None = None, window: float | None = 4.0,
-                    progress: bool = False) -> RDTable:
+                    progress: bool = False, rotate: str | None = None, rotate_seed: int = 0) -> RDTable:
     """Calibrate once (forward hooks, and a backward pass for sensitivity="fisher") and measure every
     layer's rate-distortion points. budget_bits + window limit the ECSQ steps tried to those predicted
-    within +-window bits of the budget; budget_bits=None tries them all (for many budgets)."""
+    within +-window bits of the budget; budget_bits=None tries them all (for many budgets).
+    rotate / rotate_seed: the points of every layer stored rotated (see the module docstring); ValueError
+    naming a layer whose width the rotation cannot cover."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds={kinds!r}: use a tuple of {KINDS}, e.g. ('ecsq',)")
@@ -228,8 +253,16 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     layers = target_layers(model, skip)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear / Conv1D layers outside the skipped ones")
+    spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)     # validates rotate and its seed
+    rots = {}
+    for name, m in layers.items():                                  # before calibrating: bad widths fail fast
+        try:
+            rots[name] = spec.rotation(dense_weight_of(m).shape[1])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     t0 = time.perf_counter()
-    stats = layer_stats(model, tokenizer, calibration_text, list(layers), max_tokens, full=distortion == "full",
+    full = distortion == "full" or rotate is not None
+    stats = layer_stats(model, tokenizer, calibration_text, list(layers), max_tokens, full=full,
                         fisher={"fisher": "weight", "fisher-out": "out", "gn": "weight"}.get(sensitivity, False),
                         probes=GN_PROBES if sensitivity == "gn" else 0)
     missing = [n for n in layers if n not in stats]
@@ -243,12 +276,16 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     for name, m in it:
         w = dense_weight_of(m).float()
         shapes[name] = tuple(w.shape)
+        st = stats[name]
+        if rots[name] is not None:
+            w = rots[name].apply(w.double()).float()
+            st = rotated_stats(st, rots[name], keep_cov=distortion == "full")
         tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity, group_size)
-        points[name] = rd_points(w, stats[name], kinds, tried, int_bits, granularity, group_size,
+        points[name] = rd_points(w, st, kinds, tried, int_bits, granularity, group_size,
                                  full=distortion == "full")
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
                 "distortion": distortion, "max_tokens": max_tokens, "tokens": max(s.tokens for s in stats.values()),
-                "seconds": time.perf_counter() - t0}
+                "rotate": rotate, "rotate_seed": rotate_seed, "seconds": time.perf_counter() - t0}
     return RDTable(points, shapes, settings)
 
 
@@ -256,7 +293,8 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
              kinds=("ecsq",), *, granularity: str = "channel", group_size: int | None = None,
              steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
              distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
-             window: float | None = 4.0, rd: RDTable | None = None, progress: bool = False) -> Allocation:
+             window: float | None = 4.0, rd: RDTable | None = None, progress: bool = False,
+             rotate: str | None = None, rotate_seed: int = 0) -> Allocation:
     """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
 
     kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
@@ -267,6 +305,8 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     are skipped, like compress_model); `tolerance` is relative. `window`: only ECSQ steps whose rate on
     a layer is predicted within +-window bits of the budget are tried (rate ~ c - log2(step)).
     rd: a `rate_distortion(...)` table to reuse (then the calibration arguments are not used again).
+    rotate / rotate_seed: store every layer rotated (LinearSpec(rotate=...)), its points measured on W R
+    (see the module docstring); with rd, the table's own setting is used.
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -286,7 +326,11 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
         rd = rate_distortion(model, tokenizer, calibration_text, kinds, granularity=granularity, group_size=group_size,
                              steps=steps, int_bits=int_bits, sensitivity=sensitivity, distortion=distortion,
                              max_tokens=max_tokens, skip=skip, budget_bits=budget_bits, window=window,
-                             progress=progress)
+                             progress=progress, rotate=rotate, rotate_seed=rotate_seed)
+    elif rotate is not None and (rotate, rotate_seed) != (rd.settings.get("rotate"), rd.settings.get("rotate_seed")):
+        raise ValueError(f"rotate={rotate!r} but the rd table was measured with rotate="
+                         f"{rd.settings.get('rotate')!r}: pass rate_distortion(..., rotate=...) or drop rotate=")
+    rotate, rotate_seed = rd.settings.get("rotate"), rd.settings.get("rotate_seed", 0)
     granularity, group_size = rd.settings["granularity"], rd.settings["group_size"]
     n_weights = {n: shape[0] * shape[1] for n, shape in rd.shapes.items()}
     total_w = sum(n_weights.values())
@@ -296,7 +340,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     for n, pts in rd.points.items():
         p = pts[ch[n]]
         specs[n] = LinearSpec(kind="entropy", quantizer=point_quantizer(p, granularity, group_size),
-                              predictor="none")
+                              predictor="none", rotate=rotate, rotate_seed=rotate_seed)
         rows.append(AllocationRow(n, rd.shapes[n], p.kind, p.setting, p.bits / n_weights[n],
                                   p.distortion, p.distortion / total_d))
     settings = {**rd.settings, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}

@@ -27,13 +27,24 @@ from .nn import CompressedEmbedding, CompressedLinear, TiedLinear, check_meta, v
 from .sources import default_max_bytes, safetensors_layout
 
 FORMAT = "slc.model"
-FORMAT_VERSION = 2          # 2: entropy layers may be tiled (slc.tiles); files without tiles are still written as 1
-VERSIONS = (1, 2)
+# 2: entropy layers may be tiled (slc.tiles); 3: layers may be rotated (slc.rotation, a "rotation" field).
+# A file is written at the lowest version its layers need (file_version), so older slcs read what they can
+# and refuse a file whose layers they would misread.
+FORMAT_VERSION = 3
+VERSIONS = (1, 2, 3)
+
+
+def rotated(layer_meta) -> bool:
+    """The layer's metadata names a rotation (its weight is stored as W R)."""
+    return isinstance(layer_meta, dict) and layer_meta.get("rotation") is not None
 
 
 def file_version(layers: dict) -> int:
-    """The format version a file with these layer metas needs: 2 with a tiled entropy layer, else 1
-    (so a file without tiles reads in an slc from before tiles, and loads + saves back byte for byte)."""
+    """The format version a file with these layer metas needs: 3 with a rotated layer, 2 with a tiled entropy
+    layer, else 1 (so a file without tiles reads in an slc from before tiles, and loads + saves back byte for
+    byte; an slc from before rotations refuses a rotated file instead of computing W R x)."""
+    if any(rotated(m) for m in layers.values()):
+        return 3
     tiled = any(isinstance(m.get("tensor"), dict) and m["tensor"].get("layout") == "tiled" for m in layers.values())
     return 2 if tiled else 1
 
@@ -110,6 +121,8 @@ def read_meta(path: Path) -> dict:
                      ("dtypes", dict), ("checksums", dict)):
         if not isinstance(meta.get(key), typ):
             raise FormatError(f"{path}: metadata field {key!r} is missing or not a {typ.__name__}")
+    if meta["version"] < 3 and any(rotated(m) for m in meta["layers"].values()):
+        raise FormatError(f"{path} has rotated layers but format version {meta['version']}: rotations need version 3")
     return meta
 
 

@@ -173,9 +173,14 @@ def compress_model(model: nn.Module, policy: LinearSpec | dict | None = None, pr
             raise type(e)(f"{name}: {e}") from None                  # say which layer the spec did not fit
         seconds = time.perf_counter() - t0
         w = (module.weight.detach() if isinstance(module, nn.Embedding) else dense_weight_of(module)).float()
-        # entropy: the coder is lossless, so the decoded weight equals the quantiser's (tested); skip the decode
-        w_hat = (spec.quantizer.quantize(w).dequantize() if layer.kind == "entropy"
-                 else layer.weight_dense(torch.float32))
+        if layer.kind == "entropy":
+            # the coder is lossless, so the decoded weight equals the quantiser's (tested); skip the decode.
+            # A rotation is orthogonal: ||Q(W R) - W R|| = ||Q(W R) R^T - W||, so compare in the rotated basis
+            if layer.rotation is not None:
+                w = layer.rotation.apply(w.double()).float()
+            w_hat = spec.quantizer.quantize(w).dequantize()
+        else:
+            w_hat = layer.weight_dense(torch.float32)
         rel = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
         set_module(model, name, layer)
         report.rows.append(LayerRow(name, layer.kind, spec.describe(), tuple(layer.shape),
@@ -225,7 +230,8 @@ def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: s
     Each layer the policy gives an "entropy" spec is quantised by `slc.gptq.gptq` on that spec's grid
     with C = sum x x^T of its calibration inputs (all captured from the original model in one pass),
     then rANS-coded exactly as compress_model would, so the file format, bits/weight and loading are
-    unchanged. Works with an `allocate()` policy. Returns the CompressionReport compress_model returns.
+    unchanged. Works with an `allocate()` policy. A spec with rotate= is quantised as W R with the Hessian
+    R^T C R (slc.gptq). Returns the CompressionReport compress_model returns.
 
     """
     layers = target_layers(model, skip)
@@ -235,11 +241,17 @@ def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: s
     for name, (module, spec) in tqdm(chosen.items(), desc="gptq", unit="layer", disable=not progress):
         t0 = time.perf_counter()
         w = dense_weight_of(module).float()
-        qt = gptq(w, stats[name].x_cov, spec.quantizer, block=block, damp=damp)
+        try:
+            rot = spec.rotation(w.shape[1])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        qt = gptq(w, stats[name].x_cov, spec.quantizer, block=block, damp=damp, rotation=rot)
         qt.original_dtype = module.weight.dtype
         layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None), device=module.weight.device)
         seconds = time.perf_counter() - t0
         w_hat = qt.dequantize(torch.float32)
+        if rot is not None:
+            w = rot.apply(w.double()).float()                       # orthogonal: same error in the rotated basis
         rel = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
         set_module(model, name, layer)
         out_f, in_f = w.shape

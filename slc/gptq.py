@@ -3,16 +3,20 @@
 Works on any of slc's grids (affine int-b or ECSQ steps): the grid and its scales come from the
 quantiser; only the choice of codes changes. The result is a QuantizedTensor like any other, so
 it is entropy-coded and stored exactly as `Quantizer.quantize` output would be.
+
+With a rotation (slc.rotation, a LinearSpec's `rotate=`) the weight quantised is W R and the Hessian
+R^T C R: the inputs of the rotated layer are R^T x, so its output error is tr(dW' R^T C R dW'^T).
 """
 from __future__ import annotations
 
 import torch
 
 from .quant import QuantizedTensor
+from .rotation import Rotation
 
 
 def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01,
-         grid: QuantizedTensor | None = None):
+         grid: QuantizedTensor | None = None, rotation: Rotation | None = None):
     """Quantise `w` (out, in) on `quantizer`'s grid with GPTQ error feedback; returns a QuantizedTensor.
 
     Same grid and scales as quantizer.quantize(w) (for ecsq: step x row RMS of w; for affine: its
@@ -24,10 +28,22 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     The result goes to CompressedTensor.from_quantized like any other QuantizedTensor.
     grid: a QuantizedTensor of w on `quantizer` whose scales (and zero points) to use instead of
     quantizer.quantize(w)'s, e.g. slc.importance.weighted_quantize's.
+    rotation: w and x_cov are given as they are (unrotated); W R is quantised with the Hessian R^T C R and
+    the result holds W R (what CompressedLinear.from_quantized takes for a spec that rotates; a grid must
+    then be one of W R).
     """
     w = torch.as_tensor(w).detach()
     if w.dim() != 2:
         raise ValueError(f"gptq needs a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if rotation is not None:
+        if tuple(x_cov.shape) != (w.shape[1], w.shape[1]) or rotation.width != w.shape[1]:
+            raise ValueError(f"rotation ({rotation.width} wide) and x_cov {tuple(x_cov.shape)} must match the "
+                             f"weight's {w.shape[1]} inputs")
+        dtype = w.dtype
+        w = rotation.apply(w.double()).to(dtype if dtype == torch.float64 else torch.float32)
+        qt = gptq(w, rotation.conjugate(x_cov.detach().double()), quantizer, block, damp, grid)
+        qt.original_dtype = dtype
+        return qt
     q = quantizer
     if q.granularity == "tensor" or (q.granularity == "channel" and q.axis not in (0, -2)):
         raise ValueError("gptq needs scales per output row (granularity='channel', axis=0) or per group")

@@ -43,6 +43,8 @@ from .hf import dense_weight_of
 from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
 from .fused import FusedWeight
 from .rans import decode_torch
+from .rotation import KINDS as ROTATIONS
+from .rotation import SEED_LIMIT, Rotation
 from .symbols import PREDICTORS, code_dtype, join_escapes, split_escapes
 from .tensor import CompressedTensor, check_header, decode_codes
 from .tiles import TiledStream, encode_tiled
@@ -155,6 +157,10 @@ class LinearSpec:
     layout: str | None = None
     # entropy: shared LRU of decoded codes; None decodes every forward
     cache: DecodeCache | None = field(default=None, compare=False)
+    # quantized / entropy: "hadamard" stores W R (R a seeded block-Hadamard rotation, slc.rotation) and
+    # multiplies with R^T x in forward; None stores W
+    rotate: str | None = None
+    rotate_seed: int = 0                               # the rotation's seed (stored in the file with its block size)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -193,12 +199,22 @@ class LinearSpec:
                                  "axis 0, or 'group') and no 'left' predictor; use layout='stream'")
         if self.cache is not None and not isinstance(self.cache, DecodeCache):
             raise TypeError(f"cache must be an slc.nn.DecodeCache or None, got {type(self.cache).__name__}")
+        if self.rotate is not None:
+            if self.rotate not in ROTATIONS:
+                raise ValueError(f"rotate={self.rotate!r}: use one of {ROTATIONS} or None")
+            if self.kind == "lowrank":
+                raise ValueError("rotate applies to kinds 'quantized' and 'entropy' (a rotation does not change "
+                                 "a low-rank factorisation's error); drop rotate= for kind='lowrank'")
+        if isinstance(self.rotate_seed, bool) or not isinstance(self.rotate_seed, int) or not (
+                0 <= self.rotate_seed < SEED_LIMIT):
+            raise ValueError(f"rotate_seed={self.rotate_seed!r} must be an int in [0, 2**63)")
 
     def describe(self) -> str:
+        rot = "" if self.rotate is None else f", {self.rotate} rotated"
         if self.kind == "quantized":
-            return self.quantizer.describe()
+            return self.quantizer.describe() + rot
         if self.kind == "entropy":
-            return self.quantizer.describe() + "+rANS"
+            return self.quantizer.describe() + "+rANS" + rot
         target = next(f"{k}={v}" for k, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error))
                       if v is not None)
         fq = self.factor_quantizer
@@ -212,13 +228,21 @@ class LinearSpec:
         return self.layout == "tiled" or (_rowwise(self.quantizer) and self.predictor != "left")
 
     def to_dict(self) -> dict:
-        """JSON-able; the cache is a run-time object and is not included ("layout" only when set)."""
+        """JSON-able; the cache is a run-time object and is not included ("layout", "rotate" only when set,
+        so the files of specs without them are what they were before those options existed)."""
         d = {"kind": self.kind, "quantizer": _quantizer_dict(self.quantizer), "rank": self.rank,
              "energy": self.energy, "error": self.error,
              "factor_quantizer": _quantizer_dict(self.factor_quantizer), "predictor": self.predictor}
         if self.layout is not None:
             d["layout"] = self.layout
+        if self.rotate is not None:
+            d.update(rotate=self.rotate, rotate_seed=self.rotate_seed)
         return d
+
+    def rotation(self, width: int) -> Rotation | None:
+        """The rotation a layer of this spec with `width` inputs applies (None: it stores W as it is).
+        ValueError for a width the block-Hadamard rotation cannot cover (no power-of-two factor)."""
+        return None if self.rotate is None else Rotation(width, self.rotate_seed)
 
     @classmethod
     def from_dict(cls, d: dict, cache: DecodeCache | None = None) -> "LinearSpec":
@@ -226,7 +250,8 @@ class LinearSpec:
         return cls(kind=d["kind"], quantizer=Quantizer.from_dict(d["quantizer"]), rank=d.get("rank"),
                    energy=d.get("energy"), error=d.get("error"),
                    factor_quantizer=None if fq is None else Quantizer.from_dict(fq),
-                   predictor=d.get("predictor", "auto"), layout=d.get("layout"), cache=cache)
+                   predictor=d.get("predictor", "auto"), layout=d.get("layout"), cache=cache,
+                   rotate=d.get("rotate"), rotate_seed=d.get("rotate_seed", 0))
 
 
 # --- codes <-> buffers ---------------------------------------------------------------------------
@@ -369,6 +394,9 @@ class CompressedLinear(nn.Module):
         tensor = meta.get("tensor")
         self.tiled = isinstance(tensor, dict) and tensor.get("layout") == "tiled"
         self._fused = None                                          # tiled: FusedWeight, built at first use
+        # the stored weight is W R: forward multiplies it with x R = (R^T x) (seeded, rebuilt from the metadata)
+        rot = meta.get("rotation")
+        self.rotation = None if rot is None else Rotation.from_dict(rot, self.in_features)
 
     # --- building ---------------------------------------------------------------------------------
     @classmethod
@@ -388,7 +416,10 @@ class CompressedLinear(nn.Module):
             raise ValueError(f"x_cov only applies to kind='lowrank' (this spec has kind={spec.kind!r})")
         bias = getattr(layer, "bias", None)
         if spec.kind != "lowrank":                                  # the rANS coder works on CPU arrays
-            qt = spec.quantizer.quantize(w.cpu() if spec.kind == "entropy" else w)
+            rot = spec.rotation(w.shape[1])
+            wq = w if rot is None else rot.apply(w.double()).to(w.dtype if w.dtype == torch.float64 else torch.float32)
+            qt = spec.quantizer.quantize(wq.cpu() if spec.kind == "entropy" else wq)
+            qt.original_dtype = w.dtype
             return cls.from_quantized(qt, spec, bias, device=w.device)
         lr = low_rank(w, rank=spec.rank, energy=spec.energy, error=spec.error, x_cov=x_cov)
         meta = _layer_meta(spec.kind, spec, tuple(w.shape), w.dtype)
@@ -408,6 +439,7 @@ class CompressedLinear(nn.Module):
         """A quantized or entropy layer from codes already chosen, e.g. by `slc.gptq.gptq`.
 
         qt: the (out, in) weight on `spec.quantizer`'s grid (default spec: kind "entropy" with qt's quantizer);
+        with a spec that rotates, qt holds the rotated weight W R (R = spec.rotation(in)), as from_linear makes it.
         bias is copied; buffers go to `device` (default: where qt's codes are)."""
         spec = spec or LinearSpec("entropy", qt.quantizer)
         if not isinstance(spec, LinearSpec) or spec.kind == "lowrank":
@@ -417,8 +449,11 @@ class CompressedLinear(nn.Module):
         if len(qt.original_shape) != 2:
             raise ValueError(f"a linear weight is (out, in), got shape {qt.original_shape}")
         device = qt.codes.device if device is None else device
+        rot = spec.rotation(qt.original_shape[1])
         meta = _layer_meta(spec.kind, spec, qt.original_shape, qt.original_dtype)
         meta["quantizer"] = _quantizer_dict(spec.quantizer)
+        if rot is not None:
+            meta["rotation"] = rot.to_dict()
         if spec.kind == "quantized":
             buffers = _codes_buffers(qt)
         elif spec.tiled:
@@ -518,7 +553,8 @@ class CompressedLinear(nn.Module):
         return codes
 
     def quantized(self) -> QuantizedTensor:
-        """quantized / entropy kinds: the weight as a QuantizedTensor (codes unpacked / decoded)."""
+        """quantized / entropy kinds: the stored weight as a QuantizedTensor (codes unpacked / decoded);
+        for a rotated layer that is W R (weight_dense() rotates it back)."""
         if self.kind == "lowrank":
             raise ValueError("a lowrank layer has no single QuantizedTensor; use weight_dense()")
         codes = self._decode() if self.kind == "entropy" else self._codes()
@@ -542,6 +578,8 @@ class CompressedLinear(nn.Module):
             ut = self._factor("ut", r, self.out_features, torch.float32)
             vh = self._factor("vh", r, self.in_features, torch.float32)
             return ((ut.T * self.s) @ vh).to(dtype)
+        if self.rotation is not None:                               # Q(W R) R^T: the weight forward applies
+            return self.rotation.apply(self.quantized().dequantize(dtype=torch.float64), inverse=True).to(dtype)
         return self.quantized().dequantize(dtype=dtype)
 
     def _packed_group(self) -> int:
@@ -554,6 +592,8 @@ class CompressedLinear(nn.Module):
         return self.in_features if q.granularity == "channel" and q.axis in (0, -2) else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation.apply(x)                              # R^T x (rows: x R); the weight is W R
         if self.kind == "lowrank":
             r = self.s.numel()
             z = F.linear(x, self._factor("vh", r, self.in_features, x.dtype)) * self.s.to(x.dtype)   # (..., r)
@@ -595,6 +635,8 @@ class CompressedLinear(nn.Module):
                                                   if self.factor_quantizer else "")
         else:
             how += f", {self.quantizer.describe()}"
+        if self.rotation is not None:
+            how += f", rotate=hadamard(block={self.rotation.block}, seed={self.rotation.seed})"
         return (f"{how}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits/weight={self.bits_per_weight:.2f}, bias={self.bias is not None}")
 
@@ -647,6 +689,9 @@ class CompressedEmbedding(CompressedLinear):
         if not isinstance(spec, LinearSpec) or spec.kind != "quantized":
             raise ValueError("embeddings take a LinearSpec of kind 'quantized' (a lookup reads a few rows; "
                              "decoding a whole entropy-coded table per lookup would be wasted work)")
+        if spec.rotate is not None:
+            raise ValueError("embeddings are stored unrotated (a lookup has no activations to rotate); "
+                             "use a LinearSpec without rotate=")
         q = spec.quantizer
         if not _rowwise(q):
             raise ValueError(f"embedding quantizer {q.describe()}: use granularity 'channel' (axis 0) or 'group' "
@@ -785,6 +830,10 @@ def check_meta(meta) -> None:
                 Quantizer.from_dict(meta[key])                  # TypeError / ValueError -> FormatError below
         if kind == "entropy" and not isinstance(meta.get("tensor"), dict):
             raise FormatError("entropy layer is missing its compressed-tensor header 'tensor'")
+        if meta.get("rotation") is not None:                    # seed and block only: nothing else is read
+            if kind not in ("quantized", "entropy"):
+                raise FormatError(f"a {kind} layer cannot be rotated (only quantized and entropy layers are)")
+            Rotation.from_dict(meta["rotation"], meta["in_features"])   # ValueError -> FormatError below
         if not isinstance(meta["buffers"], dict):
             raise FormatError("buffers must map names to [dtype, shape]")
         expected = expected_layout(meta)
