@@ -46,20 +46,26 @@ def timed(fn, n: int) -> float:
     return statistics.median(runs)
 
 
+def row(width: int, rows: int) -> str:
+    rot = Rotation(width, seed=0)
+    x = torch.randn(rows, width)
+    signs = rot.signs.float()
+    assert torch.allclose(rot.apply(x), butterfly(x, signs, rot.block), atol=1e-4)
+    n = 200 if rows == 1 else 10
+    mm = timed(lambda: rot.apply(x), n)
+    bf = timed(lambda: butterfly(x, signs, rot.block), n)
+    return f"| {width} | {rot.block} | {rows} | {1e6 * mm:.0f} | {1e6 * bf:.0f} | {bf / mm:.2f} |"
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    lines = ["# Rotating activations: batched matmul per block vs Walsh-Hadamard butterfly (bench/rotation_transform.py)",
-             "", f"{platform.machine()}, torch {torch.__version__}, 1 thread, fp32, median of 5; shared machine.", "",
-             "| width | block | rows | matmul µs | butterfly µs | butterfly / matmul |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["# Rotating activations: batched matmul per block vs Walsh-Hadamard butterfly "
+             "(bench/rotation_transform.py)", "",
+             f"{platform.machine()}, torch {torch.__version__}, 1 thread, fp32, median of 5; shared machine.", "",
+             "| width | block | rows | matmul µs | butterfly µs | butterfly / matmul |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for width, rows in CASES:
-        rot = Rotation(width, seed=0)
-        x = torch.randn(rows, width)
-        signs = rot.signs.float()
-        assert torch.allclose(rot.apply(x), butterfly(x, signs, rot.block), atol=1e-4)
-        n = 200 if rows == 1 else 10
-        mm = timed(lambda: rot.apply(x), n)
-        bf = timed(lambda: butterfly(x, signs, rot.block), n)
-        lines.append(f"| {width} | {rot.block} | {rows} | {1e6 * mm:.0f} | {1e6 * bf:.0f} | {bf / mm:.2f} |")
+        lines.append(row(width, rows))
         print(lines[-1], flush=True)
     out = ROOT / "bench" / "results" / "rotation_transform.md"
     out.write_text("\n".join(lines) + "\n")

@@ -256,10 +256,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)     # validates rotate and its seed
     rots = {}
     for name, m in layers.items():                                  # before calibrating: bad widths fail fast
-        try:
-            rots[name] = spec.rotation(dense_weight_of(m).shape[1])
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        rots[name] = spec.rotation(dense_weight_of(m).shape[1], name)
     t0 = time.perf_counter()
     full = distortion == "full" or rotate is not None
     stats = layer_stats(model, tokenizer, calibration_text, list(layers), max_tokens, full=full,

@@ -204,9 +204,10 @@ def compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
 
 
-def selected_specs(names, policy, kinds: tuple, who: str) -> dict:
+def selected_specs(names, policy, kinds: tuple, who: str, rotates: bool = False) -> dict:
     """{name: LinearSpec} of the layers among `names` that `policy` compresses (slc.hf.resolve_spec).
-    ValueError when a selected spec's kind is not in `kinds` (what `who` can store) or nothing is selected."""
+    ValueError when a selected spec's kind is not in `kinds` (what `who` can store), when it rotates and `who`
+    does not (rotates=False: its codes would be taken for those of W R), or nothing is selected."""
     chosen = {}
     for n in names:
         spec = resolve_spec(n, policy)[0]
@@ -215,6 +216,9 @@ def selected_specs(names, policy, kinds: tuple, who: str) -> dict:
         if spec.kind not in kinds:
             raise ValueError(f"{who} stores kinds {kinds}: layer {n!r} has kind={spec.kind!r}; use one of those "
                              "(allocate() returns 'entropy' specs) or compress_model for other kinds")
+        if spec.rotate is not None and not rotates:
+            raise ValueError(f"{who} does not rotate weights: layer {n!r} has rotate={spec.rotate!r}; drop rotate= "
+                             "or use compress_model / compress_model_gptq")
         chosen[n] = spec
     if not chosen:
         raise ValueError(f"the policy selects no layer for {who}: pass allocate()'s result or "
@@ -235,16 +239,14 @@ def compress_model_gptq(model: nn.Module, tokenizer, policy, calibration_text: s
 
     """
     layers = target_layers(model, skip)
-    chosen = {n: (layers[n], spec) for n, spec in selected_specs(layers, policy, ("entropy",), "GPTQ").items()}
+    chosen = {n: (layers[n], spec) for n, spec in
+              selected_specs(layers, policy, ("entropy",), "GPTQ", rotates=True).items()}
     stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=True)
     report = CompressionReport()
     for name, (module, spec) in tqdm(chosen.items(), desc="gptq", unit="layer", disable=not progress):
         t0 = time.perf_counter()
         w = dense_weight_of(module).float()
-        try:
-            rot = spec.rotation(w.shape[1])
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        rot = spec.rotation(w.shape[1], name)
         qt = gptq(w, stats[name].x_cov, spec.quantizer, block=block, damp=damp, rotation=rot)
         qt.original_dtype = module.weight.dtype
         layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None), device=module.weight.device)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocate import rotated_stats
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow, selected_specs
 from .gptq import gptq
@@ -186,20 +187,26 @@ def compress_model_weighted(model: nn.Module, tokenizer, policy, calibration_tex
     slc.texts.calibration_mix is more varied). importance="x_sq" (per input column) or "fisher" (per
     weight, needs a LM head). use_gptq: codes by GPTQ error feedback on those scales (damp: its damping).
     stats: layer_stats output to reuse. Same file format, bits/weight counted like compress_model.
+    A spec with rotate= gets the scales of W R for its rotated inputs (slc.allocate.rotated_stats: needs the
+    full input moments, gathered when any spec rotates).
     """
     if importance not in ("x_sq", "fisher"):
         raise ValueError(f"importance={importance!r}: use 'x_sq' (per input column) or 'fisher' (per weight)")
     layers = target_layers(model, skip)
     chosen = {n: (layers[n], spec) for n, spec in
-              selected_specs(layers, policy, ("quantized", "entropy"), "weighted scales").items()}
+              selected_specs(layers, policy, ("quantized", "entropy"), "weighted scales", rotates=True).items()}
+    rotating = any(spec.rotate is not None for _, spec in chosen.values())
     if stats is None:
-        stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=use_gptq,
+        stats = layer_stats(model, tokenizer, calibration_text, list(chosen), max_tokens, full=use_gptq or rotating,
                             fisher="weight" if importance == "fisher" else False)
     report = CompressionReport()
     for name, (module, spec) in tqdm(chosen.items(), desc="weighted", unit="layer", disable=not progress):
         t0 = time.perf_counter()
         w = dense_weight_of(module).float()
         st = stats[name]
+        rot = spec.rotation(w.shape[1], name)
+        if rot is not None:                                         # quantise W R for the inputs R^T x
+            w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
         imp = st.weight_fisher if importance == "fisher" else st.x_sq
         if imp is None:
             raise ValueError(f"stats for {name!r} lack {'weight_fisher' if importance == 'fisher' else 'x_sq'}")

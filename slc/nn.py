@@ -239,10 +239,15 @@ class LinearSpec:
             d.update(rotate=self.rotate, rotate_seed=self.rotate_seed)
         return d
 
-    def rotation(self, width: int) -> Rotation | None:
+    def rotation(self, width: int, name: str = "") -> Rotation | None:
         """The rotation a layer of this spec with `width` inputs applies (None: it stores W as it is).
-        ValueError for a width the block-Hadamard rotation cannot cover (no power-of-two factor)."""
-        return None if self.rotate is None else Rotation(width, self.rotate_seed)
+        ValueError, naming the layer `name`, for a width the block-Hadamard rotation cannot cover."""
+        if self.rotate is None:
+            return None
+        try:
+            return Rotation(width, self.rotate_seed)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}" if name else str(e)) from None
 
     @classmethod
     def from_dict(cls, d: dict, cache: DecodeCache | None = None) -> "LinearSpec":

@@ -14,9 +14,10 @@ from torch import nn
 
 from slc.allocate import allocate, rate_distortion
 from slc.checkpoint import file_version, load_compressed, read_meta, save_compressed
-from slc.compress import compress_model, compress_model_gptq, compressed_layers
+from slc.compress import compress_model, compress_model_gptq, compressed_layers, selected_specs
 from slc.errors import FormatError
 from slc.gptq import gptq
+from slc.importance import compress_model_weighted
 from slc.models import tiny_model
 from slc.nn import CompressedEmbedding, CompressedLinear, LinearSpec
 from slc.quant import Quantizer
@@ -215,3 +216,19 @@ def test_gptq_with_rotation_beats_rtn_with_rotation():
     report = compress_model_gptq(model, tok, {"*": LinearSpec("entropy", q, rotate="hadamard")},
                                  "calibration text " * 20)
     assert report.rows and all(m.rotation is not None for m in compressed_layers(model).values())
+
+
+def test_weighted_scales_rotate_and_who_cannot_rotate_refuses():
+    model = tiny_model("llama")
+    ids = tok("weighted scales for rotated inputs").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    spec = LinearSpec("entropy", Quantizer(mode="ecsq", step=0.3), rotate="hadamard")
+    plain = compress_model_weighted(tiny_model("llama"), tok, {"*": replace(spec, rotate=None)}, "calibration " * 30)
+    report = compress_model_weighted(model, tok, {"*": spec}, "calibration " * 30)
+    assert all(m.rotation is not None for m in compressed_layers(model).values())
+    with torch.no_grad():
+        assert (model(ids).logits - ref).norm() / ref.norm() < 0.2
+    assert abs(report.totals()["bits_per_weight"] / plain.totals()["bits_per_weight"] - 1) < 0.05
+    with pytest.raises(ValueError, match="does not rotate"):            # e.g. block-wise GPTQ (slc.blockwise)
+        selected_specs(["a"], {"a": spec}, ("entropy",), "block-wise GPTQ")
