@@ -19,12 +19,17 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 
-def _write(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]]) -> Path:
+def _write(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, object]], width: int = 64) -> Path:
     """A GGUF file of `arch` holding {name: (fp32 weight (out, in), GGML type)}; quantised with gguf.quants."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_head_count(2)
     w.add_head_count_kv(1)
+    w.add_context_length(64)                   # what llama.cpp's loader asks for
+    w.add_embedding_length(width)
+    w.add_feed_forward_length(2 * width)
+    w.add_rope_dimension_count(width // 2)
+    w.add_layer_norm_rms_eps(1e-5)
     for name, (x, qtype) in tensors.items():
         if qtype == Q.F32:
             w.add_tensor(name, x.astype(np.float32))
