@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, allocate, rate_distortion
+from .allocate import Allocation, allocate, rate_distortion, rotated_stats
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
@@ -77,13 +77,16 @@ def _task(model: nn.Module) -> str:
 
 
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
-                       progress: bool = True, use_gptq: bool | None = None, skip=None) -> BudgetReport:
+                       progress: bool = True, use_gptq: bool | None = None, skip=None,
+                       rotate: str | None = None) -> BudgetReport:
     """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
     Conv1D but embeddings and lm_head, as compress_model). calibration_text: None = slc.texts'
     calibration mix (varied text generalises better than one kind). use_gptq: None = what measured
-    better out of domain for this kind of model (USE_GPTQ). Returns a BudgetReport; raises ValueError
+    better out of domain for this kind of model (USE_GPTQ). rotate="hadamard": every layer stored rotated
+    (LinearSpec(rotate=...): allocation, scales and GPTQ all see W R and its rotated inputs; off by default until
+    it measures better out of domain). Returns a BudgetReport; raises ValueError
     for a budget outside what the recipe reaches on this model, RuntimeError if it cannot land within
     TOLERANCE (the model is then left as it was).
     """
@@ -94,7 +97,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     task = _task(model)
     use_gptq = USE_GPTQ[task] if use_gptq is None else bool(use_gptq)
     rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
-                         progress=progress)
+                         progress=progress, rotate=rotate)
     n_weights = sum(a * b for a, b in rd.shapes.values())
     lo = sum(min(p.bits for p in pts) for pts in rd.points.values()) / n_weights
     hi = sum(max(p.bits for p in pts) for pts in rd.points.values()) / n_weights
@@ -104,7 +107,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                          "every layer, all overhead); below that, compress fewer layers or use low rank; above it, "
                          "store int8 or lossless")
     modules = dict(model.named_modules())
-    stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq)
+    stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
     target, attempts, layers, pol, done = float(budget_bits), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
@@ -117,14 +120,17 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                 bits += 8 * layers[name][0].nbytes
                 continue
             module = modules[name]
-            w = dense_weight_of(module).float()
-            qt = weighted_quantize(w, spec.quantizer, stats[name].x_sq)
+            w, st = dense_weight_of(module).float(), stats[name]
+            rot = spec.rotation(w.shape[1], name)
+            if rot is not None:                                    # W R for the rotated inputs R^T x
+                w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
+            qt = weighted_quantize(w, spec.quantizer, st.x_sq)
             if use_gptq:
-                qt = gptq(w, stats[name].x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt)
+                qt = gptq(w, st.x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt)
             qt.original_dtype = module.weight.dtype
             layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None),
                                                     device=module.weight.device)
-            rel = float((qt.dequantize(torch.float32) - w).norm() / w.norm().clamp_min(1e-30))
+            rel = float((qt.dequantize(torch.float32) - w).norm() / w.norm().clamp_min(1e-30))   # R keeps norms
             layers[name] = done[name, spec.quantizer] = (layer, rel)
             bits += 8 * layer.nbytes
         measured = bits / n_weights
@@ -144,5 +150,6 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                                     tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
                                     layer.bits_per_weight, rel, 0.0))
     recipe = (f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens) + activation-weighted "
-              f"steps ({STATS_TOKENS} tokens)" + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else ""))
+              f"steps ({STATS_TOKENS} tokens)" + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else "")
+              + (f", layers stored {rotate} rotated" if rotate else ""))
     return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)

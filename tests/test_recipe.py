@@ -31,6 +31,20 @@ def test_tiny_model_lands_on_the_budget_and_is_swapped():
     assert "weighted" in report.recipe and report.attempts and "measured" in str(report)
 
 
+@pytest.mark.parametrize("use_gptq", [False, True])
+def test_rotated_recipe_lands_and_stores_rotated_layers(use_gptq):
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    before = model(ids).logits
+    report = compress_to_budget(model, _tok, 4.0, calibration_text="calibration text for a tiny model " * 40,
+                                progress=False, use_gptq=use_gptq, rotate="hadamard")
+    assert abs(report.bits_per_weight / 4.0 - 1) <= TOLERANCE and "rotated" in report.recipe
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert layers and all(m.rotation is not None for m in layers)
+    after = model(ids).logits
+    assert float((after - before).norm() / before.norm()) < 0.2
+
+
 def test_a_budget_no_recipe_reaches_is_refused_and_the_model_untouched():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="outside what slc's recipe reaches"):
