@@ -219,10 +219,10 @@ def phase_gptq(b: Bench, rows: list):
                t0, group="GPTQ tuning")
 
 
-def swap_in(b: Bench, specs: dict, weighted: bool, stats, cache: DecodeCache) -> float:
+def swap_in(b: Bench, specs: dict, weighted: bool, cache: DecodeCache) -> float:
     """Swap a CompressedLinear of its spec in for every layer (a rotating spec stores W R and rotates the
     activations in forward; weighted: scales for diag(R^T C R)); returns bits/weight of every byte they hold."""
-    nbytes = 0
+    nbytes, stats = 0, b.stats() if weighted else None
     for n, m in b.layers.items():
         spec = replace(specs[n], cache=cache)
         if weighted:
@@ -238,7 +238,6 @@ def swap_in(b: Bench, specs: dict, weighted: bool, stats, cache: DecodeCache) ->
 
 
 def phase_rotate(b: Bench, rows: list):
-    st = b.stats()
     q4 = Quantizer(bits=4, granularity="group", group_size=32)
     qe = Quantizer(mode="ecsq", step=ECSQ_STEP)
     cases = [("RTN int4/g32 + rANS", q4, False), (f"ECSQ step {ECSQ_STEP}", qe, False),
@@ -252,7 +251,7 @@ def phase_rotate(b: Bench, rows: list):
             else:
                 specs = {n: LinearSpec("entropy", q, rotate=rotate) for n in b.orig}
             try:
-                bits = swap_in(b, specs, weighted, st, DecodeCache(2 << 30))
+                bits = swap_in(b, specs, weighted, DecodeCache(2 << 30))
                 record(rows, b, f"{name}{' rotated' if rotate else ''} (CompressedLinear)", bits, None, t0,
                        group="rotated" if rotate else "CompressedLinear",
                        note="stored rotated: LinearSpec(rotate='hadamard')" if rotate else "")
