@@ -10,7 +10,8 @@ calibration tokens through them; then for every decoder block i: read that block
 checkpoint, run every calibration sequence's hidden states through it with slc.calibrate's hooks
 (StatsHooks: inputs' x_sq / C, q/k/v and gate/up sharing one input), use what its layers need, keep
 its outputs as the next block's inputs, and put the block back on the meta device. Peak memory is
-about one dense fp32 block + the embeddings + the calibration activations (+ the compressed layers).
+about one dense fp32 block + the embeddings + the calibration activations; GPTQ writes each compressed
+layer to slc.streaming's journal as soon as it is made and assembles the file from it at the end.
 Each sequence keeps its own rotary position embeddings and causal mask, built as the model's own
 forward builds them (`model.model.rotary_emb`, `create_causal_mask`), so a block sees exactly what it
 sees inside the whole model and the statistics equal the whole-model ones (tested on SmolLM2).
@@ -32,9 +33,13 @@ synthetic ones). Others raise ValueError.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
+import zlib
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -45,14 +50,16 @@ from tqdm.auto import tqdm
 from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, rd_points, window_steps)
 from .allocate import allocate as allocate_model
 from .calibrate import StatsHooks, token_chunks
-from .checkpoint import build_skeleton, read_meta, save_compressed
+from .checkpoint import build_skeleton, read_meta
 from .compress import CompressionReport, LayerRow, selected_specs
 from .compress import compress_model_gptq as compress_model_gptq_dense
 from .gptq import gptq
-from .hf import dense_weight_of, set_module, target_layers
+from .hf import dense_weight_of, target_layers
 from .integrity import verify_checksums
 from .nn import CompressedLinear, TiedLinear, validate_loaded
 from .sources import open_checkpoint
+from .streaming import (LOCK, Plan, assemble, claim_journal, compress_unit, finished_part, finished_parts, part_layer,
+                        state_units, write_part)
 
 ARCHITECTURES = ("llama",)                     # model_type values whose forward this module reproduces
 BLOCK_SENSITIVITIES = ("fisher", "fisher-out", "output")
@@ -117,8 +124,9 @@ class BlockStream:
     causal mask and rotary (cos, sin), built as LlamaModel.forward builds them.
     """
 
-    def __init__(self, model: nn.Module, read, device=None, where: str = ""):
+    def __init__(self, model: nn.Module, read, device=None, where: str = "", checkpoint=None):
         self.model, self.read, self.where = model, read, where
+        self.checkpoint = checkpoint                   # the slc.sources.Checkpoint read from, if any
         self.device = default_device() if device is None else torch.device(device)
         self.model.model.rotary_emb.to(self.device)
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -202,7 +210,8 @@ def checkpoint_stream(path, device=None, dtype: torch.dtype = torch.float32) -> 
     if ckpt.config is None:
         raise ValueError(f"{path}: no config.json beside the weights: the architecture is unknown")
     check_architecture(ckpt.config, path)
-    return BlockStream(skeleton(ckpt.config), lambda name: ckpt.read(name, dtype), device, where=str(path))
+    return BlockStream(skeleton(ckpt.config), lambda name: ckpt.read(name, dtype), device, where=str(path),
+                       checkpoint=ckpt)
 
 
 def block_layers(model: nn.Module, names, n_blocks: int, where) -> list[list[str]]:
@@ -404,82 +413,126 @@ def gptq_layer(name: str, module: nn.Module, spec, x_cov: torch.Tensor, block: i
 
 def gptq_checkpoint(src, dst, tokenizer, policy, calibration_text: str | None = None, max_tokens: int = 2048,
                     block: int = 128, damp: float = 0.01, skip=None, sequential: bool = True, device=None,
-                    dtype: torch.dtype = torch.float32, progress: bool = False) -> CompressionReport:
+                    dtype: torch.dtype = torch.float32, progress: bool = False,
+                    resume: bool = True) -> CompressionReport:
     """GPTQ-compress a checkpoint on disk block by block and save it to `dst` (a load_compressed file).
 
     policy: as compress_model_gptq ("entropy" specs, e.g. allocate_checkpoint's result). sequential=True: the
     GPTQ paper's order (each block calibrated on the outputs of the already-quantised blocks before it, and its
     layers quantised group by group, q/k/v -> o -> gate/up -> down); False: every C from the original model,
     byte for byte what compress_model_gptq writes. Parameters the policy leaves dense (embeddings, norms,
-    lm_head) are stored in `dtype`, as a model loaded in that dtype would store them."""
+    lm_head) are stored in `dtype`, as a model loaded in that dtype would store them.
+
+    The file is written as compress_checkpoint writes it (slc.streaming): each compressed layer goes to its
+    own part in the journal `.DST.journal/` as soon as it is made and is dropped, the dense tensors follow,
+    and the file is assembled from the parts and renamed into place; so memory holds one block, never the
+    compressed model, and a run that dies leaves the journal, never a half-written file. resume=True: a
+    rerun (same checkpoint, calibration tokens, policy and settings) reuses the blocks whose layers are all
+    in the journal (it still runs their forward pass, through the stored codes if sequential) and writes
+    the same bytes as an uninterrupted run."""
     stream = checkpoint_stream(src, device, dtype)
     model, modules = stream.model, dict(stream.model.named_modules())
     chosen = chosen_layers(target_layers(model, skip), policy)
     per_block = block_layers(model, list(chosen), len(stream.blocks), src)
     seqs = calibration_sequences(stream, tokenizer, calibration_text, max_tokens)
-    hidden = stream.embed(seqs)
-    ctxs = stream.contexts(hidden)
-    report, done = CompressionReport(), {}
-    for i in tqdm(range(len(stream.blocks)), desc="gptq blocks", unit="block", disable=not progress):
-        blk = stream.load(stream.block_name(i))
-        names = per_block[i]
-        if sequential:
-            hooks = StatsHooks({n: modules[n] for n in names})           # x_sq only: the order and the groups
-            try:
-                stream.forward_all(blk, hidden, ctxs, hooks)
-            finally:
-                hooks.remove()
-            order = [n for n in hooks.stats if n in names]
-            groups = []
-            for n in order:
-                if hooks.stats[n].shared_with in (groups[-1] if groups else ()):
-                    groups[-1].append(n)
-                else:
-                    groups.append([n])
-        else:
-            groups = [names]
-        for group in groups:
-            hooks = StatsHooks({n: modules[n] for n in group}, full=True)
-            try:
-                out = stream.forward_all(blk, hidden, ctxs, hooks)
-            finally:
-                hooks.remove()
-            for n in group:
-                layer, row, w_hat = gptq_layer(n, modules[n], chosen[n], hooks.stats[n].x_cov, block, damp)
-                done[n] = layer
-                report.rows.append(row)
-                if sequential:                                            # later groups see the quantised layer
+    plan = gptq_plan(stream, chosen, seqs, block, damp, sequential, dtype)
+    units = {u["name"]: u for u in plan.units}
+    dst = Path(dst).absolute()
+    journal = claim_journal(dst, resume)
+    try:
+        parts = finished_parts(journal, plan.units) if resume else {}
+        hidden = stream.embed(seqs)
+        ctxs = stream.contexts(hidden)
+        for i in tqdm(range(len(stream.blocks)), desc="gptq blocks", unit="block", disable=not progress):
+            blk = stream.load(stream.block_name(i))
+            names = per_block[i]
+            if all(n in parts for n in names):                           # done by an earlier run: its outputs only
+                if sequential:
                     with torch.no_grad():
-                        modules[n].weight.copy_(w_hat.to(modules[n].weight))
-            del hooks
-        hidden = stream.forward_all(blk, hidden, ctxs) if sequential else out
-        stream.free(blk)
-        for n in names:
-            set_module(model, n, done.pop(n))
-    del hidden
-    fill_dense(stream)
-    save_compressed(model, dst)
-    order = {n: k for k, n in enumerate(chosen)}
-    report.rows.sort(key=lambda r: order[r.name])
+                        for n in names:
+                            w_hat = part_layer(journal, units[n], parts[n][0]).weight_dense(torch.float32)
+                            modules[n].weight.copy_(w_hat.to(modules[n].weight))
+                hidden = stream.forward_all(blk, hidden, ctxs)
+                stream.free(blk)
+                continue
+            for group in gptq_groups(stream, blk, names, hidden, ctxs, modules, sequential):
+                hooks = StatsHooks({n: modules[n] for n in group}, full=True)
+                try:
+                    out = stream.forward_all(blk, hidden, ctxs, hooks)
+                finally:
+                    hooks.remove()
+                for n in group:
+                    layer, row, w_hat = gptq_layer(n, modules[n], chosen[n], hooks.stats[n].x_cov, block, damp)
+                    tensors = {f"{n}.{k}": v for k, v in layer.state_dict().items()}
+                    write_part(journal, units[n], tensors, layer.export_meta(), list(astuple(row)),
+                               sum(s[5] for s in units[n]["sources"]))
+                    parts[n] = finished_part(journal, units[n])
+                    if sequential:                                        # later groups see the quantised layer
+                        with torch.no_grad():
+                            modules[n].weight.copy_(w_hat.to(modules[n].weight))
+                    del layer, tensors, w_hat
+                del hooks
+            hidden = stream.forward_all(blk, hidden, ctxs) if sequential else out
+            stream.free(blk)
+        del hidden
+        for unit in plan.units:                                           # what the policy leaves dense
+            if unit["name"] not in parts:
+                compress_unit(str(stream.checkpoint.path), unit, str(journal), errors=False)
+                parts[unit["name"]] = finished_part(journal, unit)
+        assemble(dst, plan, parts)
+    finally:
+        (journal / LOCK).unlink(missing_ok=True)                          # the parts stay until the file is in place
+    shutil.rmtree(journal, ignore_errors=True)
+    report = CompressionReport()
+    for n in chosen:                                                      # the policy's order
+        report.rows.append(LayerRow(*parts[n][0]["row"]))
+        report.rows[-1].shape = tuple(report.rows[-1].shape)
     return report
 
 
-def fill_dense(stream: BlockStream) -> None:
-    """Read every parameter still on the meta device (what the policy left dense) onto the CPU; re-tie the head."""
+def gptq_plan(stream: BlockStream, chosen: dict, seqs: list, block: int, damp: float, sequential: bool,
+              dtype: torch.dtype) -> Plan:
+    """The parts of gptq_checkpoint's file (slc.streaming.Plan): a GPTQ layer per chosen layer, identified by
+    its source tensors, spec and everything its codes depend on (calibration tokens, block, damp, order), and
+    the dense tensors; the metadata save_compressed writes for the skeleton."""
     model = stream.model
-    for mname, m in model.named_modules():
-        if isinstance(m, CompressedLinear):
-            continue
-        local = {k: v for k, v in m.named_parameters(recurse=False)} | dict(m.named_buffers(recurse=False))
-        if any(v.device.type == "meta" for v in local.values()):
-            if mname == "lm_head" and stream.tied:
-                continue
-            state = {k: stream.read(f"{mname}.{k}" if mname else k) for k in local}
-            m.load_state_dict(state, strict=False, assign=True)
-    if stream.tied and isinstance(model.lm_head, nn.Linear):
+    ckpt = stream.checkpoint
+    if stream.tied and isinstance(model.lm_head, nn.Linear):             # stored once, as a loaded model's tie
         model.lm_head.weight = model.model.embed_tokens.weight
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    assert not left, f"parameters left on the meta device: {left[:5]}"
+    layers = {n: (spec, "gptq", getattr(model.get_submodule(n), "bias", None) is not None)
+              for n, spec in chosen.items()}
+    units, state_keys, tied = state_units(model, ckpt, layers, dtype)
+    crc = 0
+    for ids in seqs:
+        crc = zlib.crc32(ids.to(torch.int64).numpy().tobytes(), crc)
+    calibration = {"tokens": [int(s.shape[1]) for s in seqs], "crc32": f"{crc:08x}", "block": block, "damp": damp,
+                   "sequential": sequential}
+    for u in units:
+        if u["kind"] == "gptq":
+            u["gptq"] = calibration
+    gen = getattr(model, "generation_config", None)
+    return Plan(units, state_keys, tied, json.loads(model.config.to_json_string(use_diff=False)), type(model).__name__,
+                None if gen is None else json.loads(gen.to_json_string(use_diff=False)), dtype, [], [], {})
+
+
+def gptq_groups(stream: BlockStream, blk: nn.Module, names: list, hidden: list, ctxs: list, modules: dict,
+                sequential: bool) -> list[list[str]]:
+    """The groups block `blk`'s layers are quantised in: sequential, those sharing an input in execution order
+    (q/k/v, o, gate/up, down; found by one forward pass); otherwise all at once."""
+    if not sequential:
+        return [names]
+    hooks = StatsHooks({n: modules[n] for n in names})                   # x_sq only: the order and the groups
+    try:
+        stream.forward_all(blk, hidden, ctxs, hooks)
+    finally:
+        hooks.remove()
+    groups = []
+    for n in (n for n in hooks.stats if n in names):
+        if hooks.stats[n].shared_with in (groups[-1] if groups else ()):
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
 
 
 def compress_model_gptq(model, tokenizer, policy, calibration_text: str | None = None, max_tokens: int = 2048,

@@ -50,10 +50,10 @@ from tqdm.auto import tqdm
 from .checkpoint import FORMAT, file_version, read_meta
 from .compress import CompressionReport, LayerRow
 from .errors import FormatError
-from .hf import DEFAULT_SKIP, conv1d_class, is_linear, resolve_spec, skipped
+from .hf import DEFAULT_SKIP, conv1d_class, is_linear, resolve_spec, skipped, tied_head
 from .integrity import atomic_write, crc32_tensor, verify_checksums
 from .models import weight_kind
-from .nn import CompressedLinear, LinearSpec, check_policy, validate_loaded
+from .nn import CompressedEmbedding, CompressedLinear, LinearSpec, check_policy, validate_loaded
 from .quant import DTYPES, Quantizer, dtype_name
 from .sources import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, open_checkpoint, safetensors_layout
 from .symbols import entropy_bits
@@ -71,7 +71,8 @@ SAFETENSORS_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", 
 TORCH_TO_SAFETENSORS = {dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items()}
 
 __all__ = ["compress_checkpoint", "StreamReport", "layer_statistics", "open_checkpoint", "write_synthetic_checkpoint",
-           "journal_path", "write_safetensors", "read_layer"]
+           "journal_path", "write_safetensors", "read_layer", "write_part", "read_part", "part_layer", "assemble",
+           "dask_client", "claim_journal", "finished_parts", "finished_part", "state_units", "compress_unit", "Plan"]
 
 
 # --- safetensors, written the way save_file writes it ---------------------------------------------------
@@ -147,6 +148,7 @@ class Plan:
     dtype: torch.dtype
     skipped: list                      # (name, reason), as in CompressionReport
     unmatched_patterns: list
+    tied_heads: dict                   # head -> compressed embedding it multiplies with (save_compressed's)
 
 
 def model_config(ckpt: Checkpoint, dtype: torch.dtype | None, name: str | None = None):
@@ -195,13 +197,12 @@ def generation_config(model: nn.Module, ckpt: Checkpoint, name: str) -> dict | N
     return None if gen is None else json.loads(gen.to_json_string(use_diff=False))
 
 
-def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=DEFAULT_SKIP,
-               name: str | None = None) -> Plan:
-    """Which tensors become which CompressedLinear and which are kept, in the order save_compressed writes them."""
-    config, cls, dtype = model_config(ckpt, dtype, name)
-    with torch.device("meta"):
-        model = cls(config)                                            # names, order, ties: no memory
-    gen = generation_config(model, ckpt, config._name_or_path)
+def state_units(model: nn.Module, ckpt: Checkpoint, layers: dict, dtype: torch.dtype,
+                head: str | None = None) -> tuple[list, list, dict]:
+    """(units, state keys, tied) of `model` (on the meta device) once `layers` {module name: (spec, kind,
+    has bias)} are compressed: a unit per compressed layer (its weight + bias) and per tensor kept, in
+    state_dict order; a tied alias is stored once (as save_compressed's "tied"); `head`, a TiedLinear, has none.
+    Each unit names its source tensors in `ckpt` with their fingerprints (what a resumed run checks)."""
     state = model.state_dict(keep_vars=True)
     groups: dict = {}
     for key, t in state.items():                                       # tied = the very same Parameter object
@@ -211,32 +212,7 @@ def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=
         have = [k for k in keys if k in ckpt]
         for k in keys:
             source_of[k] = k if k in ckpt else (have[0] if have else None)
-
-    policy = check_policy(policy)
-    conv1d = conv1d_class()
-    layers, skipped, used, linear_names = {}, [], set(), []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            skipped.append((name, "embedding"))
-            continue
-        if not is_linear(module):
-            continue
-        linear_names.append(name)
-        spec, pat, reason = resolve_spec(name, policy, skip)
-        used.add(pat)
-        if spec is None:
-            skipped.append((name, reason))
-            continue
-        kind = "conv1d" if conv1d is not None and isinstance(module, conv1d) else "linear"
-        layers[name] = (spec, kind, module.bias is not None)
-    unmatched = [p for p in policy if p not in used] if isinstance(policy, dict) else []
-    if not layers:
-        examples = ", ".join(repr(n) for n in linear_names[:4]) or "none"
-        raise ValueError(f"{ckpt.path}: the policy selects no linear layer of this {cls.__name__} (its linear "
-                         f"modules look like {examples}; patterns match module names, without '.weight')")
-    if unmatched:
-        warnings.warn(f"policy patterns matched no layer: {unmatched}; layer names look like "
-                      f"{linear_names[0]!r}", stacklevel=3)
+    cls = type(model)
 
     def need(key: str) -> TensorInfo:
         src = source_of.get(key)
@@ -265,7 +241,11 @@ def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=
             units.append({"version": PART_VERSION, "name": module_name, "kind": kind, "spec": spec.to_dict(),
                           "dtype": dtype_name(dtype), "weight": w.name, "bias": None if b is None else b.name,
                           "sources": [fing(w)] + ([fing(b)] if b is not None else [])})
+            if kind == "embedding":
+                units[-1]["padding_idx"] = model.get_submodule(module_name).padding_idx
             state_keys.append(module_name)
+            continue
+        if module_name == head:                                        # the TiedLinear multiplies with the codes
             continue
         first = groups[id(t)][0]
         if first != key and first in emitted:                          # a tied alias: stored once
@@ -278,12 +258,62 @@ def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=
                       "dtype": dtype_name(out_dtype), "weight": info.name, "bias": None, "sources": [fing(info)]})
         state_keys.append(key)
         emitted[key] = True
+    return units, state_keys, tied
+
+
+def plan_units(ckpt: Checkpoint, policy, dtype: torch.dtype | None = None, skip=DEFAULT_SKIP,
+               name: str | None = None, embeddings: LinearSpec | None = None) -> Plan:
+    """Which tensors become which CompressedLinear (or CompressedEmbedding, with `embeddings`) and which are
+    kept, in the order save_compressed writes them after compress_model."""
+    config, cls, dtype = model_config(ckpt, dtype, name)
+    with torch.device("meta"):
+        model = cls(config)                                            # names, order, ties: no memory
+    gen = generation_config(model, ckpt, config._name_or_path)
+    head = tied_head(model) if embeddings is not None else None       # becomes a TiedLinear: no tensor of its own
+
+    policy = check_policy(policy)
+    conv1d = conv1d_class()
+    layers, skipped, used, linear_names = {}, [], set(), []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            if embeddings is None:
+                skipped.append((name, "embedding"))
+            else:
+                layers[name] = (embeddings, "embedding", False)
+            continue
+        if name == head:
+            linear_names.append(name)
+            continue
+        if not is_linear(module):
+            continue
+        linear_names.append(name)
+        spec, pat, reason = resolve_spec(name, policy, skip)
+        used.add(pat)
+        if spec is None:
+            skipped.append((name, reason))
+            continue
+        kind = "conv1d" if conv1d is not None and isinstance(module, conv1d) else "linear"
+        layers[name] = (spec, kind, module.bias is not None)
+    unmatched = [p for p in policy if p not in used] if isinstance(policy, dict) else []
+    if not layers:
+        examples = ", ".join(repr(n) for n in linear_names[:4]) or "none"
+        raise ValueError(f"{ckpt.path}: the policy selects no linear layer of this {cls.__name__} (its linear "
+                         f"modules look like {examples}; patterns match module names, without '.weight')")
+    if unmatched:
+        warnings.warn(f"policy patterns matched no layer: {unmatched}; layer names look like "
+                      f"{linear_names[0]!r}", stacklevel=3)
+
+    units, state_keys, tied = state_units(model, ckpt, layers, dtype, head)
     needed = {s for u in units for s in (u["weight"], u["bias"]) if s}
     for name in ckpt.tensors:
         if name not in needed:
             skipped.append((name, f"not a tensor of {cls.__name__} (from_pretrained ignores it too)"))
+    if head is not None:
+        skipped.append((head, "tied to the compressed input embedding"))
+    emb = model.get_input_embeddings() if head is not None else None
+    tied_heads = {head: next(n for n, m in model.named_modules() if m is emb)} if head is not None else {}
     return Plan(units, state_keys, tied, json.loads(config.to_json_string(use_diff=False)), cls.__name__,
-                gen, dtype, skipped, unmatched)
+                gen, dtype, skipped, unmatched, tied_heads)
 
 
 # --- one unit: read, compress, write its part -------------------------------------------------------------
@@ -299,9 +329,12 @@ def _checkpoint(src: str, max_bytes: int | None) -> Checkpoint:
     return _OPEN[key]
 
 
-def _build_linear(kind: str, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
-    """The nn.Linear (or Conv1D) a loaded model would hold, built around tensors read from disk."""
-    if kind == "conv1d":
+def _build_linear(kind: str, w: torch.Tensor, b: torch.Tensor | None, padding_idx: int | None = None) -> nn.Module:
+    """The nn.Linear (or Conv1D, or nn.Embedding) a loaded model would hold, built around tensors read from disk."""
+    if kind == "embedding":
+        with torch.device("meta"):
+            layer = nn.Embedding(w.shape[0], w.shape[1], padding_idx=padding_idx)
+    elif kind == "conv1d":
         with torch.device("meta"):
             layer = conv1d_class()(w.shape[1], w.shape[0])
     else:
@@ -329,9 +362,12 @@ def compress_unit(src: str, unit: dict, journal: str, max_bytes: int | None = No
             b = ckpt.read(unit["bias"], dtype=dtype)
             bytes_in += ckpt.tensors[unit["bias"]].nbytes
         spec = LinearSpec.from_dict(unit["spec"])
-        module = _build_linear(unit["kind"], w, b)
+        module = _build_linear(unit["kind"], w, b, unit.get("padding_idx"))
         try:
-            layer = CompressedLinear.from_linear(module, spec)
+            if unit["kind"] == "embedding":
+                layer = CompressedEmbedding.from_embedding(module, spec)
+            else:
+                layer = CompressedLinear.from_linear(module, spec)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{unit['name']}: {e}") from None
         seconds = time.perf_counter() - t0
@@ -346,11 +382,33 @@ def compress_unit(src: str, unit: dict, journal: str, max_bytes: int | None = No
         row = [unit["name"], layer.kind, spec.describe(), list(layer.shape), w.numel() * w.element_size(),
                layer.nbytes, layer.bits_per_weight, rel, seconds]
         del module, layer
+    return write_part(journal, unit, tensors, layer_meta, row, bytes_in)
+
+
+def write_part(journal, unit: dict, tensors: dict, layer_meta: dict | None = None, row: list | None = None,
+               bytes_in: int = 0) -> dict:
+    """Write one unit's part file into `journal` atomically (a small safetensors file whose metadata says what
+    it was made from and the CRC32 of each tensor); returns that metadata.
+
+    tensors: {state_dict key: tensor} of the unit; layer_meta: the compressed layer's export_meta() (None for a
+    tensor kept as it is); row: its report row (LayerRow's fields, JSON-able)."""
     meta = {"unit": unit, "keys": list(tensors), "layer": layer_meta, "row": row, "bytes_in": bytes_in,
             "checksums": {k: f"{crc32_tensor(t):08x}" for k, t in tensors.items()}}
     path = Path(journal) / part_name(unit["name"])
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, {"slc.part": json.dumps(meta)}))
     return meta
+
+
+def part_layer(journal, unit: dict, meta: dict) -> CompressedLinear:
+    """The compressed layer a finished part holds (read_part's metadata), rebuilt on the CPU."""
+    from safetensors.torch import load_file
+
+    layer = CompressedLinear.from_meta(meta["layer"])
+    prefix = unit["name"] + "."
+    state = {k.removeprefix(prefix): t for k, t in load_file(str(Path(journal) / part_name(unit["name"]))).items()}
+    layer.load_state_dict(state, strict=True, assign=True)
+    validate_loaded(layer)
+    return layer
 
 
 def _crc_range(file: Path, offset: int, nbytes: int, out=None, what: str = "") -> int:
@@ -427,8 +485,10 @@ class StreamReport(CompressionReport):
 
 # --- the driver -------------------------------------------------------------------------------------------
 
-def _client(client):
-    """(dask Client or None, a cluster we started or None, whether we own the client)."""
+def dask_client(client):
+    """(dask Client or None, a cluster we started or None, whether we own the client) for client= None (this
+    process), "local" (a LocalCluster, one single-threaded worker process per core, dashboard link printed), a
+    scheduler address or a dask.distributed.Client."""
     if client is None:
         return None, None, False
     from dask.distributed import Client, LocalCluster
@@ -456,7 +516,7 @@ def _disk_full(e: OSError, dst: Path, journal: Path, what: str) -> OSError:
 
 def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = True, progress: bool = True,
                         max_bytes: int | None = None, dtype: torch.dtype | None = None, skip=DEFAULT_SKIP,
-                        errors: bool = True) -> StreamReport:
+                        errors: bool = True, embeddings: LinearSpec | None = None) -> StreamReport:
     """Compress the checkpoint at `src` (HF folder, .safetensors, index JSON, .gguf) into the slc file `dst`.
 
     policy: as compress_model's (one LinearSpec, {fnmatch pattern on the module name: LinearSpec | None}, or an
@@ -466,6 +526,8 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     max_bytes: the per-tensor read budget of open_checkpoint (default: half the available memory).
     dtype: the model's dtype (default: the config's, as from_pretrained's dtype="auto"); floats are stored in it.
     errors: compute each layer's relative error for the report (one more decode per layer).
+    embeddings: as compress_model's: a quantized LinearSpec for every nn.Embedding (default None: dense); a head
+    tied to the token embedding then multiplies with its codes (the same file as compress_model writes).
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -479,34 +541,23 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     src_path = str(Path(src).absolute())
     ckpt = open_checkpoint(src_path, max_bytes=max_bytes)
     given = os.fspath(src)
-    plan = plan_units(ckpt, policy, dtype, skip, name=given if Path(given).is_dir() else str(Path(given).parent))
-    journal = journal_path(dst)
-    if not resume and journal.exists():
-        lock_journal(journal, dst)                     # refuses while another run is writing it
-        shutil.rmtree(journal)
-    journal.mkdir(parents=True, exist_ok=True)
-    lock_journal(journal, dst)
-
-    parts: dict[str, tuple[dict, dict]] = {}
-    todo = []
-    for unit in plan.units:
-        found = read_part(journal, unit) if resume else None
-        if found is None:
-            todo.append(unit)
-        else:
-            parts[unit["name"]] = found
+    plan = plan_units(ckpt, policy, dtype, skip, name=given if Path(given).is_dir() else str(Path(given).parent),
+                      embeddings=embeddings)
+    journal = claim_journal(dst, resume)
+    parts = finished_parts(journal, plan.units) if resume else {}
+    todo = [u for u in plan.units if u["name"] not in parts]
     reused = len(parts)
     total_in = sum(s[5] for u in plan.units for s in u["sources"])
     bar = tqdm(total=total_in, unit="B", unit_scale=True, desc=f"compress {dst.name}", disable=not progress)
     bar.update(sum(m["bytes_in"] for m, _ in parts.values()))
     bar.set_postfix_str(f"{len(parts)}/{len(plan.units)} tensors")
-    c, cluster, own = _client(client)
+    c, cluster, own = dask_client(client)
     workers = 0
     try:
         if c is None:
             for unit in todo:
                 meta = compress_unit(src_path, unit, str(journal), max_bytes, errors)
-                parts[unit["name"]] = _finished(journal, unit)
+                parts[unit["name"]] = finished_part(journal, unit)
                 bar.update(meta["bytes_in"])
                 bar.set_postfix_str(f"{len(parts)}/{len(plan.units)} tensors")
         else:
@@ -520,7 +571,7 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
                 for fut in as_completed(futures):
                     meta = fut.result()
                     unit = futures[fut]
-                    parts[unit["name"]] = _finished(journal, unit)
+                    parts[unit["name"]] = finished_part(journal, unit)
                     bar.update(meta["bytes_in"])
                     bar.set_postfix_str(f"{len(parts)}/{len(plan.units)} tensors")
             finally:
@@ -554,6 +605,27 @@ def compress_checkpoint(src, dst, policy=None, *, client=None, resume: bool = Tr
     return report
 
 
+def claim_journal(dst: Path, resume: bool) -> Path:
+    """The journal folder of a run writing `dst`, created and locked for this process (resume=False: emptied)."""
+    journal = journal_path(dst)
+    if not resume and journal.exists():
+        lock_journal(journal, dst)                     # refuses while another run is writing it
+        shutil.rmtree(journal)
+    journal.mkdir(parents=True, exist_ok=True)
+    lock_journal(journal, dst)
+    return journal
+
+
+def finished_parts(journal: Path, units: list) -> dict:
+    """{unit name: (part metadata, layout)} of the units whose part an earlier run finished (CRCs checked)."""
+    parts = {}
+    for unit in units:
+        found = read_part(journal, unit)
+        if found is not None:
+            parts[unit["name"]] = found
+    return parts
+
+
 def lock_journal(journal: Path, dst: Path) -> None:
     """Claim the journal for this process: RuntimeError if a live process holds it (a dead one's lock is taken)."""
     lock = journal / LOCK
@@ -575,7 +647,8 @@ def lock_journal(journal: Path, dst: Path) -> None:
         return
 
 
-def _finished(journal: Path, unit: dict) -> tuple[dict, dict]:
+def finished_part(journal: Path, unit: dict) -> tuple[dict, dict]:
+    """(metadata, layout) of the part just written for `unit` (its CRCs are checked at assembly)."""
     found = read_part(journal, unit, verify=False)            # just written: its CRCs are checked at assembly
     if found is None:
         raise FormatError(f"{journal / part_name(unit['name'])}: the part for {unit['name']!r} was not written")
@@ -600,7 +673,8 @@ def assemble(dst: Path, plan: Plan, parts: dict) -> None:
             where[k] = info
             entries.append((k, info.stored, info.shape, info.nbytes))
     slc_meta = {"format": FORMAT, "version": file_version(layers), "architecture": plan.architecture,
-                "config": plan.config, "layers": layers, "tied": plan.tied, "tied_heads": {}, "dtypes": dtypes}
+                "config": plan.config, "layers": layers, "tied": plan.tied, "tied_heads": plan.tied_heads,
+                "dtypes": dtypes}
     if plan.generation_config is not None:
         slc_meta["generation_config"] = plan.generation_config
     slc_meta["checksums"] = checksums

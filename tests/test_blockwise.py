@@ -118,6 +118,63 @@ def test_gptq_sequential_the_papers_way(tiny, tmp_path):
     assert perplexity(loaded, ByteTokenizer(), EVAL, 64, 32) < 2 * perplexity(model, ByteTokenizer(), EVAL, 64, 32)
 
 
+# sha256 of what gptq_checkpoint wrote before it went through slc.streaming's journal (commit fdbaa5a: the model
+# built whole on the meta device, filled, save_compressed); policy: allocate(..., 3.0, sensitivity="output")
+BEFORE_JOURNAL = {("tiny", True): "6561c43f754e7a0f8f2a0ba8552ec4420832f81a195f9c90530ef74adf0a17e1",
+                  ("tiny", False): "37217b7ea5b3f47609c8143017d24dc3b1fb2062f79183c382ac510228629b98",
+                  ("tiny_tied", True): "95f9c53de3025bb1dd7f42d83bc26694657b61354ba4179e01116dd829cb661a",
+                  ("tiny_tied", False): "f0fa2a243d35684476c79850070be1fa52ad2dc7aea303f45edaac36297dcf8c"}
+
+
+@pytest.mark.parametrize("fixture, sequential", list(BEFORE_JOURNAL))
+def test_gptq_checkpoint_writes_the_bytes_it_wrote_before_the_journal(request, tmp_path, fixture, sequential):
+    import hashlib
+
+    from slc.streaming import journal_path
+
+    model, folder = request.getfixturevalue(fixture)
+    policy = allocate_model(model, ByteTokenizer(), 3.0, TEXT, sensitivity="output")
+    out = tmp_path / "g.slc"
+    gptq_checkpoint(folder, out, ByteTokenizer(), policy, TEXT, device="cpu", sequential=sequential)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == BEFORE_JOURNAL[fixture, sequential]
+    assert not journal_path(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["g.slc"]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_checkpoint_killed_then_resumed_is_byte_identical(tiny_tied, tmp_path, monkeypatch, sequential):
+    """A run that dies after a few layers leaves the journal and no file; the rerun reuses the finished
+    blocks (their forward pass through the stored codes) and writes the uninterrupted run's bytes."""
+    import slc.blockwise as blockwise
+    from slc.streaming import journal_path
+
+    model, folder = tiny_tied
+    policy = allocate_model(model, ByteTokenizer(), 3.0, TEXT, sensitivity="output")
+    run = lambda name: gptq_checkpoint(folder, tmp_path / name, ByteTokenizer(), policy, TEXT, device="cpu",
+                                       sequential=sequential)
+    whole = run("whole.slc")
+    written, real = [], blockwise.write_part
+
+    def dies_after_nine(*args, **kwargs):
+        if len(written) == 9:                        # block 0's 7 layers and 2 of block 1's
+            raise KeyboardInterrupt
+        written.append(args[1]["name"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "write_part", dies_after_nine)
+    with pytest.raises(KeyboardInterrupt):
+        run("g.slc")
+    assert not (tmp_path / "g.slc").exists() and len(list(journal_path(tmp_path / "g.slc").glob("*.safetensors"))) == 9
+    written.clear()
+    monkeypatch.setattr(blockwise, "write_part", real)
+    counted, gptq_layer = [], blockwise.gptq_layer
+    monkeypatch.setattr(blockwise, "gptq_layer", lambda *a: counted.append(a[0]) or gptq_layer(*a))
+    resumed = run("g.slc")
+    assert (tmp_path / "g.slc").read_bytes() == (tmp_path / "whole.slc").read_bytes()
+    assert len(counted) == 2 * 7 and not journal_path(tmp_path / "g.slc").exists()    # blocks 1 and 2 redone
+    key = lambda r: (r.name, r.kind, r.storage, r.shape, r.bytes_after, r.rel_error)
+    assert [key(r) for r in resumed.rows] == [key(r) for r in whole.rows]
+
+
 @pytest.mark.parametrize("window, stride", [(64, 32), (50, 50), (512, 256)])
 def test_streamed_perplexity_equals_loaded(tiny_tied, tmp_path, window, stride):
     model, _ = tiny_tied

@@ -42,7 +42,7 @@ def small(tmp_path_factory):
                                       progress=False)
 
 
-def reference(src, policy, path, dtype=None):
+def reference(src, policy, path, dtype=None, embeddings=None):
     """What the whole-model path writes: from_pretrained, compress_model, save_compressed."""
     from transformers import AutoModelForCausalLM
 
@@ -50,7 +50,7 @@ def reference(src, policy, path, dtype=None):
         AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compress_model(model, policy, progress=False)
+        compress_model(model, policy, progress=False, embeddings=embeddings)
     return save_compressed(model, path)
 
 
@@ -73,6 +73,31 @@ def test_tied_embeddings_and_fp32_dtype(tmp_path):
     assert (tmp_path / "out.slc").read_bytes() == ref.read_bytes()
     model = load_compressed(tmp_path / "out.slc")
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.float32
+
+
+EMBEDDINGS = [LinearSpec("quantized"), LinearSpec("quantized", Quantizer(bits=4, granularity="group", group_size=32))]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("emb", EMBEDDINGS, ids=["int8", "int4 g32"])
+def test_compressed_embeddings_same_bytes_as_save_compressed(small, tmp_path, tied, emb):
+    src = write_synthetic_checkpoint(tmp_path / "tied", TIED, progress=False) if tied else small
+    ref = reference(src, LinearSpec("entropy"), tmp_path / "ref.slc", embeddings=emb)
+    report = compress_checkpoint(src, tmp_path / "out.slc", LinearSpec("entropy"), embeddings=emb, progress=False)
+    assert (tmp_path / "out.slc").read_bytes() == ref.read_bytes()
+    assert [r.kind for r in report.rows].count("embedding") == 1
+    assert (("lm_head", "tied to the compressed input embedding") in report.skipped) == tied
+    model = load_compressed(tmp_path / "out.slc")
+    assert type(model.model.embed_tokens).__name__ == "CompressedEmbedding"
+    assert type(model.lm_head).__name__ == ("TiedLinear" if tied else "Linear")
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
+def test_compressed_embeddings_need_a_quantized_spec(small, tmp_path):
+    with pytest.raises(ValueError, match="model.embed_tokens: embeddings take a LinearSpec of kind 'quantized'"):
+        compress_checkpoint(small, tmp_path / "out.slc", LinearSpec(), embeddings=LinearSpec("entropy"),
+                            progress=False)
+    assert not (tmp_path / "out.slc").exists()
 
 
 def test_write_safetensors_equals_save_file(tmp_path):
