@@ -3,6 +3,9 @@
     python bench/scale.py                                   # tinyllama-1.1b, 3b, llama-2-7b (~23 GB of disk)
     python bench/scale.py --shapes tinyllama-1.1b           # one shape
     python bench/scale.py --shapes tiny --runs 1            # seconds: a smoke test
+    python bench/scale.py --compress                        # compress_checkpoint rows, in process and 2 workers
+    python bench/scale.py --blockwise                       # block-wise allocate + GPTQ, 1.1 B (~15 min idle)
+    python bench/scale.py --blockwise --shapes tiny --no-save   # seconds: a smoke test
 
 The checkpoints are written once by `slc.synthetic.write_synthetic_checkpoint` into data/cache/synthetic/
 (git-ignored; bf16 safetensors shards of 2 GB, TinyLlama / OpenLLaMA-3B / Llama-2-7B shapes, statistics like
@@ -195,9 +198,13 @@ class RandomTokens:
 
 
 def blockwise_rows(shape: str = "tinyllama-1.1b", tokens: int = 256, budget: float = 4.5,
-                   sensitivity: str = "fisher", device=None) -> list[list[str]]:
+                   sensitivity: str = "fisher", device=None, progress: bool = True) -> list[list[str]]:
     """Block-wise allocate, then sequential GPTQ into an slc file, then streamed perplexity, in this process
-    (a fresh interpreter): wall seconds and peak RSS of each step. Synthetic weights: time and memory only."""
+    (a fresh interpreter): wall seconds and peak RSS of each step. Synthetic weights: time and memory only.
+
+    The cost is set by the weights, not the calibration tokens: allocation sweeps ~32 ECSQ steps over every
+    weight, GPTQ inverts one Hessian per layer (5632 x 5632 for down_proj at 1.1 B) and rounds every column;
+    the forward / backward passes over `tokens` tokens are a small part."""
     from slc.blockwise import allocate_checkpoint, gptq_checkpoint, perplexity_streamed
 
     folder, _ = build(shape)
@@ -207,21 +214,25 @@ def blockwise_rows(shape: str = "tinyllama-1.1b", tokens: int = 256, budget: flo
     rows = []
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        policy = allocate_checkpoint(folder, tok, budget, sensitivity=sensitivity, max_tokens=tokens, device=device)
+        policy = allocate_checkpoint(folder, tok, budget, sensitivity=sensitivity, max_tokens=tokens, device=device,
+                                     progress=progress)
         rows.append(["allocate", time.perf_counter() - t0, rss.peak, f"{policy.bits_per_weight:.3f}"])
+        print(f"{shape}: allocate {rows[-1][1]:.0f} s, peak RSS {rss.peak / GiB:.2f} GiB", flush=True)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        report = gptq_checkpoint(folder, out, tok, policy, max_tokens=tokens, device=device)
+        report = gptq_checkpoint(folder, out, tok, policy, max_tokens=tokens, device=device, progress=progress)
         rows.append(["GPTQ (sequential) -> file", time.perf_counter() - t0, rss.peak,
                      f"{report.totals()['bits_per_weight']:.3f}"])
+        print(f"{shape}: GPTQ {rows[-1][1]:.0f} s, peak RSS {rss.peak / GiB:.2f} GiB", flush=True)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         perplexity_streamed(out, RandomTokens(SHAPES[shape].vocab, 2 * tokens, seed=1), "x", device=device)
         rows.append(["perplexity, streamed", time.perf_counter() - t0, rss.peak, ""])
     gb_out = out.stat().st_size / 1e9
     out.unlink()
+    threads = torch.get_num_threads()
     return [[shape, f"{tokens} tokens, {sensitivity}", name, f"{s:.0f}", f"{peak / GiB:.2f}", f"{peak / fp32:.2f}",
-             bits, f"{gb_out:.2f}"] for name, s, peak, bits in rows]
+             bits, f"{gb_out:.2f}", str(threads)] for name, s, peak, bits in rows]
 
 
 def blockwise_main() -> None:
@@ -231,11 +242,16 @@ def blockwise_main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="calibration tokens (random ids)")
     ap.add_argument("--sensitivity", default="fisher", choices=["fisher", "output"])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: GPTQ's column-by-column updates are small ops that two threads "
+                         "slow down, and on a shared machine two spinning threads stall; the table says which)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rows = [r for shape in args.shapes for r in blockwise_rows(shape, args.tokens, sensitivity=args.sensitivity,
                                                                device=args.device)]
-    header = ["shape", "calibration", "step", "s", "peak RSS GiB", "RSS / fp32 model", "bits/weight", "GB out"]
+    header = ["shape", "calibration", "step", "s", "peak RSS GiB", "RSS / fp32 model", "bits/weight", "GB out",
+              "threads"]
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     note = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
             f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, {torch.get_num_threads()} threads, "
