@@ -87,13 +87,20 @@ def convert(hf_folder: str | os.PathLike, out: str | os.PathLike, outtype: str =
 
 
 def imatrix(model_gguf: str | os.PathLike, text_file: str | os.PathLike, out: str | os.PathLike,
-            ctx: int = 512, threads: int = 2, peers_dir: str | os.PathLike | None = None) -> Path:
-    """llama.cpp's importance matrix (mean squared activation per input column) of `text_file`; returns `out`."""
+            ctx: int = 512, threads: int = 2, encoder: bool = False,
+            peers_dir: str | os.PathLike | None = None) -> Path:
+    """llama.cpp's importance matrix (mean squared activation per input column) of `text_file`; returns `out`.
+
+    `encoder=True` (BERT) works around two asserts of llama-imatrix: an encoder needs each chunk in one
+    micro-batch (-b = -ub = ctx), and imatrix refuses a vocabulary that appends EOS ([SEP]), so that flag is
+    overridden to false (chunks then run as [CLS] + 511 tokens of text).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".part" + out.suffix)
+    extra = ["-b", ctx, "-ub", ctx, "--override-kv", "tokenizer.ggml.add_eos_token=bool:false"] if encoder else []
     log = _run([tool("llama-imatrix", peers_dir), "-m", model_gguf, "-f", text_file, "-o", tmp, "-c", ctx,
-                "-t", threads, "--no-ppl"], "llama-imatrix")
+                "-t", threads, "--no-ppl", *extra], "llama-imatrix")
     if not tmp.exists():
         raise RuntimeError(f"llama-imatrix wrote no {tmp}:\n{log[-3000:]}")
     tmp.rename(out)
