@@ -15,6 +15,11 @@ Three storage kinds, chosen by a `LinearSpec`:
     lowrank    truncated SVD factors Vh (r, n), S (r,), U^T (r, m), each optionally quantised;
                forward is two small matmuls: y = ((x @ Vh^T) * S) @ U^T.
 
+A quantized or entropy layer may be stored rotated (`LinearSpec(rotate="hadamard")`): the codes are
+those of W R, R a seeded block-Hadamard rotation (slc.rotation), and forward first rotates the input
+(R^T x, a batched matmul per block) and then runs the kind's own path on it, fused kernels included.
+The layer's metadata keeps the seed and block size ("rotation"), never a matrix.
+
 `CompressedEmbedding` keeps an nn.Embedding's table the quantized way (a lookup dequantises only
 the rows it reads) and `TiedLinear` is an output head that multiplies with that same table.
 
@@ -41,11 +46,10 @@ from .errors import FormatError
 from .factors import low_rank, quantize_factors
 from .hf import dense_weight_of
 from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
-from .fused import FusedWeight
-from .rans import decode_torch
+from .fused import FusedWeight, TorchFusedWeight
 from .rotation import KINDS as ROTATIONS
 from .rotation import SEED_LIMIT, Rotation
-from .symbols import PREDICTORS, code_dtype, join_escapes, split_escapes
+from .symbols import PREDICTORS, code_dtype, split_escapes
 from .tensor import CompressedTensor, check_header, decode_codes
 from .tiles import TiledStream, encode_tiled
 
@@ -399,6 +403,7 @@ class CompressedLinear(nn.Module):
         tensor = meta.get("tensor")
         self.tiled = isinstance(tensor, dict) and tensor.get("layout") == "tiled"
         self._fused = None                                          # tiled: FusedWeight, built at first use
+        self._torch_weight = None                                   # tiled, GPU / torch backend: TorchFusedWeight
         # the stored weight is W R: forward multiplies it with x R = (R^T x) (seeded, rebuilt from the metadata)
         rot = meta.get("rotation")
         self.rotation = None if rot is None else Rotation.from_dict(rot, self.in_features)
@@ -513,27 +518,23 @@ class CompressedLinear(nn.Module):
                                       None if zp is None else zp.cpu().reshape(rows, -1), t["qmin"], b.get("escapes"))
         return self._fused
 
+    def torch_weight(self) -> TorchFusedWeight:
+        """tiled, on a GPU or with decode_backend "torch": the coded weight for slc.fused's torch decoder (its
+        index validated once; the buffers stay where they are)."""
+        if self._torch_weight is None:
+            names = (*TILED_BUFFERS, "scale", "zero_point")
+            b = {k: getattr(self, k) for k in names if getattr(self, k, None) is not None}
+            self._torch_weight = TorchFusedWeight(b, self.meta["tensor"])
+        return self._torch_weight
+
     def _tiled_codes(self, backend: str) -> torch.Tensor:
         """tiled: integer codes in QuantizedTensor's storage dtype; every tile decoded (on all cores on CPU,
-        tile by tile with the torch decoder on other devices or with backend "torch")."""
-        t, q = self.meta["tensor"], self.quantizer
+        with the torch decoder, a group of tiles at a time, on other devices or with backend "torch")."""
+        q = self.quantizer
         if backend == "auto" and self.words.device.type == "cpu":
             codes = torch.from_numpy(self.fused_weight().codes())
         else:
-            b = {k: getattr(self, k) for k in TILED_BUFFERS if getattr(self, k, None) is not None}
-            ts = TiledStream.from_buffers({k: v.cpu() for k, v in b.items() if k.startswith("tile_")} |
-                                          {k: b[k].cpu() for k in ("words", "states", "freqs")}, t)
-            parts = []
-            for i in range(ts.n_tiles):                               # words of tile i, its lanes' states
-                w0, w1 = int(ts.tile_words[i]), int(ts.tile_words[i + 1])
-                n = int(ts.tile_rows[i + 1] - ts.tile_rows[i]) * self.in_features
-                states = b["states"][i * ts.lanes:(i + 1) * ts.lanes]
-                parts.append(decode_torch(b["words"][w0:w1], states, b["freqs"], n, ts.lanes, ts.scale_bits))
-            sym = torch.cat(parts) if parts else b["words"].new_zeros(0, dtype=torch.int32)
-            if q.mode == "ecsq":
-                codes = join_escapes(sym, t["escape"], b["escapes"])
-            else:
-                codes = sym.to(torch.int64) + q.qmin
+            codes = self.torch_weight().codes()
         codes = codes.reshape(self.shape)
         return codes.to(code_dtype(codes) if q.mode == "ecsq" else q.storage_dtype)
 
@@ -603,9 +604,10 @@ class CompressedLinear(nn.Module):
             r = self.s.numel()
             z = F.linear(x, self._factor("vh", r, self.in_features, x.dtype)) * self.s.to(x.dtype)   # (..., r)
             y = z @ self._factor("ut", r, self.out_features, x.dtype)                                # (..., out)
-        elif self.tiled and self._fusable(x):                      # decode x matmul tile by tile, or dense
+        elif self.tiled and self.cache is None:                  # decode x matmul tile by tile (many rows: dense)
             t0 = time.perf_counter()
-            y = self.fused_weight().linear(x)
+            cpu = self.decode_backend != "torch" and x.device.type == "cpu" and self.words.device.type == "cpu"
+            y = (self.fused_weight() if cpu else self.torch_weight()).linear(x)
             self.n_decodes += 1
             self.decode_seconds += time.perf_counter() - t0         # decode and multiply: they are one pass
         elif (gs := self._packed_group()) and kernels.packed_usable(x, self.in_features, gs):
@@ -615,13 +617,6 @@ class CompressedLinear(nn.Module):
             codes = self._decode() if self.kind == "entropy" else self._codes()
             y = int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)
         return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """On the CPU with no DecodeCache (with one, decoded codes are kept and reused instead): slc.fused
-        multiplies, fused decode x matmul up to fused.MAX_ROWS rows, one-pass de-quantise + GEMM above."""
-        if self.cache is not None or self.decode_backend == "torch":
-            return False
-        return x.device.type == "cpu" and self.words.device.type == "cpu"
 
     # --- sizes and printing -----------------------------------------------------------------------
     @property
@@ -656,13 +651,13 @@ class CompressedLinear(nn.Module):
                 self._buffers[k] = self._buffers[k].to(d)          # scales, codes, S: the stored format
         if self.cache is not None:
             self.cache.discard(self._uid)                           # free the entry; its words are gone anyway
-        self._fused = None                                          # its tables point at the old buffers
+        self._fused = self._torch_weight = None                     # their tables point at the old buffers
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         if self.cache is not None:
             self.cache.discard(self._uid)                           # cached codes would be stale
-        self._fused = None
+        self._fused = self._torch_weight = None
         return super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -15,10 +15,11 @@ two numbers (`to_dict`), never a matrix. It works on rows (the last dimension), 
     rot.apply(x, inverse=True)   x R^T   (undoes apply: the effective weight of a rotated layer is Q(W R) R^T)
     rot.conjugate(C)             R^T C R (a Hessian or input covariance in the rotated basis)
 
-The transform is the signs, then one batched (b x b) matmul per block: measured faster than an in-place
-fast Walsh-Hadamard butterfly (log2 b torch steps) at 1 row for b = 64, 128, 512 (3-4x, 2x) and at 512 rows
-for b <= 128 (3x); the butterfly wins only for b = 512 at 512 rows (1.3x). `slc.nn.LinearSpec(rotate="hadamard")`
-stores a layer this way (file format version 3); bench/frontier_ood.py (phase "rotate") measures it.
+The transform is the signs, then one batched (b x b) matmul per block (a (..., n_blocks, b) view times H_b):
+faster than a fast Walsh-Hadamard butterfly of log2(b) torch steps at one row (generation) for every block
+size and at 512 rows for b <= 128; the butterfly is ahead only for b = 512 with many rows
+(bench/rotation_transform.py). `slc.nn.LinearSpec(rotate="hadamard")` stores a layer this way (file format
+version 3); bench/frontier_ood.py (phase "rotate") measures what it does to quality per bit.
 """
 from __future__ import annotations
 
