@@ -13,7 +13,9 @@ section is printed, because this 2-core machine is shared):
      (launch cost, one 576 x 576 layer, whole model);
   4. per-layer y = x @ W^T at 1 and 8 rows: dense fp32 (torch), slc.kernels.int8_linear (codes in
      memory), fused int8 + rANS on 1 and 2 threads, fused int4 g64 and ECSQ 0.2 on 2 threads, for every
-     SmolLM2 weight shape and the tied head (49152 x 576).
+     SmolLM2 weight shape and the tied head (49152 x 576);
+  5. the row threshold: fused decode x matmul against one-pass de-quantise + dense GEMM at 1-64 rows of x,
+     which is where slc.fused.MAX_ROWS should sit.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")   # the fork-safe layer, for the prange rows
 
 from slc import kernels, rans, tiles  # noqa: E402
-from slc.fused import FusedWeight  # noqa: E402
+from slc.fused import MAX_ROWS, FusedWeight  # noqa: E402
 from slc.models import fetch, linear_weights  # noqa: E402
 from slc.quant import Quantizer  # noqa: E402
 
@@ -346,10 +348,53 @@ def layer_section(quick: bool) -> None:
     say()
 
 
+def threshold_section(quick: bool) -> None:
+    say("## 5. Row threshold: fused decode x matmul vs de-quantise once + GEMM (us, medians, 2 threads)")
+    say()
+    say(f"Before: {load()}; slc.fused.MAX_ROWS = {MAX_ROWS}")
+    say()
+    w = linear_weights("smollm2-135m")
+    shapes = {"576 x 576 (q/o)": w["model.layers.0.self_attn.q_proj.weight"],
+              "1536 x 576 (gate/up)": w["model.layers.0.mlp.up_proj.weight"],
+              "576 x 1536 (down)": w["model.layers.0.mlp.down_proj.weight"]}
+    q8 = Quantizer(bits=8, granularity="channel")
+    counts = (1, 4, 8, 12, 16, 24, 32, 64)
+    rows, crossings = [], []
+    for name, wt in shapes.items():
+        qt = q8.quantize(wt)
+        fw = FusedWeight(tiles.encode_tiled(qt.codes.numpy().astype(np.int16) - q8.qmin), "affine",
+                         qt.scale.reshape(-1, 1).float().numpy(), qmin=q8.qmin)
+        copies = cold_copies(partial(fused_copy, fw), fw.stream.nbytes, 128 << 20)
+        reps = 20 if quick else 60
+
+        def fused(f, x):
+            y = np.empty((x.shape[0], f.shape[0]), dtype=np.float32)
+            f.linear_into(x.numpy(), y, threads=2)
+            return y
+
+        def dense(f, x):
+            return x @ torch.from_numpy(f.dequantize(threads=2)).T
+        first = None
+        for nx in counts:
+            x = torch.randn(nx, wt.shape[1])
+            np.testing.assert_allclose(fused(fw, x), dense(fw, x).numpy(), rtol=1e-3, atol=1e-3)
+            t_f = median_time(reps, Cycle(fused, copies), x)
+            t_d = median_time(reps, Cycle(dense, copies), x)
+            if first is None and t_d < t_f:
+                first = nx
+            rows.append([name, nx, f"{t_f * 1e6:.0f}", f"{t_d * 1e6:.0f}", f"{t_d / t_f:.2f}"])
+        crossings.append(f"{name}: {first if first else f'> {counts[-1]}'}")
+    table(["weight", "rows of x", "fused", "de-quantise + GEMM", "GEMM path / fused"], rows)
+    say(f"First row count where de-quantise + GEMM wins: {'; '.join(crossings)} (streams from DRAM, as in section 4).")
+    say()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="1,3,4", help="comma list of 1 (sizes+decode), 3 (threads), 4 (layers)")
+    ap.add_argument("--out", default=str(OUT), help="where the markdown goes (default bench/results/tiles.md)")
+    ap.add_argument("--sections", default="1,3,4,5",
+                    help="comma list of 1 (sizes+decode), 3 (threads), 4 (layers), 5 (row threshold)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     say("# Tiled rANS streams and fused decode x matmul (bench/tiles.py)")
@@ -364,6 +409,8 @@ def main() -> None:
         threads_section(args.quick)
     if "4" in sections:
         layer_section(args.quick)
+    if "5" in sections:
+        threshold_section(args.quick)
     if VERDICTS:
         say("## Goals (this run)")
         say()
@@ -371,9 +418,10 @@ def main() -> None:
             say(f"- {v}")
         say()
     say(f"After: {load()}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(LINES) + "\n")
-    print(f"wrote {OUT}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(LINES) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ import torch
 from numba import njit
 
 from slc.errors import FormatError
-from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_kernel, decode_two, default_threads,
-                       run_tiles, tile_ok)
+from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_kernel, decode_tiles_torch, decode_two,
+                       default_threads, run_tiles, tile_ok)
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
@@ -49,6 +49,7 @@ MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: 
 SYMBOLS_PER_THREAD = 160_000    # a second thread pays for its ~50 us launch only above about this many weights
                                 # (bench/tiles.py section 4: 192 x 576 runs faster on 1 thread than on 2)
 FUSED_BLOCK = 2048              # symbols decoded per call: amortises the calls, two buffers stay in L1
+BUFFER_BYTES_PER_WEIGHT = 32   # torch decoder: int32 symbols, int64 codes and temporaries, float32 rows (bound)
 SENTINEL = np.float32(2.0 ** 100)  # table value of the escape symbol: no int32 code comes near it
 _SENTINEL_MIN = np.float32(2.0 ** 90)  # compare against this (fastmath-safe, no inf/nan involved)
 
@@ -409,6 +410,99 @@ class FusedWeight:
         args = (x, xsum, d.states, d.words, d.tile_words, d.tile_rows, d.tile_escapes, d.tables.fb, d.tables.values,
                 s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
         self._raise_bad(run_tiles(fused_tiles_kernel, args, d.split(self.threads(threads))))
+
+
+class TorchFusedWeight:
+    """FusedWeight's counterpart for a GPU (and the CPU torch backend, where the same code is tested): the
+    coded buffers stay on their device, and linear(x) decodes a group of tiles at a time
+    (slc.tiles.decode_tiles_torch: one tile per row of the batch, as a thread block per tile would),
+    de-quantises those rows, multiplies them with x and drops them. Nothing but the coded bytes and one
+    group's buffers (at most `buffer_bytes`) is ever resident, whatever the batch.
+
+    Built from the buffers and meta a CompressedLinear holds (FusedWeight.buffers() / .meta); the index is
+    validated once here (FormatError), the per-tile lane and escape checks run on every decode.
+    """
+
+    def __init__(self, buffers: dict[str, torch.Tensor], meta: dict, buffer_bytes: int = 64 << 20):
+        stream = TiledStream.from_buffers({k: v for k, v in buffers.items() if k not in ("scale", "zero_point",
+                                                                                         "escapes")}, meta)
+        if meta.get("kind") not in KINDS or "scale" not in buffers:
+            raise FormatError(f"fused weight: kind {meta.get('kind')!r} or its scale is missing")
+        self.kind, self.qmin, self.escape = meta["kind"], int(meta.get("qmin", 0)), stream.escape
+        self.rows, self.cols, self.lanes, self.scale_bits = stream.rows, stream.cols, stream.lanes, stream.scale_bits
+        dev = buffers["words"].device
+        self.words = buffers["words"].reshape(-1)
+        self.states = buffers["states"].reshape(-1, stream.lanes)
+        self.freqs = buffers["freqs"].to(dev, torch.int64)
+        self.slot_table = torch.repeat_interleave(torch.arange(self.freqs.numel(), device=dev), self.freqs)
+        self.tile_rows = [int(r) for r in stream.tile_rows]                 # host: group bounds, row offsets
+        self.tile_words = torch.as_tensor(stream.tile_words, dtype=torch.int64, device=dev)
+        self.tile_rows_dev = torch.as_tensor(stream.tile_rows, dtype=torch.int64, device=dev)
+        self.tile_escapes = None if stream.escape is None else [int(e) for e in stream.tile_escapes]
+        esc = buffers.get("escapes")
+        self.escapes = None if esc is None else esc.reshape(-1).to(dev, torch.int64)
+        if self.escape is not None and (self.escapes is None or self.escapes.numel() != self.tile_escapes[-1]):
+            raise FormatError(f"{0 if self.escapes is None else self.escapes.numel()} escaped codes, the tile index "
+                              f"counts {self.tile_escapes[-1]}")
+        G = buffers["scale"].numel() // max(self.rows, 1)
+        if G < 1 or buffers["scale"].numel() != G * self.rows or self.cols % G:
+            raise FormatError(f"scale of {buffers['scale'].numel()} values does not fit {self.rows} x {self.cols}")
+        self.scale = buffers["scale"].reshape(self.rows, G).to(dev, torch.float32)
+        zp = buffers.get("zero_point")
+        self.zero_point = None if zp is None else zp.reshape(self.rows, G).to(dev, torch.float32)
+        self.groups = self._groups(buffer_bytes)
+
+    def _groups(self, buffer_bytes: int) -> list[tuple[int, int]]:
+        """Tile ranges whose decode buffers (int32 symbols, int64 codes and temporaries, float32 rows: at most
+        BUFFER_BYTES_PER_WEIGHT bytes a weight) fit buffer_bytes; at least one tile each."""
+        out, lo, per_row = [], 0, self.cols * BUFFER_BYTES_PER_WEIGHT
+        for t in range(len(self.tile_rows) - 1):
+            if t > lo and (self.tile_rows[t + 1] - self.tile_rows[lo]) * per_row > buffer_bytes:
+                out.append((lo, t))
+                lo = t
+        if len(self.tile_rows) > 1:
+            out.append((lo, len(self.tile_rows) - 1))
+        return out
+
+    def codes(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Integer codes (rows of tiles lo..hi-1, cols) int64 on the device."""
+        hi = len(self.tile_rows) - 1 if hi is None else hi
+        sym = decode_tiles_torch(self.words, self.states, self.tile_words, self.tile_rows_dev, self.cols, self.freqs,
+                                 self.scale_bits, lo, hi, self.slot_table).to(torch.int64)
+        if self.kind == "affine":
+            return sym + self.qmin
+        codes = (sym >> 1) ^ -(sym & 1)                                      # unzigzag
+        if self.escape is not None:
+            hit = sym == self.escape
+            rel = torch.as_tensor(self.tile_rows[lo:hi + 1], device=sym.device) - self.tile_rows[lo]
+            per_row = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.sum(1).cumsum(0)])
+            got = per_row[rel].diff().cpu().tolist()
+            want = [self.tile_escapes[t + 1] - self.tile_escapes[t] for t in range(lo, hi)]
+            if got != want:
+                t = next(i for i in range(len(got)) if got[i] != want[i])
+                raise FormatError(f"tile {lo + t}: {got[t]} escape symbols, the index says {want[t]}")
+            codes = codes.masked_scatter(hit, self.escapes[self.tile_escapes[lo]:self.tile_escapes[hi]])
+        return codes
+
+    def dequantize(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """W's rows of tiles lo..hi-1, float32 on the device."""
+        hi = len(self.tile_rows) - 1 if hi is None else hi
+        r0, r1 = self.tile_rows[lo], self.tile_rows[hi]
+        G = self.scale.shape[1]
+        c = self.codes(lo, hi).to(torch.float32).reshape(r1 - r0, G, -1)
+        if self.zero_point is not None:
+            c = c - self.zero_point[r0:r1, :, None]
+        return (c * self.scale[r0:r1, :, None]).reshape(r1 - r0, self.cols)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T, group of tiles by group of tiles (x on the buffers' device, any number of rows)."""
+        if x.shape[-1] != self.cols:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.cols}")
+        x2 = x.reshape(-1, self.cols).to(torch.float32)
+        y = torch.empty(x2.shape[0], self.rows, dtype=torch.float32, device=x.device)
+        for lo, hi in self.groups:
+            y[:, self.tile_rows[lo]:self.tile_rows[hi]] = x2 @ self.dequantize(lo, hi).T
+        return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
 
 def fused_linear(x: torch.Tensor, weight: FusedWeight, bias: torch.Tensor | None = None,

@@ -752,6 +752,63 @@ def decode_tiled(stream: TiledStream, backend: str = "fast", threads: int | None
     return TiledDecoder(stream).decode(threads)
 
 
+def decode_tiles_torch(words: torch.Tensor, states: torch.Tensor, tile_words: torch.Tensor, tile_rows: torch.Tensor,
+                       cols: int, freqs: torch.Tensor, scale_bits: int, lo: int = 0, hi: int | None = None,
+                       slot_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Tiles lo..hi-1 decoded together on words.device with torch: (rows of those tiles, cols) int32 symbols.
+
+    One tile per row of a (tiles, lanes) state array, every step a handful of whole-array operations: what
+    a GPU thread block per tile does, written with torch ops so that the same code runs (and is tested) on
+    the CPU. No host synchronisation inside the step loop; one at the end to check every tile's lanes came
+    back to L having used exactly its words (FormatError naming the first bad tile otherwise).
+    words (W,) int16 (uint16 bits); states (n_tiles, lanes) int32 (uint32 bits); tile_words, tile_rows
+    (n_tiles + 1,) int64; freqs (alphabet,) integer; slot_table: precomputed slot -> symbol (optional).
+    """
+    dev = words.device
+    n_tiles, lanes = states.shape
+    hi = n_tiles if hi is None else int(hi)
+    lo = int(lo)
+    if not 0 <= lo <= hi <= n_tiles:
+        raise ValueError(f"tiles {lo}..{hi} are outside 0..{n_tiles}")
+    tw = tile_words[lo:hi + 1].to(dev, torch.int64)
+    nsym = (tile_rows[lo + 1:hi + 1] - tile_rows[lo:hi]).to(dev, torch.int64) * int(cols)
+    B = hi - lo
+    if B == 0 or cols == 0:
+        return torch.zeros((0 if B == 0 else int(nsym.sum()) // max(cols, 1), cols), dtype=torch.int32, device=dev)
+    steps = (nsym + lanes - 1) // lanes
+    T = int(steps.max())
+    f = freqs.to(dev, torch.int64)
+    c = torch.cumsum(f, 0) - f
+    sym_of = (torch.repeat_interleave(torch.arange(f.numel(), device=dev), f) if slot_table is None
+              else slot_table.to(dev, torch.int64))
+    w = words.reshape(-1)
+    w = w.view(torch.int16) if w.dtype == torch.uint16 else w
+    if w.numel() == 0:
+        w = torch.zeros(1, dtype=torch.int16, device=dev)                # reads are clamped; give them one word
+    last = w.numel() - 1
+    mask = (1 << scale_bits) - 1
+    x = states[lo:hi].to(dev, torch.int64) & 0xFFFFFFFF
+    ptr = tw[:-1].clone()
+    out = torch.empty((B, T, lanes), dtype=torch.int32, device=dev)
+    for t in range(T):
+        live = (steps > t)[:, None]                                      # tiles with symbols left at this step
+        slot = x & mask
+        sy = sym_of[slot]
+        out[:, t] = sy.to(torch.int32)
+        xn = f[sy] * (x >> scale_bits) + slot - c[sy]                    # D(x)
+        need = (xn < L) & live
+        idx = ptr[:, None] + torch.cumsum(need, 1) - 1                   # a tile's needing lanes read its next words
+        word = w[idx.clamp(0, last)].to(torch.int64) & 0xFFFF
+        x = torch.where(live, torch.where(need, (xn << 16) | word, xn), x)
+        ptr = ptr + need.sum(1)
+    ok = (x == L).all(1) & (ptr == tw[1:])
+    if not bool(ok.all()):
+        raise FormatError(f"tile {lo + int((~ok).nonzero()[0, 0])}: corrupt (its lanes do not end at L having used "
+                          "exactly their words)")
+    keep = torch.arange(T * lanes, device=dev)[None, :] < nsym[:, None]
+    return out.reshape(B, T * lanes)[keep].reshape(-1, cols)
+
+
 def check_escapes(stream: TiledStream, sym: np.ndarray) -> None:
     """FormatError naming the tile whose escape count disagrees with the index."""
     if stream.escape is None or stream.n_tiles == 0:

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slc.errors import FormatError
-from slc.fused import FusedWeight, fused_linear
+from slc.fused import FusedWeight, TorchFusedWeight, fused_linear
 from slc.quant import Quantizer
 from slc.tiles import TiledStream, encode_tiled
 
@@ -245,3 +245,74 @@ def test_fuzz_fused(data):
     except FormatError:
         return
     assert torch.allclose(y, _reference(fw.codes(), fw.scale, None, x), atol=1e-4)
+
+
+# --- the torch decoder (GPU path; tested here with the CPU torch backend) ----------------------------
+
+def _torch_cases():
+    w = torch.randn(96, 64)
+    w[3, 5] = w[70, 1] = 40.0                                      # escapes in two tiles
+    return [_affine(w, QUANTIZERS[0], 16), _affine(w, QUANTIZERS[2], 12), _ecsq(w, 0.1, escape=40, tile_rows=16)]
+
+
+def test_torch_weight_matches_fused():
+    for fw, codes, scale, zp in _torch_cases():
+        tw = TorchFusedWeight(fw.buffers(), fw.meta, buffer_bytes=20_000)     # several groups of tiles
+        assert len(tw.groups) > 1
+        assert torch.equal(tw.codes(), torch.from_numpy(codes))
+        assert torch.equal(tw.dequantize(), torch.from_numpy(_dense_reference(codes, scale, zp)))
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(tw.linear(x), fw.linear(x), atol=1e-4, rtol=1e-4)
+        assert tw.linear(x[:0]).shape == (0, 96)
+
+
+def test_decode_tiles_torch_any_range():
+    from slc.tiles import decode_tiles_torch
+
+    fw = _torch_cases()[0][0]
+    b, s = fw.buffers(), fw.stream
+    want = fw.symbols.decode(1)
+    for lo, hi in [(0, s.n_tiles), (1, 3), (2, 2), (s.n_tiles - 1, s.n_tiles)]:
+        got = decode_tiles_torch(b["words"], b["states"].reshape(-1, s.lanes), b["tile_words"], b["tile_rows"],
+                                 s.cols, b["freqs"], s.scale_bits, lo, hi)
+        r0, r1 = int(s.tile_rows[lo]), int(s.tile_rows[hi])
+        assert torch.equal(got, torch.from_numpy(want[r0:r1].astype(np.int32)))
+
+
+def test_torch_weight_rejects_bad_tiles():
+    fw = _torch_cases()[2][0]
+    s = fw.stream
+    b = fw.buffers()
+    words = b["words"].clone()
+    words[int(s.tile_words[2]) + 1] ^= 0x0F0F                        # tile 2's words
+    with pytest.raises(FormatError, match="tile 2"):
+        TorchFusedWeight({**b, "words": words}, fw.meta).linear(torch.randn(1, 64))
+    te = b["tile_escapes"].clone()
+    te[1:-1] = te[-1]                                                # every escape claimed by tile 0
+    with pytest.raises(FormatError, match="tile 0"):
+        TorchFusedWeight({**b, "tile_escapes": te}, fw.meta).codes()
+    with pytest.raises(FormatError, match="escaped codes"):
+        TorchFusedWeight({**b, "escapes": b["escapes"][:-1]}, fw.meta)
+    with pytest.raises(FormatError, match="scale"):
+        TorchFusedWeight({**b, "scale": b["scale"][:5]}, fw.meta)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_weight_cuda_memory():
+    """On a GPU only the coded bytes and one group's buffers are resident: max_memory_allocated during
+    linear() stays below the coded bytes + buffer_bytes (+ x and y)."""
+    w = torch.randn(4096, 1024)
+    fw = _affine(w, QUANTIZERS[0])[0]
+    budget = 8 << 20
+    bufs = {k: v.cuda() for k, v in fw.buffers().items()}
+    tw = TorchFusedWeight(bufs, fw.meta, buffer_bytes=budget)
+    x = torch.randn(4, 1024, device="cuda")
+    coded = sum(v.numel() * v.element_size() for v in bufs.values())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = tw.linear(x)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= budget + 4 * 4096 * 4 + (1 << 20)
+    torch.testing.assert_close(y.cpu(), fw.linear(x.cpu()), atol=1e-3, rtol=1e-3)
+    assert coded < w.numel()                                         # the weight stays coded (< 8 bits a weight)

@@ -57,6 +57,19 @@ def test_torch_decoder_gives_the_same_codes(spec):
     assert torch.equal(cl.quantized().codes, ref)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_torch_decoder_forward(spec):
+    """The GPU forward (slc.fused.TorchFusedWeight, group of tiles by group) run with the CPU torch backend
+    gives the CPU kernels' outputs at generation and prefill sizes."""
+    cl = CompressedLinear.from_linear(spiky_linear(2), spec)
+    xs = [torch.randn(1, 128), torch.randn(2, 5, 128)]
+    ref = [cl(x) for x in xs]
+    cl.decode_backend = "torch"
+    for x, r in zip(xs, ref, strict=True):
+        torch.testing.assert_close(cl(x), r, rtol=1e-4, atol=1e-4)
+    assert cl.n_decodes == 4
+
+
 def test_layout_choice_and_validation():
     assert not CompressedLinear.from_linear(spiky_linear(), LinearSpec("entropy", predictor="left")).tiled
     assert not CompressedLinear.from_linear(spiky_linear(), LinearSpec("entropy", layout="stream")).tiled
