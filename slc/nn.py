@@ -15,6 +15,11 @@ Three storage kinds, chosen by a `LinearSpec`:
     lowrank    truncated SVD factors Vh (r, n), S (r,), U^T (r, m), each optionally quantised;
                forward is two small matmuls: y = ((x @ Vh^T) * S) @ U^T.
 
+A quantized or entropy layer may be stored rotated (`LinearSpec(rotate="hadamard")`): the codes are
+those of W R, R a seeded block-Hadamard rotation (slc.rotation), and forward first rotates the input
+(R^T x, a batched matmul per block) and then runs the kind's own path on it, fused kernels included.
+The layer's metadata keeps the seed and block size ("rotation"), never a matrix.
+
 `CompressedEmbedding` keeps an nn.Embedding's table the quantized way (a lookup dequantises only
 the rows it reads) and `TiedLinear` is an output head that multiplies with that same table.
 
