@@ -21,7 +21,12 @@ Symbol kinds (what a symbol means; the mapping is folded into the decode table, 
 Threads: numba `nogil` kernels on slc.tiles' persistent ThreadPoolExecutor (the caller's thread
 takes the first share). numba's prange was the alternative: its OpenMP layer kills processes
 that fork after using it, and the fork-safe workqueue layer costs 80-150 us a launch, more than
-a whole 576 x 576 layer; bench/tiles.py measures both (bench/results/tiles.md).
+a whole 576 x 576 layer; bench/tiles.py measures both (bench/results/tiles.md). By default a weight is
+split over slc.tiles.default_threads(): all CPUs when torch's OpenMP workers sleep between ops
+(OMP_WAIT_POLICY=PASSIVE set before torch loads), fewer when they spin (libgomp's default), because a
+spinning worker holds the core a decode thread needs; small weights (< SYMBOLS_PER_THREAD per thread)
+stay on one thread. Generation from entropy-coded layers is fastest with OMP_WAIT_POLICY=PASSIVE
+(bench/results/generation.md measures both policies).
 
 >>> import numpy as np, torch
 >>> from slc.tiles import encode_tiled

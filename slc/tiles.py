@@ -653,18 +653,38 @@ def _reset_pool():
 os.register_at_fork(after_in_child=_reset_pool)
 
 
-def default_threads() -> int:
-    """Threads for tile-parallel work: the CPUs this process may use."""
+def cpus() -> int:
+    """The CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def omp_spinning() -> bool:
+    """Whether torch's OpenMP workers busy-wait after each parallel region (libgomp's default policy, read
+    when torch loads; OMP_WAIT_POLICY=PASSIVE or GOMP_SPINCOUNT=0 turn it off). Between the torch ops of a
+    forward pass they then hold the cores a second decode thread would need: measured on SmolLM2 with 2
+    torch threads on 2 cores, the fused layers ran 1.6 x slower on 2 threads than with PASSIVE, and no
+    faster than on one (bench/generation.py runs both policies)."""
+    if torch.get_num_threads() <= 1:
+        return False
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and os.environ.get("GOMP_SPINCOUNT") != "0"
+
+
+def default_threads() -> int:
+    """Threads for tile-parallel work when the caller does not say: the CPUs less the ones torch's spinning
+    OpenMP workers keep busy (see omp_spinning), at least one."""
+    n = cpus()
+    if omp_spinning():
+        n -= torch.get_num_threads() - 1
+    return max(1, n)
+
+
 def pool() -> ThreadPoolExecutor:
-    """The shared worker pool (default_threads() - 1 workers; the caller's thread does a share too)."""
+    """The shared worker pool (cpus() - 1 workers; the caller's thread does a share too)."""
     global _POOL
     if _POOL is None:
         with _POOL_LOCK:
             if _POOL is None:
-                _POOL = ThreadPoolExecutor(max_workers=max(1, default_threads() - 1), thread_name_prefix="slc-tiles")
+                _POOL = ThreadPoolExecutor(max_workers=max(1, cpus() - 1), thread_name_prefix="slc-tiles")
     return _POOL
 
 

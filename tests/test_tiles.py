@@ -271,3 +271,25 @@ def test_thread_pool_survives_fork():
     p.start()
     p.join(60)
     assert p.exitcode == 0 and q.get(timeout=5)
+
+
+def test_default_threads_leave_spinning_openmp_workers_their_cores(monkeypatch):
+    """With torch's OpenMP workers spinning (libgomp's default), the default split leaves their cores alone."""
+    from slc import tiles
+
+    monkeypatch.setattr(tiles, "cpus", lambda: 8)
+    monkeypatch.setattr(tiles.torch, "get_num_threads", lambda: 4)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert tiles.omp_spinning() and tiles.default_threads() == 5
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert not tiles.omp_spinning() and tiles.default_threads() == 8
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert tiles.default_threads() == 8
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setattr(tiles, "cpus", lambda: 2)
+    monkeypatch.setattr(tiles.torch, "get_num_threads", lambda: 2)
+    assert tiles.default_threads() == 1
+    monkeypatch.setattr(tiles.torch, "get_num_threads", lambda: 1)
+    assert not tiles.omp_spinning() and tiles.default_threads() == 2
