@@ -1,11 +1,19 @@
 """Quality per bit: slc's quantisers against GGUF on SmolLM2-135M and all-MiniLM-L6-v2, one run.
 
-    python bench/frontier.py            # full run (10 minutes on 2 idle CPU cores, 50 on a busy shared one)
-    python bench/frontier.py --quick    # fewer rows, shorter text (a few minutes)
+    python bench/frontier.py                  # full run (10 minutes on 2 idle CPU cores, 50 on a busy shared one)
+    python bench/frontier.py --quick          # fewer rows, shorter text (a few minutes)
+    python bench/frontier.py --client local   # the same rows as Dask tasks on a LocalCluster (or a scheduler address)
+    python bench/frontier.py --sweep          # time 8 cheap rows: in process, on 1 and on 2 Dask workers
+
+Rows are made by independent tasks (the fp32 reference, each GGUF type, each RTN quantiser, each ECSQ step,
+the allocated rows, the SVD rows, the lossless rows): in this process one after another, or one Dask task
+each with --client (a worker loads each model once and keeps it). A task seeds torch and sets its thread
+count (one on a worker), so its rows do not depend on where it ran (tests/test_frontier_bench.py).
 
 Writes bench/results/frontier.md (the table and which targets are met), bench/results/frontier.json
 (the same rows and verdicts as plain JSON, for notebook 07) and build/frontier.html (the plotly chart
-of slc.viz.frontier_figure; a PNG beside it only if kaleido is installed).
+of slc.viz.frontier_figure; a PNG beside it only if kaleido is installed); --sweep writes only
+bench/results/frontier_sweep.md (medians per mode, ratios, whether the rows are the same).
 
 Every row compresses the same layers: each nn.Linear inside the blocks (embeddings, norms and
 lm_head stay as they are, like compress_model's default), and is measured in this run against the
@@ -40,7 +48,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +68,7 @@ from slc.hf import target_layers  # noqa: E402
 from slc.gguf_peers import gguf_roundtrip  # noqa: E402
 from slc.gptq import gptq  # noqa: E402
 from slc.lowrank import allocate_ranks, svd  # noqa: E402
+from slc.streaming import dask_client  # noqa: E402
 
 GGUF = {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5}
 ECSQ_STEPS = (0.03, 0.05, 0.1, 0.2, 0.35)
@@ -126,14 +137,15 @@ class Bench:
         """Score w_hat (or copy the scores of `same_as`, for rows with identical weights) and record a row."""
         if same_as is not None:
             res = {"ppl": same_as.ppl, "cos": same_as.cos, "snr": same_as.snr}
-        elif w_hat is None:                      # exact (lossless): the reference's scores
-            res = {"ppl": self.rows[0].ppl, "cos": self.rows[0].cos, "snr": math.inf}
+        elif w_hat is None:                      # exact (lossless): gather() gives it the reference's scores
+            res = {"ppl": None, "cos": None, "snr": math.inf}
         else:
             res = self.score(w_hat)
         row = Row(self.key, family, name, bits, seconds, res.get("snr"), res.get("ppl"), res.get("cos"),
                   note, slc, extra)
         self.rows.append(row)
-        shown = f"ppl {row.ppl:.4f}" if row.ppl is not None else f"cos {row.cos:.5f}"
+        shown = (f"ppl {row.ppl:.4f}" if row.ppl is not None else f"cos {row.cos:.5f}" if row.cos is not None
+                 else "exact")
         print(f"  {self.key:12s} {name:34s} {bits:6.3f} bits/w  {shown}  SNR {row.snr:.1f} dB"
               + (f"  {seconds:.1f} s" if seconds is not None else ""), flush=True)
         return row
@@ -235,37 +247,88 @@ def uniform_ranks(b: Bench, frac: float) -> dict:
     return {n: max(1, int(frac * w.shape[0] * w.shape[1] / sum(w.shape))) for n, w in b.orig.items()}
 
 
-# --- one model --------------------------------------------------------------------------------
+# --- one model, as independent tasks -----------------------------------------------------------
+#
+# Each task makes one group of rows that shares nothing with the others but the loaded model: the fp32
+# reference, a GGUF type, an RTN quantiser (its packed and rANS rows), an ECSQ step, the allocated rows
+# (one rate-distortion table, then ECSQ allocated and allocated + GPTQ), the SVD rows, the lossless rows.
+# A task seeds torch and sets its thread count, so its rows are the same wherever it runs: in this
+# process one after another (client None), or on Dask workers (each keeps its loaded models).
 
-def bench_model(key: str, args) -> Bench:
-    print(f"\n== {key}", flush=True)
-    model, tok = models.load(key)
-    is_lm = key == "smollm2-135m"
-    text = models.evaluation_text(args.chars) if is_lm else None
-    reference = models.load(key)[0] if not is_lm else None
-    b = Bench(key, model, tok, text, reference)
-    quick = args.quick
+TASK_SEED = 0
+_BENCHES: dict = {}                    # per process: (model key, chars) -> Bench with the model loaded
 
+
+def bench_for(key: str, chars: int) -> Bench:
+    """The Bench of `key`, loaded once per process (a Dask worker keeps it between tasks)."""
+    if (key, chars) not in _BENCHES:
+        model, tok = models.load(key)
+        is_lm = key == "smollm2-135m"
+        text = models.evaluation_text(chars) if is_lm else None
+        reference = models.load(key)[0] if not is_lm else None
+        _BENCHES[(key, chars)] = Bench(key, model, tok, text, reference)
+    return _BENCHES[(key, chars)]
+
+
+def model_tasks(key: str, quick: bool) -> list[tuple]:
+    """The tasks of one model's rows, in the order of its table."""
+    out = [(key, "reference")] + [(key, "gguf", qtype) for qtype in GGUF]
+    out += [(key, "rtn", None)] + [(key, "rtn", g) for g in ((64,) if quick else (32, 64, 128))]
+    out += [(key, "ecsq", step) for step in ((0.05, 0.2) if quick else ECSQ_STEPS)]
+    return out + [(key, "allocated"), (key, "svd"), (key, "lossless")]
+
+
+def run_task(task: tuple, opts: dict, threads: int = 1) -> dict:
+    """One task's rows (and what the report needs besides), with `threads` torch threads and a fixed seed.
+
+    opts: quick, chars, calib_tokens, cov_tokens (bench/frontier.py's options)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(TASK_SEED)
+    t0 = time.perf_counter()
+    key, kind, *arg = task
+    b = bench_for(key, opts["chars"])
+    b.rows = []
+    extra = TASKS[kind](b, opts, *arg) or {}
+    return {"task": list(task), "rows": b.rows, "seconds": time.perf_counter() - t0, **extra}
+
+
+def task_reference(b: Bench, opts: dict):
     ref = b.add("fp32", "fp32 (reference)", 32.0, b.orig, slc=False)
     ref.snr = math.inf
-    for qtype in GGUF:
-        w, bits, s = run_gguf(b, qtype)
-        b.add("GGUF", f"GGUF {qtype}", bits, w, s, slc=False)
+    return {"eval_tokens": len(b.tok(b.text).input_ids) if b.text is not None else None}
 
-    for label, q, note in [("int8/channel", Quantizer(bits=8), "")] + [
-            group_quantizer(b, g) for g in ((64,) if quick else (32, 64, 128))]:
-        w, packed, ransed, s_q, s_r = run_rtn(b, q)
-        r = b.add("RTN", f"RTN {label}", packed, w, s_q, note=note)
-        b.add("RTN + rANS", f"RTN {label} + rANS", ransed, None, s_r, same_as=r, note=note)
 
-    for step in ((0.05, 0.2) if quick else ECSQ_STEPS):
-        q = Quantizer(mode="ecsq", step=step)
-        w, bits, s = run_ecsq(b, {n: q for n in b.orig})
-        b.add("ECSQ (one step)", f"ECSQ step {step}", bits, w, s)
+def task_gguf(b: Bench, opts: dict, qtype: str):
+    w, bits, s = run_gguf(b, qtype)
+    b.add("GGUF", f"GGUF {qtype}", bits, w, s, slc=False)
 
-    # allocation: calibrate once, reuse the rate-distortion table for every budget
+
+def task_rtn(b: Bench, opts: dict, g: int | None):
+    label, q, note = ("int8/channel", Quantizer(bits=8), "") if g is None else group_quantizer(b, g)
+    w, packed, ransed, s_q, s_r = run_rtn(b, q)
+    r = b.add("RTN", f"RTN {label}", packed, w, s_q, note=note)
+    b.add("RTN + rANS", f"RTN {label} + rANS", ransed, None, s_r, same_as=r, note=note)
+
+
+def task_ecsq(b: Bench, opts: dict, step: float):
+    q = Quantizer(mode="ecsq", step=step)
+    w, bits, s = run_ecsq(b, {n: q for n in b.orig})
+    b.add("ECSQ (one step)", f"ECSQ step {step}", bits, w, s)
+
+
+def input_covs(b: Bench, opts: dict) -> tuple[dict, float]:
+    """C = sum x x^T of every layer's inputs (for GPTQ and activation-aware SVD), and its seconds."""
     t0 = time.perf_counter()
-    rd = rate_distortion(model, tok, max_tokens=args.calib_tokens)
+    st = layer_stats(b.model, b.tok, models.calibration_text(12_000), list(b.orig), opts["cov_tokens"], full=True)
+    return {n: st[n].x_cov for n in b.orig}, time.perf_counter() - t0
+
+
+def task_allocated(b: Bench, opts: dict):
+    """Calibrate once, reuse the rate-distortion table for every budget; then GPTQ on the allocated grids
+    (what slc.allocate.compress_model_gptq stores)."""
+    model, tok, quick = b.model, b.tok, opts["quick"]
+    t0 = time.perf_counter()
+    rd = rate_distortion(model, tok, max_tokens=opts["calib_tokens"])
     rd_s = time.perf_counter() - t0
     print(f"  rate-distortion table: {rd.settings['sensitivity']}, {rd.settings['tokens']} tokens, {rd_s:.1f} s",
           flush=True)
@@ -277,14 +340,7 @@ def bench_model(key: str, args) -> Bench:
         allocations[budget] = pol
         b.add("ECSQ allocated", f"ECSQ allocated {budget:g}", bits, w, s + rd_s,
               note=f"incl. {rd_s:.0f} s calibration")
-
-    # second moments C = sum x x^T of every layer's inputs: for GPTQ and activation-aware SVD
-    t0 = time.perf_counter()
-    st = layer_stats(model, tok, models.calibration_text(12_000), list(b.orig), args.cov_tokens, full=True)
-    covs = {n: st[n].x_cov for n in b.orig}
-    cov_s = time.perf_counter() - t0
-
-    # GPTQ on the allocated grids (what slc.allocate.compress_model_gptq stores)
+    covs, cov_s = input_covs(b, opts)
     for budget in ((CHECKS["Q4_0"],) if quick else GPTQ_BUDGETS):
         pol = allocations.get(budget) or allocate(model, tok, budget, rd=rd)
         t0, w, bits = time.perf_counter(), {}, 0
@@ -295,11 +351,16 @@ def bench_model(key: str, args) -> Bench:
         s = time.perf_counter() - t0 + rd_s + cov_s
         b.add("ECSQ allocated + GPTQ", f"ECSQ allocated {budget:g} + GPTQ", bits / b.numel, w, s,
               note=f"incl. {rd_s + cov_s:.0f} s calibration")
+    return {"allocations": {budget: {"bits_per_weight": pol.bits_per_weight, "by_kind": pol.by_kind()}
+                            for budget, pol in allocations.items()}, "rd_seconds": rd_s}
 
-    # low rank: plain vs activation-aware (whitened) vs allocated ranks, at equal parameters
+
+def task_svd(b: Bench, opts: dict):
+    """Low rank: plain vs activation-aware (whitened) vs allocated ranks, at equal parameters."""
+    covs, _ = input_covs(b, opts)
     plain, s_plain = svd_cache(b, None)
     white, s_white = svd_cache(b, covs, SVD_DAMP)
-    for frac in ((0.75,) if quick else SVD_FRACTIONS):
+    for frac in ((0.75,) if opts["quick"] else SVD_FRACTIONS):
         ranks = uniform_ranks(b, frac)
         w, bits = truncate(b, plain, ranks)
         b.add("SVD plain", f"SVD plain {frac:.0%}", bits, w, s_plain)
@@ -316,7 +377,9 @@ def bench_model(key: str, args) -> Bench:
     w, bits = truncate(b, white, ranks, Quantizer(bits=8))
     b.add("SVD act-aware", "SVD act-aware 90% + int8 factors", bits, w, s_white)
 
-    # lossless: bf16 and fp32 copies, bit-exact
+
+def task_lossless(b: Bench, opts: dict):
+    """bf16 and fp32 copies, bit-exact (the fp32 row takes the reference's scores, filled in by `gather`)."""
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         t0, nbytes, exact = time.perf_counter(), 0, True
         w_cast = {n: w.to(dtype) for n, w in b.orig.items()}
@@ -327,7 +390,7 @@ def bench_model(key: str, args) -> Bench:
                                  w.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
         s = time.perf_counter() - t0
         ratio = nbytes / sum(w.numel() * w.element_size() for w in w_cast.values())
-        whole = whole_model_ratio(model, dtype)
+        whole = whole_model_ratio(b.model, dtype)
         note = (f"{ratio:.3f} x {name} bytes (layers), {whole:.3f} x (whole state dict); "
                 f"{'bit-exact' if exact else 'NOT EXACT'}")
         if dtype == torch.float32:
@@ -335,10 +398,129 @@ def bench_model(key: str, args) -> Bench:
         else:
             b.add("lossless", f"lossless {name}", 8 * nbytes / b.numel, {n: w.float() for n, w in w_cast.items()}, s,
                   note=note + "; quality = the bf16 model's", ratio=ratio, whole=whole)
-    b.allocations = allocations
-    b.rd_seconds = rd_s
-    del b.reference
-    return b
+
+
+TASKS = {"reference": task_reference, "gguf": task_gguf, "rtn": task_rtn, "ecsq": task_ecsq,
+         "allocated": task_allocated, "svd": task_svd, "lossless": task_lossless}
+
+
+@dataclass
+class Result:
+    """One model's rows, gathered from its tasks (what the report and the targets read)."""
+    key: str
+    rows: list
+    allocations: dict                  # budget -> {"bits_per_weight", "by_kind"}
+    rd_seconds: float
+    eval_tokens: int | None
+    task_seconds: dict                 # task -> wall seconds where it ran
+
+
+def run_tasks(tasks: list[tuple], opts: dict, client=None, threads: int = 2) -> list[dict]:
+    """Every task's output, in the order given: in this process with `threads` torch threads (client None),
+    or one Dask task each (one torch thread each) on `client` (a dask.distributed.Client)."""
+    if client is None:
+        return [run_task(t, opts, threads) for t in tasks]
+    for_workers(client)
+    futures = [client.submit(run_task, t, opts, 1, pure=False, key=f"frontier-{'-'.join(map(str, t))}-"
+                             f"{time.time_ns()}") for t in tasks]
+    return client.gather(futures)
+
+
+def gather(outputs: list[dict]) -> dict[str, Result]:
+    """The task outputs as one Result per model, rows in task order; exact rows take the reference's scores."""
+    results: dict[str, Result] = {}
+    for out in outputs:
+        key = out["task"][0]
+        r = results.setdefault(key, Result(key, [], {}, 0.0, None, {}))
+        r.rows += out["rows"]
+        r.allocations.update(out.get("allocations", {}))
+        r.rd_seconds = out.get("rd_seconds", r.rd_seconds)
+        r.eval_tokens = out.get("eval_tokens", r.eval_tokens)
+        r.task_seconds[" ".join(map(str, out["task"][1:]))] = out["seconds"]
+    for r in results.values():
+        ref = next(x for x in r.rows if x.family == "fp32")
+        for x in r.rows:
+            if x.ppl is None and x.cos is None:                 # lossless fp32: the reference's weights
+                x.ppl, x.cos = ref.ppl, ref.cos
+    return results
+
+
+# --- --sweep: the same rows in process, on one Dask worker, on two -------------------------------
+
+SWEEP = ([("smollm2-135m", "gguf", q) for q in ("Q8_0", "Q4_0")] + [("smollm2-135m", "rtn", g) for g in (None, 64)]
+         + [("smollm2-135m", "ecsq", step) for step in (0.05, 0.1, 0.2, 0.35)])      # 8 tasks, 9 rows
+SWEEP_CHARS = 4000                     # evaluation text of the sweep (~1k tokens): each task a few seconds
+SWEEP_RESULTS = ROOT / "bench" / "results" / "frontier_sweep.md"
+
+
+def warm(key: str, chars: int) -> None:
+    """Load `key` where this runs (a Dask worker keeps it), so that timing leaves the loading out."""
+    bench_for(key, chars)
+
+
+def for_workers(client) -> None:
+    """Let `client`'s workers run this script's functions (sent by value: they need not import it)."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def row_key(row: Row) -> tuple:
+    """What a row measured (the timing left out): two runs of a task give the same key."""
+    return (row.model, row.name, row.bits, row.snr, row.ppl, row.cos)
+
+
+def sweep(opts: dict, runs: int = 3, threads: int = 2, workers=(1, 2), tasks=SWEEP) -> dict:
+    """Wall seconds of the sweep `tasks` in this process (`threads` torch threads) and on LocalClusters of
+    `workers` single-threaded worker processes, each after a warm-up that loads the model where the tasks
+    run; with the rows of each mode's first run."""
+    out = {}
+    warm("smollm2-135m", opts["chars"])
+    for mode in ["in process", *workers]:
+        client = cluster = None
+        if mode != "in process":
+            from dask.distributed import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=mode, threads_per_worker=1, processes=True, dashboard_address=":0")
+            client = Client(cluster)
+            for_workers(client)
+            client.run(warm, "smollm2-135m", opts["chars"])
+        try:
+            times, rows = [], None
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                res = run_tasks(list(tasks), opts, client, threads)
+                times.append(time.perf_counter() - t0)
+                rows = rows or [row_key(r) for o in res for r in o["rows"]]
+            out[mode] = {"seconds": times, "rows": rows, "threads": threads if client is None else 1}
+            print(f"  {mode}: {', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+        finally:
+            if client is not None:
+                client.close()
+                cluster.close()
+    out["opts"], out["tasks"] = opts, [" ".join(map(str, t[1:])) for t in tasks]
+    return out
+
+
+def sweep_table(res: dict) -> str:
+    """Medians per mode, the ratios to one worker and to this process, and whether the rows are the same."""
+    modes = [m for m in res if m not in ("opts", "tasks")]
+    med = {m: statistics.median(res[m]["seconds"]) for m in modes}
+    one = next((m for m in modes if m == 1), None)
+    head = ["mode", "torch threads", "runs s", "median s", "x in process", "x 1 worker", "rows = 1 worker's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for m in modes:
+        name = m if m == "in process" else f"{m} Dask worker{'s' if m > 1 else ''}"
+        lines.append(f"| {name} | {res[m]['threads']} | {', '.join(f'{t:.1f}' for t in res[m]['seconds'])} | "
+                     f"{med[m]:.1f} | {med['in process'] / med[m]:.2f} | "
+                     + (f"{med[one] / med[m]:.2f} | {'yes' if res[m]['rows'] == res[one]['rows'] else 'NO'} |"
+                        if one is not None else "— | — |"))
+    n_rows = len(res[modes[0]]["rows"])
+    return (f"Sweep of {len(res['tasks'])} tasks, {n_rows} rows ({', '.join(res['tasks'])}) on SmolLM2-135M, "
+            f"perplexity on {res['opts']['chars']} characters of evaluation_text; the model loaded where the "
+            f"tasks run before timing; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end."
+            "\n\n"
+            + "\n".join(lines))
 
 
 def whole_model_ratio(model, dtype) -> float:
@@ -376,7 +558,7 @@ def table(rows: list[Row], ref: Row) -> str:
     return "\n".join(lines)
 
 
-def targets(s: Bench, m: Bench) -> list[str]:
+def targets(s: Result, m: Result) -> list[str]:
     """The issue's targets, each with its figures and MET / MISSED."""
     out = []
     rows = {r.name: r for r in s.rows}
@@ -432,7 +614,7 @@ def targets(s: Bench, m: Bench) -> list[str]:
     return out
 
 
-def row_dicts(*benches: Bench) -> list[dict]:
+def row_dicts(*benches: Result) -> list[dict]:
     """Every row as a plain dict (what frontier.json holds and slc.viz.frontier_figure draws); infinite SNR
     (exact rows) becomes None, since JSON has no infinity."""
     out = []
@@ -470,13 +652,12 @@ def chart(rows: list[dict], html_path: Path) -> list[str]:
     return made
 
 
-def allocation_summary(b: Bench) -> str:
-    lines = ["| budget | estimated | " + " | ".join(k for k in next(iter(b.allocations.values())).by_kind()) + " |"]
+def allocation_summary(r: Result) -> str:
+    lines = ["| budget | estimated | " + " | ".join(next(iter(r.allocations.values()))["by_kind"]) + " |"]
     lines.append("|" + "|".join(["---"] * (len(lines[0].split("|")) - 2)) + "|")
-    for budget, pol in sorted(b.allocations.items()):
-        kinds = pol.by_kind()
-        lines.append(f"| {budget:g} | {pol.bits_per_weight:.3f} | "
-                     + " | ".join(f"{v:.2f}" for v in kinds.values()) + " |")
+    for budget, pol in sorted(r.allocations.items()):
+        lines.append(f"| {budget:g} | {pol['bits_per_weight']:.3f} | "
+                     + " | ".join(f"{v:.2f}" for v in pol["by_kind"].values()) + " |")
     return "\n".join(lines)
 
 
@@ -489,27 +670,51 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier.md"))
     p.add_argument("--html", default=str(ROOT / "build" / "frontier.html"))
     p.add_argument("--json", default=None, help="rows as JSON (default: --out with .json)")
+    p.add_argument("--client", default=None,
+                   help="run the rows as Dask tasks: 'local' (a LocalCluster, one worker per core) or a scheduler "
+                        "address; default: in this process (the same numbers, tested)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in process (Dask workers use one each)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time a fixed sweep of cheap SmolLM2 rows in process, on 1 and on 2 Dask workers (no files)")
+    p.add_argument("--runs", type=int, default=3, help="--sweep: timed runs of each mode (median)")
     args = p.parse_args(argv)
-    args.chars = args.chars or (2000 if args.quick else 12000)
+    args.chars = args.chars or (SWEEP_CHARS if args.sweep else 2000 if args.quick else 12000)
     args.json = args.json or str(Path(args.out).with_suffix(".json"))
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    torch.manual_seed(0)
+    opts = {"quick": args.quick, "chars": args.chars, "calib_tokens": args.calib_tokens, "cov_tokens": args.cov_tokens}
+    if args.sweep:
+        table = sweep_table(sweep(opts, args.runs, args.threads))
+        print(table)
+        SWEEP_RESULTS.write_text(f"# bench/frontier.py --sweep (issue 11: rows as Dask tasks)\n\n{table}\n\n"
+                                 f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n")
+        return
     t0 = time.perf_counter()
-    s = bench_model("smollm2-135m", args)
-    m = bench_model("minilm-l6", args)
+    client, cluster, own = dask_client(args.client)
+    try:
+        workers = len(client.scheduler_info()["workers"]) if client is not None else 0
+        tasks = model_tasks("smollm2-135m", args.quick) + model_tasks("minilm-l6", args.quick)
+        results = gather(run_tasks(tasks, opts, client, args.threads))
+    finally:
+        if own:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    s, m = results["smollm2-135m"], results["minilm-l6"]
     rows, target_lines = row_dicts(s, m), targets(s, m)
-    n_tok = len(s.tok(s.text).input_ids)
-    meta = {"command": "python bench/frontier.py" + (" --quick" if args.quick else ""), "quick": args.quick,
+    n_tok = s.eval_tokens
+    threads = f"{workers} Dask workers x 1 thread" if workers else f"{args.threads} threads"
+    command = "python bench/frontier.py" + (" --quick" if args.quick else "") + \
+        (f" --client {args.client}" if args.client else "")
+    meta = {"command": command, "quick": args.quick,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
+            "threads": args.threads if not workers else 1, "workers": workers,
+            "seconds": round(time.perf_counter() - t0, 1),
             "eval_tokens": n_tok, "chars": args.chars, "calib_tokens": args.calib_tokens,
             "cov_tokens": args.cov_tokens, "svd_damp": SVD_DAMP}
     write_json(Path(args.json), rows, meta, target_lines)     # before the chart: a chart failure loses no run
     made = [args.json] + chart(rows, Path(args.html))
     made = [str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f for f in made]
     md = [f"# Quality per bit (bench/frontier.py{' --quick' if args.quick else ''})", "",
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads}; "
           f"total {time.perf_counter() - t0:.0f} s. SmolLM2 perplexity on {n_tok} tokens of evaluation_text "
           f"(window 512, stride 512); calibration_text: {args.calib_tokens} tokens for allocation, "
           f"{args.cov_tokens} for the input second moments of GPTQ and activation-aware SVD (damping {SVD_DAMP}). "

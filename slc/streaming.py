@@ -23,6 +23,9 @@ Dask. client=None compresses in this process; client="local" starts a LocalClust
 process per core), or pass a dask.distributed.Client or a scheduler address. Each unit is then one task: the
 worker opens the checkpoint itself and writes the part (the journal must be on a file system every worker sees);
 the driver only plans and assembles, so the bytes are the same as in process.
+
+Other writers. slc.blockwise.gptq_checkpoint writes through the same journal: its plan comes from
+`state_units`, each GPTQ layer goes to `write_part` as it is made, and `assemble` writes the file.
 """
 from __future__ import annotations
 

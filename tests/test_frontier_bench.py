@@ -1,0 +1,50 @@
+"""bench/frontier.py's rows as tasks: the same numbers in this process and on a 2-worker Dask LocalCluster."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import frontier  # noqa: E402
+
+OPTS = {"quick": True, "chars": 600, "calib_tokens": 64, "cov_tokens": 64}
+CHEAP = [("smollm2-135m", "reference"), ("smollm2-135m", "gguf", "Q4_0"), ("smollm2-135m", "rtn", 64),
+         ("smollm2-135m", "ecsq", 0.2), ("smollm2-135m", "lossless")]
+
+
+def test_every_model_task_has_its_function():
+    for key in ("smollm2-135m", "minilm-l6"):
+        tasks = frontier.model_tasks(key, quick=False)
+        assert tasks[0] == (key, "reference") and len(set(tasks)) == len(tasks)
+        assert {t[1] for t in tasks} == set(frontier.TASKS)
+    assert len(frontier.SWEEP) == 8 and all(t[1] in ("gguf", "rtn", "ecsq") for t in frontier.SWEEP)
+
+
+def test_gather_orders_rows_and_gives_exact_rows_the_reference_scores():
+    ref = frontier.Row("m", "fp32", "fp32 (reference)", 32.0, ppl=10.0, snr=math.inf)
+    exact = frontier.Row("m", "lossless", "lossless fp32", 20.0, snr=math.inf)
+    q = frontier.Row("m", "GGUF", "GGUF Q4_0", 4.5, ppl=11.0, snr=20.0)
+    res = frontier.gather([{"task": ["m", "reference"], "rows": [ref], "seconds": 1.0, "eval_tokens": 99},
+                           {"task": ["m", "gguf", "Q4_0"], "rows": [q], "seconds": 2.0},
+                           {"task": ["m", "lossless"], "rows": [exact], "seconds": 3.0}])["m"]
+    assert [r.name for r in res.rows] == ["fp32 (reference)", "GGUF Q4_0", "lossless fp32"]
+    assert exact.ppl == 10.0 and res.eval_tokens == 99 and res.task_seconds["gguf Q4_0"] == 2.0
+
+
+@pytest.mark.slow
+def test_two_worker_local_cluster_gives_the_serial_rows():
+    """Five cheap tasks in this process (one thread, as a worker runs them) and on two Dask workers."""
+    from dask.distributed import Client, LocalCluster
+
+    serial = frontier.gather(frontier.run_tasks(CHEAP, OPTS, None, threads=1))["smollm2-135m"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        dask = frontier.gather(frontier.run_tasks(CHEAP, OPTS, client))["smollm2-135m"]
+    assert [frontier.row_key(r) for r in dask.rows] == [frontier.row_key(r) for r in serial.rows]
+    assert len(serial.rows) == 7 and all(r.ppl is not None and math.isfinite(r.ppl) for r in serial.rows)
