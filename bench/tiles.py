@@ -286,17 +286,24 @@ def fused_copy(fw: FusedWeight) -> FusedWeight:
                        fw.escapes)
 
 
+def smollm2_shapes(head: bool = True, kv: bool = True) -> dict:
+    """One SmolLM2 weight of each shape (block 0), and the tied head: {label: weight}."""
+    w = linear_weights("smollm2-135m")
+    shapes = {"576 x 576 (q/o)": w["model.layers.0.self_attn.q_proj.weight"],
+              "192 x 576 (k/v)": w["model.layers.0.self_attn.k_proj.weight"],
+              "1536 x 576 (gate/up)": w["model.layers.0.mlp.up_proj.weight"],
+              "576 x 1536 (down)": w["model.layers.0.mlp.down_proj.weight"]}
+    if not kv:
+        del shapes["192 x 576 (k/v)"]
+    return {**shapes, "49152 x 576 (tied head)": head_weight()} if head else shapes
+
+
 def layer_section(quick: bool) -> None:
     say("## 4. Per-layer y = x @ W^T (us, medians), SmolLM2 weights")
     say()
     say(f"Before: {load()}; torch threads {torch.get_num_threads()}")
     say()
-    w = linear_weights("smollm2-135m")
-    shapes = {"576 x 576 (q/o)": w["model.layers.0.self_attn.q_proj.weight"],
-              "192 x 576 (k/v)": w["model.layers.0.self_attn.k_proj.weight"],
-              "1536 x 576 (gate/up)": w["model.layers.0.mlp.up_proj.weight"],
-              "576 x 1536 (down)": w["model.layers.0.mlp.down_proj.weight"],
-              "49152 x 576 (tied head)": head_weight()}
+    shapes = smollm2_shapes()
     q8 = Quantizer(bits=8, granularity="channel")
     q4 = Quantizer(bits=4, granularity="group", group_size=64)
     rows = []
@@ -353,10 +360,7 @@ def threshold_section(quick: bool) -> None:
     say()
     say(f"Before: {load()}; slc.fused.MAX_ROWS = {MAX_ROWS}")
     say()
-    w = linear_weights("smollm2-135m")
-    shapes = {"576 x 576 (q/o)": w["model.layers.0.self_attn.q_proj.weight"],
-              "1536 x 576 (gate/up)": w["model.layers.0.mlp.up_proj.weight"],
-              "576 x 1536 (down)": w["model.layers.0.mlp.down_proj.weight"]}
+    shapes = smollm2_shapes(head=False, kv=False)
     q8 = Quantizer(bits=8, granularity="channel")
     counts = (1, 4, 8, 12, 16, 24, 32, 64)
     rows, crossings = [], []
