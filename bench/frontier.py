@@ -682,9 +682,9 @@ def main(argv=None) -> None:
     args.json = args.json or str(Path(args.out).with_suffix(".json"))
     opts = {"quick": args.quick, "chars": args.chars, "calib_tokens": args.calib_tokens, "cov_tokens": args.cov_tokens}
     if args.sweep:
-        table = sweep_table(sweep(opts, args.runs, args.threads))
-        print(table)
-        SWEEP_RESULTS.write_text(f"# bench/frontier.py --sweep (issue 11: rows as Dask tasks)\n\n{table}\n\n"
+        text = sweep_table(sweep(opts, args.runs, args.threads))
+        print(text)
+        SWEEP_RESULTS.write_text(f"# bench/frontier.py --sweep (issue 11: rows as Dask tasks)\n\n{text}\n\n"
                                  f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n")
         return
     t0 = time.perf_counter()

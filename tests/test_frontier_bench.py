@@ -48,3 +48,22 @@ def test_two_worker_local_cluster_gives_the_serial_rows():
         dask = frontier.gather(frontier.run_tasks(CHEAP, OPTS, client))["smollm2-135m"]
     assert [frontier.row_key(r) for r in dask.rows] == [frontier.row_key(r) for r in serial.rows]
     assert len(serial.rows) == 7 and all(r.ppl is not None and math.isfinite(r.ppl) for r in serial.rows)
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "results" / "frontier.json").exists(), reason="no frontier.json yet")
+def test_main_reports_the_gathered_tasks(tmp_path, monkeypatch):
+    """main() from task outputs to frontier.md / .json / .html (the committed run's rows stand in for the tasks)."""
+    import json
+
+    data = json.loads((ROOT / "bench" / "results" / "frontier.json").read_text())
+    outputs = []
+    for key in ("smollm2-135m", "minilm-l6"):
+        rows = [frontier.Row(**{**d, "snr": math.inf if d["snr"] is None else d["snr"]})
+                for d in data["rows"] if d["model"] == key]
+        outputs.append({"task": [key, "all"], "rows": rows, "seconds": 1.0, "eval_tokens": 42, "rd_seconds": 2.0,
+                        "allocations": {4.5: {"bits_per_weight": 4.49, "by_kind": {"attention": 4.1, "mlp": 4.7}}}})
+    monkeypatch.setattr(frontier, "run_tasks", lambda tasks, opts, client, threads: outputs)
+    frontier.main(["--out", str(tmp_path / "f.md"), "--html", str(tmp_path / "f.html")])
+    md = (tmp_path / "f.md").read_text()
+    assert "## Targets (issue 6)" in md and "## all-MiniLM-L6-v2" in md and "on 42 tokens" in md
+    assert json.loads((tmp_path / "f.json").read_text())["meta"]["workers"] == 0
