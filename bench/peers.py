@@ -156,14 +156,20 @@ def peers_report(rows: list, steps: dict, note: str = "") -> str:
              "the block linear tensors in the file x 8 / weights. SmolLM2 ships as Q4_1 (its weights sit on a "
              "Q4_1 grid): rows at ≥ 4 bits are confounded by that origin. Rows 576 wide are not a multiple of "
              "256, so k- and i-quants fall back to 32-wide types on most SmolLM2 tensors: the types column says "
-             "what each preset really stored.", ""] + ([note, ""] if note else [])
+             "what each preset really stored. MiniLM (BERT): llama-imatrix asserts on an encoder as it stands; "
+             "it runs with -b = -ub = 512 (one chunk per micro-batch) and tokenizer.ggml.add_eos_token overridden "
+             "to false (slc.llamacpp.imatrix(encoder=True)). llama.cpp's BERT has no pooler: MiniLM's "
+             "pooler.dense stays fp32 (mean-pooled embeddings never use it) and is not in bits/weight.", ""]
+    lines += [note, ""] if note else []
     for key, info in steps.items():
         la, lb = info.get("load_start"), info.get("load_end")
+        load = f"; load average (1/5/15 min) at start {fmt_load(la)}, at end {fmt_load(lb)}" if la else ""
         lines.append(f"- {key}: seconds (wall; 'cpu': CPU seconds of the llama.cpp tool or converter) "
-                     f"{json.dumps(info.get('seconds', {}))}; load average (1/5/15 min) at "
-                     f"start {fmt_load(la)}, at end {fmt_load(lb)} (shared machine: other jobs ran)")
+                     f"{json.dumps(info.get('seconds', {}))}{load}")
         if imatrix_note(key):
             lines.append(f"  - importance matrix: {imatrix_note(key)} of the calibration mix")
+        if info.get("note"):
+            lines.append(f"  - {info['note']}")
         for what, why in info.get("failures", {}).items():
             lines.append(f"  - failed: {what}: {why}")
         if info.get("kept_fp32"):
