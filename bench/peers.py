@@ -249,8 +249,12 @@ def main(argv=None) -> None:
     rows = fo.load_rows()
     steps = json.loads(steps_json.read_text()) if steps_json.exists() else {}
     if not args.report:
-        for name in llamacpp.TOOLS:          # fail before any work: "run `make peers`"
-            llamacpp.tool(name)
+        try:                                 # fail before any work: "run `make peers`"
+            for name in llamacpp.TOOLS:
+                llamacpp.tool(name)
+            llamacpp.source_dir()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"bench/peers.py: {exc}") from None
         presets = args.preset or list(llamacpp.PRESETS)
         for key in args.model or fo.MODELS:
             print(f"\n== {key}", flush=True)

@@ -151,3 +151,14 @@ def test_quantize_a_tiny_file_with_the_real_tool(tmp_path):
     s = block_summary(out)
     assert s.tensors == 7 and set().union(*s.types.values()) <= {"Q4_0", "Q4_1", "Q5_0", "Q6_K", "Q8_0"}
     assert 4.5 <= s.bits_per_weight < 8.5
+
+
+def test_bench_peers_without_the_build_exits_with_the_fix(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "bench" / "peers.py"), "--model", "minilm-l6"],
+                         capture_output=True, text=True, env=dict(os.environ, SLC_PEERS_DIR=str(tmp_path)), timeout=300)
+    assert res.returncode == 1 and "run `make peers`" in res.stderr, res.stderr[-2000:]
