@@ -363,7 +363,7 @@ def threshold_section(quick: bool) -> None:
     shapes = smollm2_shapes(head=False, kv=False)
     q8 = Quantizer(bits=8, granularity="channel")
     counts = (1, 4, 8, 12, 16, 24, 32, 64)
-    rows, crossings = [], []
+    rows, wins = [], {}
     for name, wt in shapes.items():
         qt = q8.quantize(wt)
         fw = FusedWeight(tiles.encode_tiled(qt.codes.numpy().astype(np.int16) - q8.qmin), "affine",
@@ -378,18 +378,17 @@ def threshold_section(quick: bool) -> None:
 
         def dense(f, x):
             return x @ torch.from_numpy(f.dequantize(threads=2)).T
-        first = None
         for nx in counts:
             x = torch.randn(nx, wt.shape[1])
             np.testing.assert_allclose(fused(fw, x), dense(fw, x).numpy(), rtol=1e-3, atol=1e-3)
             t_f = median_time(reps, Cycle(fused, copies), x)
             t_d = median_time(reps, Cycle(dense, copies), x)
-            if first is None and t_d < t_f:
-                first = nx
+            wins.setdefault(nx, []).append(t_d >= 0.95 * t_f)          # fused at least as fast, within 5 %
             rows.append([name, nx, f"{t_f * 1e6:.0f}", f"{t_d * 1e6:.0f}", f"{t_d / t_f:.2f}"])
-        crossings.append(f"{name}: {first if first else f'> {counts[-1]}'}")
     table(["weight", "rows of x", "fused", "de-quantise + GEMM", "GEMM path / fused"], rows)
-    say(f"First row count where de-quantise + GEMM wins: {'; '.join(crossings)} (streams from DRAM, as in section 4).")
+    upto = max([0] + [n for n in counts if all(all(wins[m]) for m in counts if m <= n)])
+    say(f"The fused kernel is at least as fast (within 5 %) on every weight up to {upto} rows of x; "
+        f"slc.fused.MAX_ROWS = {MAX_ROWS} (streams from DRAM, as in section 4; one run, noisy near the crossing).")
     say()
 
 

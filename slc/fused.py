@@ -49,8 +49,9 @@ from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_ker
                        default_threads, run_tiles, tile_ok)
 
 KINDS = ("affine", "ecsq")
-MAX_ROWS = 8                    # rows of x the fused kernel is for; more rows: decode once, dense GEMM
-                                # (bench/tiles.py section 5 measures where the two cross)
+MAX_ROWS = 16                   # rows of x the fused kernel is for; more rows: decode once, dense GEMM (bench/tiles.py
+                                # section 5, quiet: at 16 rows fused is 1.1-1.7 x faster on every SmolLM2 shape,
+                                # from 24-32 rows the GEMM path wins or ties on q/o and gate/up)
 SYMBOLS_PER_THREAD = 160_000    # a second thread pays for its ~50 us launch only above about this many weights
                                 # (bench/tiles.py section 4: 192 x 576 runs faster on 1 thread than on 2)
 FUSED_BLOCK = 2048              # symbols decoded per call: amortises the calls, two buffers stay in L1

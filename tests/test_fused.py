@@ -96,9 +96,9 @@ def test_real_weights():
 def test_many_rows_and_shapes():
     q = QUANTIZERS[0]
     fw, codes, scale, zp = _affine(torch.randn(40, 64), q)
-    x = torch.randn(3, 5, 64)                                        # > MAX_ROWS rows: decode once + GEMM
-    assert fw.linear(x).shape == (3, 5, 40)
-    assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x.reshape(-1, 64)).reshape(3, 5, 40),
+    x = torch.randn(3, 7, 64)                                        # > MAX_ROWS rows: decode once + GEMM
+    assert fw.linear(x).shape == (3, 7, 40)
+    assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x.reshape(-1, 64)).reshape(3, 7, 40),
                           atol=1e-4)
     b = torch.randn(40)
     assert torch.allclose(fused_linear(x[0, :2], fw, b), _reference(codes, scale, zp, x[0, :2]) + b, atol=1e-4)
