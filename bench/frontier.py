@@ -53,6 +53,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -256,18 +257,30 @@ def uniform_ranks(b: Bench, frac: float) -> dict:
 # process one after another (client None), or on Dask workers (each keeps its loaded models).
 
 TASK_SEED = 0
-_BENCHES: dict = {}                    # per process: (model key, chars) -> Bench with the model loaded
+CACHE_MODULE = "slc_frontier_bench_cache"
+
+
+def benches() -> dict:
+    """This process's (model key, chars) -> Bench cache. It lives in sys.modules, not in a global of this
+    script: Dask ships the script's functions by value (for_workers), and a global dict would travel with
+    every task, loaded models and all (a sweep's client grew to 16 GB and was killed), and arrive empty."""
+    mod = sys.modules.get(CACHE_MODULE)
+    if mod is None:
+        mod = sys.modules[CACHE_MODULE] = types.ModuleType(CACHE_MODULE)
+        mod.benches = {}
+    return mod.benches
 
 
 def bench_for(key: str, chars: int) -> Bench:
     """The Bench of `key`, loaded once per process (a Dask worker keeps it between tasks)."""
-    if (key, chars) not in _BENCHES:
+    cache = benches()
+    if (key, chars) not in cache:
         model, tok = models.load(key)
         is_lm = key == "smollm2-135m"
         text = models.evaluation_text(chars) if is_lm else None
         reference = models.load(key)[0] if not is_lm else None
-        _BENCHES[(key, chars)] = Bench(key, model, tok, text, reference)
-    return _BENCHES[(key, chars)]
+        cache[(key, chars)] = Bench(key, model, tok, text, reference)
+    return cache[(key, chars)]
 
 
 def model_tasks(key: str, quick: bool) -> list[tuple]:
