@@ -645,6 +645,80 @@ def frontier_figure(rows: list[dict], title: str = "Quality per bit: slc vs GGUF
     return fig
 
 
+OOD_SETS = ("in-domain", "prose", "code")
+OOD_PEERS = {"llama.cpp": ("#999999", "square-open"), "llama.cpp + imatrix": ("#111111", "square"),
+             "GGUF": ("#666666", "square-open")}
+
+
+def load_ood_rows(folder) -> list[dict]:
+    """Every row of bench/frontier_ood.py's and bench/peers.py's JSON files in `folder` (frontier_ood*.json),
+    one dict each: model, group, name, bits, scores {set: ppl or cos}, note."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for path in sorted(Path(folder).glob("frontier_ood*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    if not rows:
+        raise ValueError(f"no rows in {folder}/frontier_ood*.json: run bench/frontier_ood.py or bench/peers.py")
+    return rows
+
+
+def ood_quality(row: dict, ref: dict, s: str) -> float:
+    """Δ perplexity in % against fp32 (SmolLM2) or 1 - cosine (MiniLM) of one row on evaluation set s."""
+    v = row["scores"][s]
+    return 100 * (v / ref["scores"][s] - 1) if row["model"] == "smollm2-135m" else 1 - v
+
+
+def ood_figure(rows: list[dict], model: str, sets=("in-domain", "prose"), max_bits: float = 9.0) -> go.Figure:
+    """Quality against bits/weight, one panel per evaluation set (in domain beside out of domain): llama.cpp's
+    presets as points (open: without, filled: with the importance matrix), slc's rows by group."""
+    from plotly.subplots import make_subplots
+
+    mine = [r for r in rows if r["model"] == model and r.get("bits") and r["bits"] <= max_bits
+            and all(r["scores"].get(s) is not None for s in sets)]
+    ref = next((r for r in rows if r["model"] == model and r["group"] == "reference"), None)
+    if ref is None or not mine:
+        raise ValueError(f"no fp32 reference or no rows for {model!r} in the out-of-domain results")
+    lm = model == "smollm2-135m"
+    fig = make_subplots(rows=1, cols=len(sets), subplot_titles=[f"{s}{'' if s == 'in-domain' else ' (out of domain)'}"
+                                                                for s in sets])
+    groups = list(dict.fromkeys(r["group"] for r in mine if r["group"] != "reference"))
+    for col, s in enumerate(sets, start=1):
+        for i, g in enumerate(groups):
+            rs = sorted((r for r in mine if r["group"] == g), key=lambda r: r["bits"])
+            peer = g in OOD_PEERS
+            color, symbol = OOD_PEERS.get(g, (COLORS[i % len(COLORS)], "circle"))
+            fig.add_trace(go.Scatter(
+                x=[r["bits"] for r in rs], y=[ood_quality(r, ref, s) for r in rs], text=[r["name"] for r in rs],
+                mode="markers" if peer else "lines+markers", name=g, legendgroup=g, showlegend=col == 1,
+                marker=dict(color=color, symbol=symbol, size=10 if peer else 8), line=dict(color=color, width=1),
+                hovertemplate="%{text}: %{x:.3f} bits/weight, %{y:.4g}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title_text="bits per weight (all overhead)", row=1, col=col)
+        fig.update_yaxes(title_text="Δ perplexity vs fp32, %" if lm else "1 − cosine vs fp32", type="log",
+                         row=1, col=col)
+    name = "SmolLM2-135M" if lm else "all-MiniLM-L6-v2"
+    fig.update_layout(title=f"{name}: in domain and out of domain, slc against llama.cpp's presets", height=520,
+                      width=560 * len(sets) + 220, margin=dict(t=90))
+    return fig
+
+
+def ood_table(rows: list[dict], model: str, max_bits: float = 5.0) -> list[dict]:
+    """The rows of `model` at <= max_bits, best first on prose: bits, quality per set (Δ % or 1 - cos)."""
+    ref = next(r for r in rows if r["model"] == model and r["group"] == "reference")
+    out = []
+    for r in rows:
+        if r["model"] != model or r["group"] == "reference" or not r.get("bits") or r["bits"] > max_bits:
+            continue
+        if any(r["scores"].get(s) is None for s in OOD_SETS):
+            continue
+        key = "Δ ppl %" if model == "smollm2-135m" else "1 − cos"
+        out.append({"row": r["name"], "group": r["group"], "bits/w": r["bits"],
+                    **{f"{key} {s}": ood_quality(r, ref, s) for s in OOD_SETS}})
+    prose = next(k for k in out[0] if k.endswith("prose")) if out else None
+    return sorted(out, key=lambda d: d[prose]) if prose else out
+
+
 def frontier_point(reference, tokenizer, config, name: str) -> dict:
     """One frontier row measured live on a copy of `reference` (a sentence encoder such as MiniLM).
 

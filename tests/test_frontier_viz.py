@@ -109,3 +109,35 @@ def test_frontier_point_on_minilm():
                                                      predictor="none"), "ECSQ step 0.35")
     assert 3.4 < ecsq["bits/weight"] < 3.9 and 18 < ecsq["weight SNR dB"] < 22
     assert ecsq["1 - cos"] == pytest.approx(1 - ecsq["embedding cosine"])
+
+
+def _ood_rows():
+    ref = {"model": "smollm2-135m", "group": "reference", "name": "fp32", "bits": 32.0,
+           "scores": {"in-domain": 10.0, "prose": 5.0, "code": 4.0}}
+    a = {"model": "smollm2-135m", "group": "llama.cpp + imatrix", "name": "IQ4_XS + imatrix", "bits": 4.44,
+         "scores": {"in-domain": 11.0, "prose": 5.5, "code": 4.2}}
+    b = {"model": "smollm2-135m", "group": "ECSQ step", "name": "ECSQ 0.25", "bits": 4.1,
+         "scores": {"in-domain": 10.5, "prose": 6.0, "code": 4.1}}
+    c = {"model": "smollm2-135m", "group": "ECSQ step", "name": "ECSQ 0.05", "bits": 6.4,
+         "scores": {"in-domain": 10.1, "prose": 5.1, "code": 4.0}}
+    return [ref, a, b, c]
+
+
+def test_ood_table_and_figure():
+    rows = _ood_rows()
+    t = viz.ood_table(rows, "smollm2-135m", max_bits=5.0)
+    assert [r["row"] for r in t] == ["IQ4_XS + imatrix", "ECSQ 0.25"]            # best prose first; 6.4 bits left out
+    assert t[0]["Δ ppl % prose"] == pytest.approx(10.0) and t[1]["Δ ppl % in-domain"] == pytest.approx(5.0)
+    fig = viz.ood_figure(rows, "smollm2-135m")
+    assert len(fig.data) == 4                                                   # 2 groups x 2 panels
+    peer = next(d for d in fig.data if d.name == "llama.cpp + imatrix")
+    assert peer.mode == "markers" and list(peer.y) == pytest.approx([10.0])
+    with pytest.raises(ValueError, match="reference"):
+        viz.ood_figure(rows[1:], "smollm2-135m")
+
+
+def test_load_ood_rows(tmp_path):
+    with pytest.raises(ValueError, match="frontier_ood"):
+        viz.load_ood_rows(tmp_path)
+    (tmp_path / "frontier_ood_x.json").write_text(json.dumps({"meta": {}, "rows": _ood_rows()}))
+    assert len(viz.load_ood_rows(tmp_path)) == 4
