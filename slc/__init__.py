@@ -20,7 +20,7 @@ from .allocate import Allocation
 # slc.allocate / slc.compress_model_gptq take a model or a checkpoint path (then block by block, slc.blockwise);
 # the function shadows the submodule name on purpose (`from slc.allocate import allocate` is the model form)
 from .blockwise import allocate, compress_model_gptq
-from .recipe import BudgetReport, compress_to_budget
+from .recipe import BudgetCalibration, BudgetReport, calibrate_for_budget, compress_to_budget
 from . import metrics, memory, models, rans
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "CompressionReport", "compress_model", "compress_model_gptq", "compressed_layers", "load_compressed",
     "lowrank_policy", "save_compressed", "allocate", "Allocation", "metrics", "memory", "models", "rans",
     "compress_checkpoint", "open_checkpoint", "write_synthetic_checkpoint",
-    "compress_to_budget", "BudgetReport",
+    "compress_to_budget", "BudgetReport", "calibrate_for_budget", "BudgetCalibration",
 ]
 __version__ = "0.1.0"

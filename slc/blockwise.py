@@ -392,19 +392,26 @@ def allocate(model, tokenizer, budget_bits: float = 4.5, calibration_text: str |
 
 def chosen_layers(names, policy) -> dict:
     """{name: LinearSpec} of the layers `policy` compresses; ValueError for kinds GPTQ cannot store."""
-    return selected_specs(names, policy, ("entropy",), "GPTQ")
+    return selected_specs(names, policy, ("entropy",), "GPTQ", rotates=True)
 
 
 def gptq_layer(name: str, module: nn.Module, spec, x_cov: torch.Tensor, block: int, damp: float):
-    """(CompressedLinear on CPU, its report row, the de-quantised weight) for one dense layer."""
+    """(CompressedLinear on CPU, its report row, the effective de-quantised weight) for one dense layer. A spec
+    with rotate= quantises W R with the Hessian R^T C R (as compress_model_gptq); the weight returned is then
+    Q(W R) R^T, the one the layer's forward applies, for the layers calibrated after it."""
     t0 = time.perf_counter()
     w = dense_weight_of(module).float().cpu()
-    qt = gptq(w, x_cov.cpu(), spec.quantizer, block=block, damp=damp)
+    rot = spec.rotation(w.shape[1], name)
+    qt = gptq(w, x_cov.cpu(), spec.quantizer, block=block, damp=damp, rotation=rot)
     qt.original_dtype = module.weight.dtype
     bias = getattr(module, "bias", None)
     layer = CompressedLinear.from_quantized(qt, spec, None if bias is None else bias.detach().cpu(), device="cpu")
     w_hat = qt.dequantize(torch.float32)
+    if rot is not None:                                    # orthogonal: the same error in the rotated basis
+        w = rot.apply(w.double()).float()
     rel = float((w_hat - w).norm() / w.norm().clamp_min(1e-30))
+    if rot is not None:
+        w_hat = rot.apply(w_hat.double(), inverse=True).float()
     row = LayerRow(name, "entropy", spec.describe() + " (GPTQ)", tuple(w.shape),
                    w.numel() * module.weight.element_size(), layer.nbytes, layer.bits_per_weight, rel,
                    time.perf_counter() - t0)

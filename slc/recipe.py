@@ -3,17 +3,21 @@
 The recipe is what measures best out of domain (bench/results/frontier_ood.md: calibrated on
 slc.texts' calibration mix, evaluated on package READMEs / licences and Python source):
 
+    0. rotation     where it measured better (DEFAULTS): every layer stored Hadamard-rotated (LinearSpec(rotate=)),
+                    steps 1-3 then work on W R and the rotated inputs R^T x
     1. allocation   slc.allocate: every layer's ECSQ step from a Lagrangian over rate-distortion points,
                     distortion weighted by the loss (Fisher; Gauss-Newton for encoders) on the calibration mix
     2. scales       slc.importance.weighted_quantize: each row's step re-chosen (rate-neutral) and refit to
                     minimise the activation-weighted error, sum_j E[x_j^2] dW_ij^2
-    3. GPTQ         error feedback on those grids, only where it measured better out of domain (see USE_GPTQ)
+    3. GPTQ         error feedback on those grids, only where it measured better out of domain (DEFAULTS)
     4. landing      the bits are measured on the real rANS-coded layers (words, states, tables, scales,
                     escapes: everything the layers hold); if they miss the budget by more than 1 %, the
                     allocation target is rescaled and steps 1-3 rerun (the calibration is reused)
 
 The model is changed in place only once the result lands within `TOLERANCE` (2 %) of the budget; a budget
 outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
+To sweep budgets, calibrate once and reuse it: `cal = calibrate_for_budget(model, tok, use_gptq=False,
+rotate=None)`, then `compress_to_budget(copy_of_model, tok, b, calibration=cal)` for each budget b.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, allocate, rate_distortion, rotated_stats
+from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_stats
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
@@ -43,8 +47,20 @@ STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted
 # MiniLM at 3.825 bits: prose cosine 0.947 -> 0.964 with GPTQ (4 096 tokens of the mix, damp 0.01), every set
 # better. SmolLM2: not measured out of domain by the time this was set (the issue saw GPTQ on 2 048 pydoc tokens
 # hurt there), so off until a run says otherwise.
-USE_GPTQ = {"causal-lm": False, "encoder": True}
+# What compress_to_budget does by default, per kind of model and budget: [(up to bits/weight, GPTQ, rotation)],
+# the first entry whose bound is >= the budget applies.
+DEFAULTS = {"causal-lm": [(32.0, False, None)],
+            "encoder": [(32.0, True, None)]}
 GPTQ_DAMP = 0.01
+
+
+def default_recipe(task: str, budget_bits: float) -> dict:
+    """{"use_gptq": bool, "rotate": None or "hadamard"}: what compress_to_budget picks for a "causal-lm" or an
+    "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
+    if task not in DEFAULTS:
+        raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
+    _, use_gptq, rotate = next(d for d in DEFAULTS[task] if budget_bits <= d[0])
+    return {"use_gptq": use_gptq, "rotate": rotate}
 
 
 @dataclass
@@ -76,28 +92,68 @@ def _task(model: nn.Module) -> str:
     return "causal-lm" if head else "encoder"
 
 
+@dataclass
+class BudgetCalibration:
+    """What compress_to_budget measures on the model once: every layer's rate-distortion points and its input
+    moments. Reusable for several budgets on fresh copies of the same model (`compress_to_budget(...,
+    calibration=cal)`), so a frontier calibrates once per recipe instead of once per budget."""
+    rd: RDTable
+    stats: dict
+    task: str
+    use_gptq: bool
+    rotate: str | None
+    seconds: float = 0.0
+
+
+def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | None = None, progress: bool = True,
+                         use_gptq: bool | None = None, skip=None, rotate: str | None = "auto",
+                         budget_bits: float | None = None) -> BudgetCalibration:
+    """The calibration behind compress_to_budget (arguments as there), measured on `model` unchanged.
+    use_gptq=None / rotate="auto" take `default_recipe` at budget_bits (then required)."""
+    t0 = time.perf_counter()
+    text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
+    task = _task(model)
+    if use_gptq is None or rotate == "auto":
+        if budget_bits is None:
+            raise ValueError("use_gptq=None or rotate='auto' take compress_to_budget's default at a budget: pass "
+                             "budget_bits=, or choose use_gptq=True/False and rotate=None/'hadamard'")
+        default = default_recipe(task, budget_bits)
+        use_gptq = default["use_gptq"] if use_gptq is None else use_gptq
+        rotate = default["rotate"] if rotate == "auto" else rotate
+    use_gptq = bool(use_gptq)
+    rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
+                         progress=progress, rotate=rotate)
+    stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
+    return BudgetCalibration(rd, stats, task, use_gptq, rotate, time.perf_counter() - t0)
+
+
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
-                       rotate: str | None = None) -> BudgetReport:
+                       rotate: str | None = "auto", calibration: BudgetCalibration | None = None) -> BudgetReport:
     """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
     Conv1D but embeddings and lm_head, as compress_model). calibration_text: None = slc.texts'
-    calibration mix (varied text generalises better than one kind). use_gptq: None = what measured
-    better out of domain for this kind of model (USE_GPTQ). rotate="hadamard": every layer stored rotated
-    (LinearSpec(rotate=...): allocation, scales and GPTQ all see W R and its rotated inputs; off by default until
-    it measures better out of domain). Returns a BudgetReport; raises ValueError
+    calibration mix (varied text generalises better than one kind). use_gptq=None and rotate="auto": what
+    measured better out of domain for this kind of model at this budget (`default_recipe`); rotate="hadamard":
+    every layer stored rotated (LinearSpec(rotate=...): allocation, scales and GPTQ all see W R and its rotated
+    inputs), None: never. calibration: a `calibrate_for_budget` result for this model (then
+    calibration_text, use_gptq, skip and rotate come from it). Returns a BudgetReport; raises ValueError
     for a budget outside what the recipe reaches on this model, RuntimeError if it cannot land within
     TOLERANCE (the model is then left as it was).
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
     t0 = time.perf_counter()
-    text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
-    task = _task(model)
-    use_gptq = USE_GPTQ[task] if use_gptq is None else bool(use_gptq)
-    rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
-                         progress=progress, rotate=rotate)
+    if calibration is None:
+        calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
+                                           budget_bits)
+    elif not isinstance(calibration, BudgetCalibration):
+        raise TypeError(f"calibration must be a BudgetCalibration from calibrate_for_budget, not "
+                        f"{type(calibration).__name__}")
+    elif calibration.task != _task(model) or any(n not in dict(model.named_modules()) for n in calibration.rd.points):
+        raise ValueError("calibration was measured on another model (its layers are not this model's)")
+    rd, stats, use_gptq, rotate = calibration.rd, calibration.stats, calibration.use_gptq, calibration.rotate
     n_weights = sum(a * b for a, b in rd.shapes.values())
     lo = sum(min(p.bits for p in pts) for pts in rd.points.values()) / n_weights
     hi = sum(max(p.bits for p in pts) for pts in rd.points.values()) / n_weights
@@ -107,7 +163,6 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                          "every layer, all overhead); below that, compress fewer layers or use low rank; above it, "
                          "store int8 or lossless")
     modules = dict(model.named_modules())
-    stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
     target, attempts, layers, pol, done = float(budget_bits), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)

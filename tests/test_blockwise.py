@@ -1,5 +1,6 @@
 """Block-wise calibration and streamed evaluation equal the whole-model paths where the method is the same."""
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -88,10 +89,12 @@ def test_top_level_dispatch(tiny):
         slc.compress_model_gptq(copy.deepcopy(model), ByteTokenizer(), a, TEXT, sequential=False)
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_tied"])
-def test_gptq_not_sequential_writes_the_same_bytes(request, tmp_path, fixture):
+@pytest.mark.parametrize("fixture,rotate", [("tiny", None), ("tiny_tied", None), ("tiny", "hadamard")])
+def test_gptq_not_sequential_writes_the_same_bytes(request, tmp_path, fixture, rotate):
     model, folder = request.getfixturevalue(fixture)
     policy = allocate_model(model, ByteTokenizer(), 4.5, TEXT, sensitivity="output")
+    if rotate:                                                   # W R quantised with R^T C R, stored rotated
+        policy = {n: replace(spec, rotate=rotate) for n, spec in policy.items()}
     dense = copy.deepcopy(model)
     rep_a = compress_model_gptq(dense, ByteTokenizer(), policy, TEXT)
     save_compressed(dense, tmp_path / "a.slc.safetensors")
@@ -119,15 +122,37 @@ def test_gptq_sequential_the_papers_way(tiny, tmp_path):
     assert perplexity(loaded, ByteTokenizer(), EVAL, 64, 32) < 2 * perplexity(model, ByteTokenizer(), EVAL, 64, 32)
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_gptq_checkpoint_killed_then_resumed_is_byte_identical(tiny_tied, tmp_path, monkeypatch, sequential):
+def test_gptq_sequential_rotated_calibrates_on_what_the_rotated_layers_compute(tiny, tmp_path):
+    """Sequential GPTQ with rotating specs: later layers see the quantised layers' effective weight Q(W R) R^T,
+    so the file loads into rotated layers whose model is as good as the unrotated run's."""
+    model, folder = tiny
+    policy = allocate_model(model, ByteTokenizer(), 3.0, TEXT, sensitivity="output")
+    rotated = {n: replace(spec, rotate="hadamard") for n, spec in policy.items()}
+    base = gptq_checkpoint(folder, tmp_path / "p.slc.safetensors", ByteTokenizer(), policy, TEXT, device="cpu")
+    rep = gptq_checkpoint(folder, tmp_path / "r.slc.safetensors", ByteTokenizer(), rotated, TEXT, device="cpu")
+    assert [r.name for r in rep.rows] == list(policy)
+    assert [r.rel_error for r in rep.rows] != [r.rel_error for r in base.rows]       # other codes: W R's
+    loaded = load_compressed(tmp_path / "r.slc.safetensors")
+    layers = slc.compressed_layers(loaded)
+    assert len(layers) == len(policy) and all(m.rotation is not None for m in layers.values())
+    plain = load_compressed(tmp_path / "p.slc.safetensors")
+    ppl = {k: perplexity(m, ByteTokenizer(), EVAL, 64, 32) for k, m in (("fp32", model), ("plain", plain),
+                                                                        ("rotated", loaded))}
+    assert ppl["rotated"] < 1.5 * ppl["plain"] and ppl["rotated"] < 2 * ppl["fp32"], ppl
+
+
+@pytest.mark.parametrize("sequential,rotate", [(True, None), (False, None), (True, "hadamard")])
+def test_gptq_checkpoint_killed_then_resumed_is_byte_identical(tiny_tied, tmp_path, monkeypatch, sequential, rotate):
     """A run that dies after a few layers leaves the journal and no file; the rerun reuses the finished
-    blocks (their forward pass through the stored codes) and writes the uninterrupted run's bytes."""
+    blocks (their forward pass through the stored codes) and writes the uninterrupted run's bytes. Rotated:
+    the resumed blocks run on the stored layers' effective weights Q(W R) R^T, so an uninterrupted run must
+    calibrate later layers on exactly those."""
     import slc.blockwise as blockwise
     from slc.streaming import journal_path
 
     model, folder = tiny_tied
     policy = allocate_model(model, ByteTokenizer(), 3.0, TEXT, sensitivity="output")
+    policy = {n: replace(spec, rotate=rotate) for n, spec in policy.items()}
     run = lambda name: gptq_checkpoint(folder, tmp_path / name, ByteTokenizer(), policy, TEXT, device="cpu",
                                        sequential=sequential)
     whole = run("whole.slc")

@@ -7,7 +7,7 @@ import torch
 import slc
 from slc import CompressedLinear
 from slc.models import tiny_model
-from slc.recipe import TOLERANCE, compress_to_budget
+from slc.recipe import DEFAULTS, TOLERANCE, calibrate_for_budget, compress_to_budget, default_recipe
 
 
 def _tok(text, return_tensors="pt"):
@@ -43,6 +43,41 @@ def test_rotated_recipe_lands_and_stores_rotated_layers(use_gptq):
     assert layers and all(m.rotation is not None for m in layers)
     after = model(ids).logits
     assert float((after - before).norm() / before.norm()) < 0.2
+
+
+def test_one_calibration_serves_several_budgets_with_the_same_layers():
+    text = "calibration text for a tiny model " * 40
+    with pytest.raises(ValueError, match="budget_bits="):                  # the default depends on the budget
+        calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False)
+    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=False, rotate=None)
+    for budget in (3.0, 4.5):
+        fresh, reused = tiny_model("llama"), tiny_model("llama")
+        a = compress_to_budget(fresh, _tok, budget, calibration_text=text, progress=False, use_gptq=False,
+                               rotate=None)
+        b = compress_to_budget(reused, _tok, budget, progress=False, calibration=cal)
+        assert a.bits_per_weight == b.bits_per_weight and a.recipe == b.recipe
+        for (n, m), (_, r) in zip(fresh.named_modules(), reused.named_modules(), strict=True):
+            if isinstance(m, CompressedLinear):
+                assert torch.equal(m.weight_dense(torch.float32), r.weight_dense(torch.float32)), n
+    with pytest.raises(TypeError, match="BudgetCalibration"):
+        compress_to_budget(tiny_model("llama"), _tok, 4.0, progress=False, calibration={"rd": None})
+    with pytest.raises(ValueError, match="another model"):
+        compress_to_budget(tiny_model("gpt2"), _tok, 4.0, progress=False, calibration=cal)
+
+
+def test_the_default_recipe_is_what_compress_to_budget_runs():
+    for task in DEFAULTS:
+        for budget in (2.5, 3.6, 4.5, 8.0):
+            d = default_recipe(task, budget)
+            assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard")
+    with pytest.raises(ValueError, match="task="):
+        default_recipe("vision", 4.0)
+    model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
+    d = default_recipe("causal-lm", 3.0)
+    report = compress_to_budget(model, _tok, 3.0, calibration_text=text, progress=False)
+    assert ("GPTQ" in report.recipe) == d["use_gptq"] and ("rotated" in report.recipe) == bool(d["rotate"])
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
 
 
 def test_a_budget_no_recipe_reaches_is_refused_and_the_model_untouched():

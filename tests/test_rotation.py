@@ -230,5 +230,5 @@ def test_weighted_scales_rotate_and_who_cannot_rotate_refuses():
     with torch.no_grad():
         assert (model(ids).logits - ref).norm() / ref.norm() < 0.2
     assert abs(report.totals()["bits_per_weight"] / plain.totals()["bits_per_weight"] - 1) < 0.05
-    with pytest.raises(ValueError, match="does not rotate"):            # e.g. block-wise GPTQ (slc.blockwise)
-        selected_specs(["a"], {"a": spec}, ("entropy",), "block-wise GPTQ")
+    with pytest.raises(ValueError, match="does not rotate"):            # a caller that stores W's own codes
+        selected_specs(["a"], {"a": spec}, ("entropy",), "a plain writer")
