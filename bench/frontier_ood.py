@@ -19,10 +19,10 @@ Phases:
     rotate    LinearSpec(rotate="hadamard") (slc.rotation) through the real CompressedLinear layers, against
               the same specs unrotated: RTN int4/g32, ECSQ one step (plain and weighted), ECSQ allocated
     budget    slc.compress_to_budget at several budgets
-    frontier  the issue-13 frontier in one run: slc's recipe (ECSQ allocation + activation-weighted steps) at
-              2.5 / 3.0 / 3.5 / 4.0 / 4.5 / 5.5 bits/weight, without and with GPTQ, without and with the Hadamard
-              rotation (four variants, one calibration each, reused across budgets); the variant
-              compress_to_budget picks by default for the model is marked
+    frontier  the issue-13 frontier in one run: compress_to_budget's variants (ECSQ allocation or one step for
+              every layer, + activation-weighted steps, without and with GPTQ, allocation also with the Hadamard
+              rotation; one calibration each, reused across budgets) at 2.5 / 3.0 / 3.5 / 4.0 / 4.5 / 5.5 bits
+    targets   compress_to_budget's default at every llama.cpp preset's bits (<= 4.5, with imatrix) and 20 % below
 Writes bench/results/frontier_ood.json (or --json FILE, so that runs of different models or phases can go
 side by side) and bench/results/frontier_ood.md from every bench/results/frontier_ood*.json.
 """
@@ -281,32 +281,42 @@ def phase_budget(b: Bench, rows: list):
 
 
 def default_variant(b: Bench, budget: float) -> tuple:
-    """(use_gptq, rotate) that compress_to_budget picks for this model at this budget."""
+    """(allocation, use_gptq, rotate) that compress_to_budget picks for this model at this budget."""
     from slc.recipe import default_recipe
     r = default_recipe("causal-lm" if b.lm else "encoder", budget)
-    return r["use_gptq"], r["rotate"]
+    return r["allocation"], r["use_gptq"], r["rotate"]
+
+
+VARIANTS = [(alloc, gptq, rot) for alloc, rot in (("sensitivity", None), ("sensitivity", "hadamard"), ("uniform", None))
+            for gptq in (False, True)]
+
+
+def variant_label(allocation: str, use_gptq: bool, rotate) -> str:
+    return (("one step" if allocation == "uniform" else "allocated") + " + weighted" + (" + GPTQ" if use_gptq else "")
+            + (" + rotation" if rotate else ""))
 
 
 def phase_frontier(b: Bench, rows: list):
-    """compress_to_budget's four variants at every budget, each on a fresh copy of the fp32 model (which one it
-    picks by default, DEFAULTS in slc.recipe, is set from these rows; phase 'targets' then runs that default)."""
+    """compress_to_budget's variants (VARIANTS: sensitivity allocation or one step, without / with GPTQ, without /
+    with the rotation) at every budget, each on a fresh copy of the fp32 model. Which one it picks by default
+    (DEFAULTS in slc.recipe) is set from these rows; phase 'targets' then runs that default."""
     import copy
 
     from slc.recipe import calibrate_for_budget, compress_to_budget
-    for rotate in (None, "hadamard"):
-        for use_gptq in (False, True):
-            cal = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq, rotate=rotate)
-            print(f"  calibration (GPTQ {use_gptq}, rotate {rotate}): {cal.seconds:.0f} s", flush=True)
-            label = "allocated + weighted" + (" + GPTQ" if use_gptq else "") + (" + rotation" if rotate else "")
-            for budget in b.budgets or FRONTIER_BUDGETS:
-                model = copy.deepcopy(b.model)
-                rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
-                sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
-                row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
-                             group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
-                row.update(budget=budget, gptq=use_gptq, rotate=rotate)
-                save(rows)
-                del model
+    for allocation, use_gptq, rotate in b.variants or VARIANTS:
+        cal = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq, rotate=rotate,
+                                   allocation=allocation)
+        label = variant_label(allocation, use_gptq, rotate)
+        print(f"  calibration ({label}): {cal.seconds:.0f} s", flush=True)
+        for budget in b.budgets or FRONTIER_BUDGETS:
+            model = copy.deepcopy(b.model)
+            rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
+            sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
+            row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
+                         group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
+            row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate)
+            save(rows)
+            del model
 
 
 def preset_budgets(key: str, max_bits: float = 4.5, fewer: float = 0.2) -> dict:
@@ -336,17 +346,17 @@ def phase_targets(b: Bench, rows: list):
     cals = {}
     for budget, why in preset_budgets(b.key).items():
         model = copy.deepcopy(b.model)
-        use_gptq, rotate = default_variant(b, budget)
-        if (use_gptq, rotate) not in cals:
-            cals[use_gptq, rotate] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
-                                                          rotate=rotate)
-        cal = cals[use_gptq, rotate]
+        allocation, use_gptq, rotate = variant = default_variant(b, budget)
+        if variant not in cals:
+            cals[variant] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
+                                                 rotate=rotate, allocation=allocation)
+        cal = cals[variant]
         rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
         sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
         row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, sd, 0.0,
                      note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",
                      seconds=cal.seconds + rep.seconds)
-        row.update(budget=budget, default=True, gptq=use_gptq, rotate=rotate, target=why)
+        row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, target=why)
         save(rows)
 
 
@@ -456,6 +466,8 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", type=float, nargs="*", default=None, help="budgets of the 'budget' phase")
     p.add_argument("--json", default=None, help="rows file (default bench/results/frontier_ood.json)")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
+    p.add_argument("--variant", action="append", choices=[variant_label(*v) for v in VARIANTS],
+                   help="phase frontier: only these variants (their rows are replaced, the others kept)")
     p.add_argument("--png", default=None, help="also write the chart to this PNG (e.g. docs/07_out_of_domain.png)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -468,8 +480,11 @@ def main(argv=None) -> None:
             print(f"\n== {key}", flush=True)
             b = Bench(key)
             b.budgets = args.budgets
+            b.variants = [v for v in VARIANTS if variant_label(*v) in args.variant] if args.variant else None
             for ph in args.phase or list(PHASES):
-                rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph)]
+                gone = {variant_label(*v) for v in b.variants} if ph == "frontier" and b.variants else None
+                rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph and
+                                                   (gone is None or r["group"].removeprefix("slc ") in gone))]
                 b.phase = ph
                 PHASES[ph](b, rows)
     note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "

@@ -342,3 +342,50 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
                                   p.distortion, p.distortion / total_d))
     settings = {**rd.settings, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}
     return Allocation(specs, rows, float(budget_bits), lam, settings)
+
+
+def uniform_allocation(rd: RDTable, budget_bits: float) -> Allocation:
+    """One ECSQ step (x row RMS) for every layer, the step chosen so the estimated bits meet `budget_bits`:
+    the calibration-free counterpart of `allocate` on the same rd table (its rates, interpolated linearly in
+    log2(step) between the measured steps). Out of domain it can beat a sensitivity-weighted allocation whose
+    sensitivities were fitted on other text (bench/results/frontier_ood.md)."""
+    if any(p.kind != "ecsq" for pts in rd.points.values() for p in pts):
+        raise ValueError("uniform_allocation needs an ECSQ-only rd table (rate_distortion(..., kinds=('ecsq',)))")
+    if rd.settings.get("granularity", "channel") != "channel":
+        raise ValueError("uniform_allocation needs per-channel ECSQ steps (granularity='channel')")
+    n_weights = {n: a * b for n, (a, b) in rd.shapes.items()}
+    curves = {}
+    for n, pts in rd.points.items():
+        pts = sorted(pts, key=lambda p: p.setting)
+        curves[n] = (np.log2([p.setting for p in pts]), np.array([p.bits for p in pts]),
+                     np.array([p.distortion for p in pts]))
+
+    def at(log_step: float):
+        bits = dist = 0.0
+        for x, r, d in curves.values():
+            bits += float(np.interp(log_step, x, r))
+            dist += float(np.interp(log_step, x, d))
+        return bits, dist
+
+    spans = [(float(x[0]), float(x[-1])) for x, _, _ in curves.values() if len(x) > 1]
+    if not spans:
+        raise ValueError("uniform_allocation needs at least one layer with two or more rate-distortion points")
+    lo, hi = max(a for a, _ in spans), min(b for _, b in spans)    # steps every layer was measured between
+    # (a layer with one point left after dropping dominated ones, e.g. one no output reads, keeps that rate)
+    total = budget_bits * sum(n_weights.values())
+    if not lo < hi or not at(hi)[0] <= total <= at(lo)[0]:
+        raise ValueError(f"budget {budget_bits} bits/weight is outside what one step reaches on every layer: "
+                         f"{at(hi)[0] / sum(n_weights.values()):.2f} .. {at(lo)[0] / sum(n_weights.values()):.2f}")
+    for _ in range(60):                                            # rate falls as the step grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid)[0] > total else (lo, mid)
+    step = float(2 ** ((lo + hi) / 2))
+    rotate, rotate_seed = rd.settings.get("rotate"), rd.settings.get("rotate_seed", 0)
+    specs, rows, total_d = {}, [], at(math.log2(step))[1] or 1.0
+    for n, (x, r, d) in curves.items():
+        specs[n] = LinearSpec(kind="entropy", quantizer=Quantizer(mode="ecsq", step=step), predictor="none",
+                              rotate=rotate, rotate_seed=rotate_seed)
+        bits, dist = float(np.interp(math.log2(step), x, r)), float(np.interp(math.log2(step), x, d))
+        rows.append(AllocationRow(n, rd.shapes[n], "ecsq", step, bits / n_weights[n], dist, dist / total_d))
+    return Allocation(specs, rows, float(budget_bits), 0.0, {**rd.settings, "uniform": True})
+

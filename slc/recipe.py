@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_stats
+from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_stats, uniform_allocation
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
@@ -47,20 +47,22 @@ STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted
 # MiniLM at 3.825 bits: prose cosine 0.947 -> 0.964 with GPTQ (4 096 tokens of the mix, damp 0.01), every set
 # better. SmolLM2: not measured out of domain by the time this was set (the issue saw GPTQ on 2 048 pydoc tokens
 # hurt there), so off until a run says otherwise.
-# What compress_to_budget does by default, per kind of model and budget: [(up to bits/weight, GPTQ, rotation)],
-# the first entry whose bound is >= the budget applies.
-DEFAULTS = {"causal-lm": [(32.0, False, None)],
-            "encoder": [(32.0, True, None)]}
+# What compress_to_budget does by default, per kind of model and budget: [(up to bits/weight, recipe)], the
+# first entry whose bound is >= the budget applies. allocation: "sensitivity" (slc.allocate) or "uniform" (one
+# step everywhere, slc.allocate.uniform_allocation).
+DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": None})],
+            "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "rotate": None})]}
+ALLOCATIONS = ("sensitivity", "uniform")
 GPTQ_DAMP = 0.01
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
-    """{"use_gptq": bool, "rotate": None or "hadamard"}: what compress_to_budget picks for a "causal-lm" or an
-    "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
+    """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "rotate": None or "hadamard"}: what
+    compress_to_budget picks for a "causal-lm" or an "encoder" at this budget (DEFAULTS, set from what measured
+    best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
-    _, use_gptq, rotate = next(d for d in DEFAULTS[task] if budget_bits <= d[0])
-    return {"use_gptq": use_gptq, "rotate": rotate}
+    return dict(next(r for bound, r in DEFAULTS[task] if budget_bits <= bound))
 
 
 @dataclass
@@ -102,34 +104,40 @@ class BudgetCalibration:
     task: str
     use_gptq: bool
     rotate: str | None
+    allocation: str = "sensitivity"
     seconds: float = 0.0
 
 
 def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | None = None, progress: bool = True,
                          use_gptq: bool | None = None, skip=None, rotate: str | None = "auto",
-                         budget_bits: float | None = None) -> BudgetCalibration:
+                         budget_bits: float | None = None, allocation: str = "auto") -> BudgetCalibration:
     """The calibration behind compress_to_budget (arguments as there), measured on `model` unchanged.
-    use_gptq=None / rotate="auto" take `default_recipe` at budget_bits (then required)."""
+    use_gptq=None / rotate="auto" / allocation="auto" take `default_recipe` at budget_bits (then required)."""
     t0 = time.perf_counter()
     text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
     task = _task(model)
-    if use_gptq is None or rotate == "auto":
+    if use_gptq is None or rotate == "auto" or allocation == "auto":
         if budget_bits is None:
-            raise ValueError("use_gptq=None or rotate='auto' take compress_to_budget's default at a budget: pass "
-                             "budget_bits=, or choose use_gptq=True/False and rotate=None/'hadamard'")
+            raise ValueError("use_gptq=None, rotate='auto' or allocation='auto' take compress_to_budget's default at "
+                             "a budget: pass budget_bits=, or choose use_gptq=True/False, rotate=None/'hadamard' and "
+                             f"allocation= one of {ALLOCATIONS}")
         default = default_recipe(task, budget_bits)
         use_gptq = default["use_gptq"] if use_gptq is None else use_gptq
         rotate = default["rotate"] if rotate == "auto" else rotate
+        allocation = default["allocation"] if allocation == "auto" else allocation
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")
     use_gptq = bool(use_gptq)
     rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
                          progress=progress, rotate=rotate)
     stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
-    return BudgetCalibration(rd, stats, task, use_gptq, rotate, time.perf_counter() - t0)
+    return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0)
 
 
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
-                       rotate: str | None = "auto", calibration: BudgetCalibration | None = None) -> BudgetReport:
+                       rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
+                       allocation: str = "auto") -> BudgetReport:
     """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
@@ -137,23 +145,25 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     calibration mix (varied text generalises better than one kind). use_gptq=None and rotate="auto": what
     measured better out of domain for this kind of model at this budget (`default_recipe`); rotate="hadamard":
     every layer stored rotated (LinearSpec(rotate=...): allocation, scales and GPTQ all see W R and its rotated
-    inputs), None: never. calibration: a `calibrate_for_budget` result for this model (then
-    calibration_text, use_gptq, skip and rotate come from it). Returns a BudgetReport; raises ValueError
-    for a budget outside what the recipe reaches on this model, RuntimeError if it cannot land within
-    TOLERANCE (the model is then left as it was).
+    inputs), None: never. allocation: "sensitivity" (per-layer steps, slc.allocate) or "uniform" (one step
+    everywhere, slc.allocate.uniform_allocation), "auto" as the defaults. calibration: a `calibrate_for_budget`
+    result for this model (then calibration_text, use_gptq, skip, rotate and allocation come from it).
+    Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
+    RuntimeError if it cannot land within TOLERANCE (the model is then left as it was).
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
-                                           budget_bits)
+                                           budget_bits, allocation)
     elif not isinstance(calibration, BudgetCalibration):
         raise TypeError(f"calibration must be a BudgetCalibration from calibrate_for_budget, not "
                         f"{type(calibration).__name__}")
     elif calibration.task != _task(model) or any(n not in dict(model.named_modules()) for n in calibration.rd.points):
         raise ValueError("calibration was measured on another model (its layers are not this model's)")
     rd, stats, use_gptq, rotate = calibration.rd, calibration.stats, calibration.use_gptq, calibration.rotate
+    uniform = calibration.allocation == "uniform"
     n_weights = sum(a * b for a, b in rd.shapes.values())
     lo = sum(min(p.bits for p in pts) for pts in rd.points.values()) / n_weights
     hi = sum(max(p.bits for p in pts) for pts in rd.points.values()) / n_weights
@@ -166,7 +176,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     target, attempts, layers, pol, done = float(budget_bits), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
-        pol = allocate(model, tokenizer, target, rd=rd)
+        pol = uniform_allocation(rd, target) if uniform else allocate(model, tokenizer, target, rd=rd)
         layers, bits = {}, 0
         it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
         for name, spec in it:
@@ -204,7 +214,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         report.rows.append(LayerRow(name, spec.kind, spec.describe() + " (weighted" + (", GPTQ)" if use_gptq else ")"),
                                     tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
                                     layer.bits_per_weight, rel, 0.0))
-    recipe = (f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens) + activation-weighted "
-              f"steps ({STATS_TOKENS} tokens)" + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else "")
+    first = ("ECSQ, one step for every layer" if uniform else
+             f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens)")
+    recipe = (f"{first} + activation-weighted steps ({STATS_TOKENS} tokens)"
+              + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else "")
               + (f", layers stored {rotate} rotated" if rotate else ""))
     return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)

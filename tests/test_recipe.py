@@ -49,11 +49,12 @@ def test_one_calibration_serves_several_budgets_with_the_same_layers():
     text = "calibration text for a tiny model " * 40
     with pytest.raises(ValueError, match="budget_bits="):                  # the default depends on the budget
         calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False)
-    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=False, rotate=None)
+    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=False, rotate=None,
+                               allocation="sensitivity")
     for budget in (3.0, 4.5):
         fresh, reused = tiny_model("llama"), tiny_model("llama")
         a = compress_to_budget(fresh, _tok, budget, calibration_text=text, progress=False, use_gptq=False,
-                               rotate=None)
+                               rotate=None, allocation="sensitivity")
         b = compress_to_budget(reused, _tok, budget, progress=False, calibration=cal)
         assert a.bits_per_weight == b.bits_per_weight and a.recipe == b.recipe
         for (n, m), (_, r) in zip(fresh.named_modules(), reused.named_modules(), strict=True):
@@ -70,14 +71,30 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
         for budget in (2.5, 3.6, 4.5, 8.0):
             d = default_recipe(task, budget)
             assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard")
+            assert d["allocation"] in ("sensitivity", "uniform")
     with pytest.raises(ValueError, match="task="):
         default_recipe("vision", 4.0)
     model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
     d = default_recipe("causal-lm", 3.0)
     report = compress_to_budget(model, _tok, 3.0, calibration_text=text, progress=False)
     assert ("GPTQ" in report.recipe) == d["use_gptq"] and ("rotated" in report.recipe) == bool(d["rotate"])
+    assert ("one step for every layer" in report.recipe) == (d["allocation"] == "uniform")
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
+
+
+@pytest.mark.parametrize("rotate", [None, "hadamard"])
+def test_one_step_for_every_layer_lands_on_the_budget(rotate):
+    model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
+    report = compress_to_budget(model, _tok, 3.5, calibration_text=text, progress=False, allocation="uniform",
+                                use_gptq=False, rotate=rotate)
+    assert abs(report.bits_per_weight / 3.5 - 1) <= TOLERANCE and "one step for every layer" in report.recipe
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len({m.quantizer.step for m in layers}) == 1                       # the same step everywhere
+    assert all((m.rotation is not None) == bool(rotate) for m in layers)
+    with pytest.raises(ValueError, match="allocation="):
+        compress_to_budget(tiny_model("llama"), _tok, 3.5, calibration_text=text, progress=False,
+                           allocation="greedy")
 
 
 def test_a_budget_no_recipe_reaches_is_refused_and_the_model_untouched():
