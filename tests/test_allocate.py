@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slc.allocate import Allocation, allocate, rd_points
+from slc.allocate import Allocation, RDTable, allocate, rate_distortion, rd_points, uniform_allocation
 from slc.calibrate import layer_stats
 from slc.hf import target_layers
 from slc.lagrange import Point, solve
@@ -34,6 +34,20 @@ def test_tiny_llama_hits_budget_within_2_percent(budget, sensitivity):
     assert report.totals()["layers"] == len(policy) and not report.unmatched_patterns
     assert abs(report.totals()["bits_per_weight"] - budget) <= 0.02 * budget, report.totals()["bits_per_weight"]
     assert "budget" in str(policy) and len(policy.table()) == len(policy)
+
+
+@pytest.mark.parametrize("budget", [2.5, 4.0, 6.0])
+def test_one_step_for_every_layer_meets_the_budget(budget):
+    model = tiny_model("llama")
+    rd = rate_distortion(model, ByteTokenizer(), TEXT, window=None, sensitivity="output")
+    policy = uniform_allocation(rd, budget)
+    assert set(policy) == set(rd.points) and len({s.quantizer.step for s in policy.values()}) == 1
+    report = compress_model(model, policy, progress=False)                  # rates interpolated between steps
+    assert abs(report.totals()["bits_per_weight"] / budget - 1) < 0.05, report.totals()["bits_per_weight"]
+    with pytest.raises(ValueError, match="outside what one step reaches"):
+        uniform_allocation(rd, 0.2)
+    with pytest.raises(ValueError, match="ECSQ-only"):
+        uniform_allocation(RDTable({"a": [Point("int", 4, 64.0, 1.0)]}, {"a": (4, 4)}, {"granularity": "channel"}), 4)
 
 
 def test_mixed_kinds_and_group_granularity():
