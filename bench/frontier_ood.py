@@ -12,7 +12,8 @@ nn.Linear layers inside the blocks; bits/weight count every byte those layers ho
 tables, scales, escapes), GGUF the format's own size.
 
 Phases:
-    base      fp32, GGUF Q4_0 / Q5_0, RTN int4 g32 and ECSQ one step, without and with activation-weighted scales
+    reference fp32 (every chart and table measures against it)
+    base      GGUF Q4_0 / Q5_0, RTN int4 g32 and ECSQ one step, without and with activation-weighted scales
     uniform   ECSQ one step at ~3.5 bits/weight, without and with weighted scales (against allocation)
     alloc     ECSQ allocated at several budgets: plain, weighted scales, + GPTQ
     gptq      GPTQ at 3.825 bits: calibration text, tokens and damping (what generalises out of domain)
@@ -20,7 +21,7 @@ Phases:
               the same specs unrotated: RTN int4/g32, ECSQ one step (plain and weighted), ECSQ allocated
     budget    slc.compress_to_budget at several budgets
     frontier  the issue-13 frontier in one run: compress_to_budget's variants (ECSQ allocation or one step for
-              every layer, + activation-weighted steps, without and with GPTQ, allocation also with the Hadamard
+              every layer, + activation-weighted steps, without and with GPTQ, without and with the Hadamard
               rotation; one calibration each, reused across budgets) at 2.5 / 3.0 / 3.5 / 4.0 / 4.5 / 5.5 bits
     targets   compress_to_budget's default at every llama.cpp preset's bits (<= 4.5, with imatrix) and 20 % below
 Writes bench/results/frontier_ood.json (or --json FILE, so that runs of different models or phases can go
@@ -169,9 +170,11 @@ def record(rows: list, b: Bench, name: str, bits: float, w_hat, t0: float, note:
     return row
 
 
+def phase_reference(b: Bench, rows: list):
+    record(rows, b, "fp32", 32.0, None, time.perf_counter(), group="reference")
+
+
 def phase_base(b: Bench, rows: list):
-    t0 = time.perf_counter()
-    record(rows, b, "fp32", 32.0, None, t0, group="reference")
     for qtype, bits in (("Q4_0", 4.5), ("Q5_0", 5.5)):
         t0 = time.perf_counter()
         record(rows, b, f"GGUF {qtype}", bits, {n: gguf_roundtrip(w, qtype)[0] for n, w in b.orig.items()}, t0,
@@ -287,7 +290,7 @@ def default_variant(b: Bench, budget: float) -> tuple:
     return r["allocation"], r["use_gptq"], r["rotate"]
 
 
-VARIANTS = [(alloc, gptq, rot) for alloc, rot in (("sensitivity", None), ("sensitivity", "hadamard"), ("uniform", None))
+VARIANTS = [(alloc, gptq, rot) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
             for gptq in (False, True)]
 
 
@@ -298,7 +301,7 @@ def variant_label(allocation: str, use_gptq: bool, rotate) -> str:
 
 def phase_frontier(b: Bench, rows: list):
     """compress_to_budget's variants (VARIANTS: sensitivity allocation or one step, without / with GPTQ, without /
-    with the rotation) at every budget, each on a fresh copy of the fp32 model. Which one it picks by default
+    with the rotation; --variant picks some) at every budget, each on a fresh copy of the fp32 model. Which one it picks by default
     (DEFAULTS in slc.recipe) is set from these rows; phase 'targets' then runs that default."""
     import copy
 
@@ -360,8 +363,8 @@ def phase_targets(b: Bench, rows: list):
         save(rows)
 
 
-PHASES = {"base": phase_base, "uniform": phase_uniform, "alloc": phase_alloc, "gptq": phase_gptq,
-          "rotate": phase_rotate, "budget": phase_budget, "frontier": phase_frontier,
+PHASES = {"reference": phase_reference, "base": phase_base, "uniform": phase_uniform, "alloc": phase_alloc,
+          "gptq": phase_gptq, "rotate": phase_rotate, "budget": phase_budget, "frontier": phase_frontier,
           "targets": phase_targets}
 
 
@@ -480,7 +483,8 @@ def main(argv=None) -> None:
             print(f"\n== {key}", flush=True)
             b = Bench(key)
             b.budgets = args.budgets
-            b.variants = [v for v in VARIANTS if variant_label(*v) in args.variant] if args.variant else None
+            by_label = {variant_label(*v): v for v in VARIANTS}
+            b.variants = [by_label[a] for a in args.variant] if args.variant else None       # in the order given
             for ph in args.phase or list(PHASES):
                 gone = {variant_label(*v) for v in b.variants} if ph == "frontier" and b.variants else None
                 rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph and
