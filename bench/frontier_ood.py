@@ -301,8 +301,9 @@ def variant_label(allocation: str, use_gptq: bool, rotate) -> str:
 
 def phase_frontier(b: Bench, rows: list):
     """compress_to_budget's variants (VARIANTS: sensitivity allocation or one step, without / with GPTQ, without /
-    with the rotation; --variant picks some) at every budget, each on a fresh copy of the fp32 model. Which one it picks by default
-    (DEFAULTS in slc.recipe) is set from these rows; phase 'targets' then runs that default."""
+    with the rotation; --variant picks some) at every budget, each on a fresh copy of the fp32 model. Which one
+    compress_to_budget picks by default (DEFAULTS in slc.recipe) is set from these rows; phase 'targets' then runs
+    that default."""
     import copy
 
     from slc.recipe import calibrate_for_budget, compress_to_budget
