@@ -32,7 +32,7 @@ from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_st
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
-from .hf import dense_weight_of, set_module
+from .hf import dense_weight_of, set_module, target_layers
 from .importance import weighted_quantize
 from .nn import CompressedLinear
 from .texts import calibration_mix
@@ -123,7 +123,9 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
                              f"allocation= one of {ALLOCATIONS}")
         default = default_recipe(task, budget_bits)
         use_gptq = default["use_gptq"] if use_gptq is None else use_gptq
-        rotate = default["rotate"] if rotate == "auto" else rotate
+        if rotate == "auto":                 # the default rotates only a model whose every layer's width it can
+            widths = {dense_weight_of(m).shape[1] for m in target_layers(model, skip).values()}
+            rotate = default["rotate"] if all(w >= 2 and w & -w >= 2 for w in widths) else None
         allocation = default["allocation"] if allocation == "auto" else allocation
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")

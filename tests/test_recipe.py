@@ -97,6 +97,29 @@ def test_one_step_for_every_layer_lands_on_the_budget(rotate):
                            allocation="greedy")
 
 
+def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
+    """An odd width (down_proj reads 63): rotate='hadamard' asked for is refused; the default does not rotate."""
+    import slc.recipe as recipe
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=63, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    odd = lambda: AutoModelForCausalLM.from_config(cfg).eval()
+    text = "calibration text for a tiny model " * 40
+    with pytest.raises(ValueError, match="power-of-two factor"):
+        compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
+    monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
+                        [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": "hadamard"})])
+    model = odd()
+    report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
+    assert "rotated" not in report.recipe
+    assert all(m.rotation is None for m in model.modules() if isinstance(m, CompressedLinear))
+    rotated = tiny_model("llama")                                          # widths 32 / 64: the default rotates
+    compress_to_budget(rotated, _tok, 4.0, calibration_text=text, progress=False)
+    assert all(m.rotation is not None for m in rotated.modules() if isinstance(m, CompressedLinear))
+
+
 def test_a_budget_no_recipe_reaches_is_refused_and_the_model_untouched():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="outside what slc's recipe reaches"):
