@@ -397,6 +397,45 @@ def save(rows: list) -> None:
     json_path().write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
+def seconds(row: dict) -> str:
+    """Compress seconds of a row: slc's own rows (frontier, targets: calibration + compression); '—' for rows whose
+    time also holds their scoring or whose tool ran elsewhere (llama.cpp: bench/results/peers.json)."""
+    return f"{row['seconds']:.0f}" if row.get("phase") in ("frontier", "targets") else "—"
+
+
+def targets_table(rows: list) -> list[str]:
+    """The issue's targets, from phase 'targets' and the peers' rows: per llama.cpp preset + imatrix at <= 4.5 bits,
+    compress_to_budget at the preset's bits (better in every set?) and with 20 % fewer (as good in every set?)."""
+    out = ["| model | preset + imatrix | bits | in / prose / code | slc at its bits | in / prose / code | better in |"
+           " slc 20 % fewer | in / prose / code | as good in |", "|" + "|".join(["---"] * 10) + "|"]
+    for key in MODELS:
+        lm = key == "smollm2-135m"
+        ref = next((r["scores"] for r in rows if r["model"] == key and r["name"] == "fp32"), None)
+        ctb = [r for r in rows if r["model"] == key and r.get("phase") == "targets"]
+        if ref is None or not ctb:
+            continue
+        def fmt(sc, lm=lm, ref=ref):
+            if lm:
+                return " / ".join(f"{100 * (sc[k] / ref[k] - 1):+.1f} %" for k in SETS)
+            return " / ".join(f"{sc[k]:.4f}" for k in SETS)
+
+        def wins(mine, peer, lm=lm):
+            sets = [k for k in SETS if (mine["scores"][k] <= peer["scores"][k]) == lm
+                    or mine["scores"][k] == peer["scores"][k]]
+            return "all three" if len(sets) == len(SETS) else (", ".join(sets) or "none")
+
+        for peer in sorted((r for r in rows if r["model"] == key and r["group"] == "llama.cpp + imatrix"
+                            and r["bits"] <= 4.52), key=lambda r: -r["bits"]):
+            preset = peer["name"].removeprefix("llama.cpp ").removesuffix(" + imatrix")
+            own = next((r for r in ctb if f"{preset}'s bits" in r.get("target", [])), None)
+            less = next((r for r in ctb if f"20% below {preset}" in r.get("target", [])), None)
+            cells = [key, preset, f"{peer['bits']:.3f}", fmt(peer["scores"])]
+            for r in (own, less):
+                cells += ["—", "—", "—"] if r is None else [f"{r['bits']:.3f}", fmt(r["scores"]), wins(r, peer)]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def report(rows: list, load_note: str) -> str:
     lines = ["# Quality per bit out of domain (bench/frontier_ood.py)", "", load_note, "",
              "Calibration: `slc.texts.calibration_mix` (pydoc topics, even ones, + stdlib docstrings). Evaluation "
@@ -409,8 +448,8 @@ def report(rows: list, load_note: str) -> str:
     for r in rows:
         by.setdefault(r["name"], {})[r["model"]] = r
     ref = {m: by["fp32"][m]["scores"] for m in MODELS if "fp32" in by and m in by["fp32"]}
-    head = ["row", "SmolLM2 bits/w", "ppl in-domain", "Δ %", "ppl prose (OOD)", "Δ %", "ppl code (OOD)", "Δ %",
-            "MiniLM bits/w", "cos in-domain", "cos prose (OOD)", "cos code (OOD)"]
+    head = ["row", "SmolLM2 bits/w", "ppl in-domain", "Δ %", "ppl prose (OOD)", "Δ %", "ppl code (OOD)", "Δ %", "s",
+            "MiniLM bits/w", "cos in-domain", "cos prose (OOD)", "cos code (OOD)", "s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, per in by.items():
         cells = [name]
@@ -421,15 +460,23 @@ def report(rows: list, load_note: str) -> str:
             for k in SETS:
                 v, r0 = s["scores"][k], ref["smollm2-135m"][k]
                 cells += [f"{v:.3f}", "—" if name == "fp32" else f"{100 * (v / r0 - 1):+.1f}"]
+            cells.append(seconds(s))
         else:
-            cells += ["—"] * 7
+            cells += ["—"] * 8
         m = per.get("minilm-l6")
         if m:
             cells.append(f"{m['bits']:.3f}")
-            cells += [f"{m['scores'][k]:.5f}" for k in SETS]
+            cells += [f"{m['scores'][k]:.5f}" for k in SETS] + [seconds(m)]
         else:
-            cells += ["—"] * 4
+            cells += ["—"] * 5
         lines.append("| " + " | ".join(cells) + " |")
+    targets = targets_table(rows)
+    if len(targets) > 2:
+        lines += ["", "## Targets: compress_to_budget against every llama.cpp preset + imatrix at ≤ 4.5 bits/weight",
+                  "", "SmolLM2: Δ perplexity against fp32 (lower is better); MiniLM: cosine against fp32 (higher is "
+                  "better). "
+                  "'better in' / 'as good in': the evaluation sets where slc's row is at least as good as the preset.",
+                  ""] + targets
     notes = sorted({(r["name"], r["note"]) for r in rows if r["note"]})
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}: {t}" for n, t in notes]

@@ -1,4 +1,4 @@
-"""bench/frontier.py's rows as tasks: the same numbers in this process and on a 2-worker Dask LocalCluster."""
+"""bench/frontier.py's rows as tasks (the same numbers in process and on a 2-worker Dask LocalCluster); frontier_ood.py's targets table."""
 from __future__ import annotations
 
 import math
@@ -67,3 +67,26 @@ def test_main_reports_the_gathered_tasks(tmp_path, monkeypatch):
     md = (tmp_path / "f.md").read_text()
     assert "## Targets (issue 6)" in md and "## all-MiniLM-L6-v2" in md and "on 42 tokens" in md
     assert json.loads((tmp_path / "f.json").read_text())["meta"]["workers"] == 0
+
+
+def test_targets_table_says_where_slc_wins_and_where_it_does_not():
+    import frontier_ood as fo
+
+    def row(model, name, bits, scores, **kw):
+        return {"model": model, "name": name, "group": kw.pop("group", ""), "bits": bits, "note": "",
+                "scores": dict(zip(fo.SETS, scores, strict=True)), "seconds": 1.0, **kw}
+
+    rows = [row("smollm2-135m", "fp32", 32.0, (10.0, 10.0, 10.0), group="reference"),
+            row("smollm2-135m", "llama.cpp IQ4_NL + imatrix", 4.5, (11.0, 11.0, 11.0), group="llama.cpp + imatrix"),
+            row("smollm2-135m", "llama.cpp Q8_0 + imatrix", 8.5, (10.0, 10.0, 10.0), group="llama.cpp + imatrix"),
+            row("smollm2-135m", "compress_to_budget 4.500", 4.5, (10.5, 10.9, 11.5), phase="targets",
+                target=["IQ4_NL's bits"]),
+            row("smollm2-135m", "compress_to_budget 3.600", 3.6, (12.0, 13.0, 10.9), phase="targets",
+                target=["20% below IQ4_NL"])]
+    lines = fo.targets_table(rows)
+    assert len(lines) == 3                                     # header, rule, IQ4_NL (Q8_0 is above 4.5 bits)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["smollm2-135m", "IQ4_NL", "4.500"] and cells[3] == "+10.0 % / +10.0 % / +10.0 %"
+    assert cells[6] == "in-domain, prose" and cells[9] == "code"     # 11.5 > 11 on code; at 3.6 only code holds
+    rows[3]["scores"]["code"] = 10.0
+    assert fo.targets_table(rows)[2].split("|")[7].strip() == "all three"
