@@ -1,4 +1,4 @@
-"""bench/frontier.py's rows as tasks (the same numbers in process and on a 2-worker Dask LocalCluster); frontier_ood.py's targets table."""
+"""bench/frontier.py's rows as tasks (in process and on a 2-worker Dask LocalCluster); frontier_ood.py's targets."""
 from __future__ import annotations
 
 import math
