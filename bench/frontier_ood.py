@@ -403,6 +403,30 @@ def seconds(row: dict) -> str:
     return f"{row['seconds']:.0f}" if row.get("phase") in ("frontier", "targets") else "—"
 
 
+def variants_table(rows: list, key: str) -> list[str]:
+    """Phase 'frontier' of one model as budgets x variants; each cell: bits/weight, then quality in domain / prose
+    / code (SmolLM2: Δ perplexity %, MiniLM: cosine). Variants not run (or not at that budget) are left out / '—'."""
+    ref = next((r["scores"] for r in rows if r["model"] == key and r["name"] == "fp32"), None)
+    mine = [r for r in rows if r["model"] == key and r.get("phase") == "frontier"]
+    if ref is None or not mine:
+        return []
+    labels = [variant_label(*v) for v in VARIANTS if any(r["group"] == f"slc {variant_label(*v)}" for r in mine)]
+    out = ["| budget | " + " | ".join(labels) + " |", "|---:|" + "---|" * len(labels)]
+    for budget in sorted({r["budget"] for r in mine}):
+        cells = [f"{budget:g}"]
+        for label in labels:
+            r = next((r for r in mine if r["budget"] == budget and r["group"] == f"slc {label}"), None)
+            if r is None:
+                cells.append("—")
+            elif key == "smollm2-135m":
+                cells.append(f"{r['bits']:.2f}: " + " / ".join(f"{100 * (r['scores'][k] / ref[k] - 1):+.0f}"
+                                                                 for k in SETS))
+            else:
+                cells.append(f"{r['bits']:.2f}: " + " / ".join(f"{r['scores'][k]:.3f}" for k in SETS))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def targets_table(rows: list) -> list[str]:
     """The issue's targets, from phase 'targets' and the peers' rows: per llama.cpp preset + imatrix at <= 4.5 bits,
     compress_to_budget at the preset's bits (better in every set?) and with 20 % fewer (as good in every set?)."""
@@ -470,6 +494,11 @@ def report(rows: list, load_note: str) -> str:
         else:
             cells += ["—"] * 5
         lines.append("| " + " | ".join(cells) + " |")
+    for key, what in (("smollm2-135m", "Δ perplexity % against fp32"), ("minilm-l6", "cosine against fp32")):
+        table = variants_table(rows, key)
+        if table:
+            lines += ["", f"## {key}: compress_to_budget's variants (bits/weight: {what}, in domain / prose / code)",
+                      ""] + table
     targets = targets_table(rows)
     if len(targets) > 2:
         lines += ["", "## Targets: compress_to_budget against every llama.cpp preset + imatrix at ≤ 4.5 bits/weight",
