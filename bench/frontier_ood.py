@@ -543,11 +543,13 @@ def main(argv=None) -> None:
     p.add_argument("--phase", action="append", choices=sorted(PHASES), help="phases to run (default: all)")
     p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
-    p.add_argument("--budgets", type=float, nargs="*", default=None, help="budgets of the 'budget' phase")
+    p.add_argument("--budgets", type=float, nargs="*", default=None,
+                   help="budgets of the 'budget' and 'frontier' phases")
     p.add_argument("--json", default=None, help="rows file (default bench/results/frontier_ood.json)")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
     p.add_argument("--variant", action="append", choices=[variant_label(*v) for v in VARIANTS],
-                   help="phase frontier: only these variants (their rows are replaced, the others kept)")
+                   help="phase frontier: only these variants (their rows are replaced, the others kept; with --budgets, "
+                        "only those budgets' rows)")
     p.add_argument("--png", default=None, help="also write the chart to this PNG (e.g. docs/07_out_of_domain.png)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -564,8 +566,10 @@ def main(argv=None) -> None:
             b.variants = [by_label[a] for a in args.variant] if args.variant else None       # in the order given
             for ph in args.phase or list(PHASES):
                 gone = {variant_label(*v) for v in b.variants} if ph == "frontier" and b.variants else None
+                redo = args.budgets if ph == "frontier" and args.budgets else None
                 rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph and
-                                                   (gone is None or r["group"].removeprefix("slc ") in gone))]
+                                                   (gone is None or r["group"].removeprefix("slc ") in gone) and
+                                                   (redo is None or r["budget"] in redo))]
                 b.phase = ph
                 PHASES[ph](b, rows)
     note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "
