@@ -548,8 +548,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="rows file (default bench/results/frontier_ood.json)")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
     p.add_argument("--variant", action="append", choices=[variant_label(*v) for v in VARIANTS],
-                   help="phase frontier: only these variants (their rows are replaced, the others kept; with --budgets, "
-                        "only those budgets' rows)")
+                   help="phase frontier: only these variants (their rows are replaced, the others kept; with "
+                        "--budgets, only those budgets' rows)")
     p.add_argument("--png", default=None, help="also write the chart to this PNG (e.g. docs/07_out_of_domain.png)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
