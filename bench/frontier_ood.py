@@ -530,7 +530,8 @@ def chart_png(path: Path, max_bits: float = 6.0) -> None:
             fig = ood_figure(rows, key, max_bits=max_bits)
             fig.update_layout(width=1400, height=520, title=f"{key}: calibrated on slc.texts' mix, "
                               "evaluated in domain (held-out pydoc) and out of domain (package READMEs + licences)")
-            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
+                                     config={"displayModeBar": False}))
         html.write_text("<html><body style='margin:0'>" + "".join(parts) + "</body></html>")
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--screenshot={Path(path).resolve()}", "--window-size=1400,1050",

@@ -648,6 +648,8 @@ def frontier_figure(rows: list[dict], title: str = "Quality per bit: slc vs GGUF
 OOD_SETS = ("in-domain", "prose", "code")
 OOD_PEERS = {"llama.cpp": ("#999999", "square-open"), "llama.cpp + imatrix": ("#111111", "square"),
              "GGUF": ("#666666", "square-open")}
+OOD_RECIPE = ("compress_to_budget", "#b8002e")        # slc's one call: one colour of its own, a thicker line
+OOD_COLORS = COLORS[:1] + COLORS[2:] + ["#17becf", "#bcbd22", "#393b79", "#637939"]   # the other groups
 
 
 def load_ood_rows(folder) -> list[dict]:
@@ -687,12 +689,14 @@ def ood_figure(rows: list[dict], model: str, sets=("in-domain", "prose"), max_bi
     for col, s in enumerate(sets, start=1):
         for i, g in enumerate(groups):
             rs = sorted((r for r in mine if r["group"] == g), key=lambda r: r["bits"])
-            peer = g in OOD_PEERS
-            color, symbol = OOD_PEERS.get(g, (COLORS[i % len(COLORS)], "circle"))
+            peer, recipe = g in OOD_PEERS, g == OOD_RECIPE[0]
+            color, symbol = OOD_PEERS.get(g, (OOD_RECIPE[1], "diamond") if recipe else
+                                          (OOD_COLORS[i % len(OOD_COLORS)], "circle"))
             fig.add_trace(go.Scatter(
                 x=[r["bits"] for r in rs], y=[ood_quality(r, ref, s) for r in rs], text=[r["name"] for r in rs],
                 mode="markers" if peer else "lines+markers", name=g, legendgroup=g, showlegend=col == 1,
-                marker=dict(color=color, symbol=symbol, size=10 if peer else 8), line=dict(color=color, width=1),
+                marker=dict(color=color, symbol=symbol, size=10 if peer or recipe else 7),
+                line=dict(color=color, width=3 if recipe else 1),
                 hovertemplate="%{text}: %{x:.3f} bits/weight, %{y:.4g}<extra></extra>"), row=1, col=col)
         fig.update_xaxes(title_text="bits per weight (all overhead)", row=1, col=col)
         fig.update_yaxes(title_text="Δ perplexity vs fp32, %" if lm else "1 − cosine vs fp32", type="log",
