@@ -53,10 +53,12 @@ STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted
 # calibration mix, evaluated on held-out pydoc, package READMEs + licences, stdlib source, 12 000 characters each):
 # - encoders (MiniLM): GPTQ on Hadamard-rotated layers wins at every budget from 2.5 to 5.5 bits, in every set
 #   (prose cosine at 3.5 bits: 0.967 against 0.940 unrotated with GPTQ, 0.933 with neither);
-# - causal LMs (SmolLM2, 3.6 bits; in domain / prose / code): rotation alone +22 / +39 / +20 % perplexity, neither
-#   +19 / +56 / +20, GPTQ alone +10 / +85 / +16, both +7 / +60 / +11: GPTQ fitted on the mix generalises to code but
-#   hurts the prose; rotation alone is the best out of domain (prose, and the mean of prose and code).
-DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": "hadamard"})],
+# - causal LMs (SmolLM2): neither rotation nor GPTQ. Rotation alone loses in domain at every budget from 2.5 to
+#   5.5 bits, on code at all but 5.5, and on prose at all but 4.0 (3.5 bits, in domain / prose / code: +25 / +52 /
+#   +25 % perplexity against +19 / +53 / +21 %; 4.5 bits: +6.5 / +13 / +5.9 % against +3.0 / +5.5 / +3.3 %); GPTQ
+#   fitted on the mix helps in domain and on code but makes the prose worse (3.6 bits: +10 / +85 / +16 % against
+#   +19 / +56 / +20 %).
+DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": None})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "rotate": "hadamard"})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 GPTQ_DAMP = 0.01
