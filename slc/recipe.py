@@ -35,6 +35,7 @@ from .gptq import gptq
 from .hf import dense_weight_of, set_module, target_layers
 from .importance import weighted_quantize
 from .nn import CompressedLinear
+from .rotation import block_size
 from .texts import calibration_mix
 
 TOLERANCE = 0.02              # the result lands within 2 % of the budget, or nothing is changed
@@ -97,6 +98,15 @@ class BudgetReport:
                 f"{self.seconds:.0f} s")
 
 
+def rotatable(width: int) -> bool:
+    """Whether slc.rotation's block-Hadamard rotation can cover an input `width` (it needs a power-of-two factor)."""
+    try:
+        block_size(width)
+    except ValueError:
+        return False
+    return True
+
+
 def _task(model: nn.Module) -> str:
     head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     return "causal-lm" if head else "encoder"
@@ -133,7 +143,7 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
         use_gptq = default["use_gptq"] if use_gptq is None else use_gptq
         if rotate == "auto":                 # the default rotates only a model whose every layer's width it can
             widths = {dense_weight_of(m).shape[1] for m in target_layers(model, skip).values()}
-            rotate = default["rotate"] if all(w >= 2 and w & -w >= 2 for w in widths) else None
+            rotate = default["rotate"] if all(map(rotatable, widths)) else None
         allocation = default["allocation"] if allocation == "auto" else allocation
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")
