@@ -16,7 +16,7 @@ from .rotation import Rotation
 
 
 def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01,
-         grid: QuantizedTensor | None = None, rotation: Rotation | None = None):
+         grid: QuantizedTensor | None = None, rotation: Rotation | None = None, act_order: bool = False):
     """Quantise `w` (out, in) on `quantizer`'s grid with GPTQ error feedback; returns a QuantizedTensor.
 
     Same grid and scales as quantizer.quantize(w) (for ecsq: step x row RMS of w; for affine: its
@@ -31,6 +31,10 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     rotation: w and x_cov are given as they are (unrotated); W R is quantised with the Hessian R^T C R and
     the result holds W R (what CompressedLinear.from_quantized takes for a spec that rotates; a grid must
     then be one of W R).
+    act_order: round the columns in order of decreasing Hessian diagonal (the inputs with the most energy
+    first, while the most columns are left to absorb their error) instead of left to right. The grid is fixed
+    before any column is rounded, so each column keeps its own scale whatever the order; the codes come back
+    in the weight's own column order.
     """
     w = torch.as_tensor(w).detach()
     if w.dim() != 2:
@@ -41,7 +45,7 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
                              f"weight's {w.shape[1]} inputs")
         dtype = w.dtype
         w = rotation.apply(w.double()).to(dtype if dtype == torch.float64 else torch.float32)
-        qt = gptq(w, rotation.conjugate(x_cov.detach().double()), quantizer, block, damp, grid)
+        qt = gptq(w, rotation.conjugate(x_cov.detach().double()), quantizer, block, damp, grid, act_order=act_order)
         qt.original_dtype = dtype
         return qt
     q = quantizer
@@ -77,13 +81,15 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
+    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(n)
+    W, H = W[:, order], H[order][:, order]                           # column i of W, H is the weight's order[i]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(rows, n, dtype=torch.float64)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1, E1, Hi = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = i1 + i
+            j = int(order[i1 + i])                                   # the weight's own column: its scale
             c = round_col(W1[:, i], j)
             codes[:, j] = c
             err = (W1[:, i] - value(c, j)) / Hi[i, i]

@@ -63,6 +63,7 @@ DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": False
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "rotate": "hadamard"})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 GPTQ_DAMP = 0.01
+GPTQ_ACT_ORDER = False
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
@@ -148,8 +149,9 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")
     use_gptq = bool(use_gptq)
+    # one step for every layer needs only the rates: no backward pass for a loss-weighted distortion
     rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
-                         progress=progress, rotate=rotate)
+                         progress=progress, rotate=rotate, sensitivity="output" if allocation == "uniform" else "auto")
     stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
     return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0)
 
@@ -211,7 +213,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                 w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
             qt = weighted_quantize(w, spec.quantizer, st.x_sq)
             if use_gptq:
-                qt = gptq(w, st.x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt)
+                qt = gptq(w, st.x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt, act_order=GPTQ_ACT_ORDER)
             qt.original_dtype = module.weight.dtype
             layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None),
                                                     device=module.weight.device)

@@ -95,6 +95,9 @@ def test_one_step_for_every_layer_lands_on_the_budget(rotate):
     with pytest.raises(ValueError, match="allocation="):
         compress_to_budget(tiny_model("llama"), _tok, 3.5, calibration_text=text, progress=False,
                            allocation="greedy")
+    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=False, rotate=rotate,
+                               allocation="uniform")
+    assert cal.rd.settings["sensitivity"] == "output"                         # rates only: no backward pass
 
 
 def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
