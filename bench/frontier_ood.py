@@ -284,19 +284,24 @@ def phase_budget(b: Bench, rows: list):
 
 
 def default_variant(b: Bench, budget: float) -> tuple:
-    """(allocation, use_gptq, rotate) that compress_to_budget picks for this model at this budget."""
+    """(allocation, use_gptq, rotate, gptq_damp) that compress_to_budget picks for this model at this budget."""
     from slc.recipe import default_recipe
     r = default_recipe("causal-lm" if b.lm else "encoder", budget)
-    return r["allocation"], r["use_gptq"], r["rotate"]
+    return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"]
 
 
-VARIANTS = [(alloc, gptq, rot) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
-            for gptq in (False, True)]
+DAMP = 0.01                   # GPTQ's damping unless a variant says otherwise
+# (allocation, GPTQ, rotation, GPTQ's damping): sensitivity allocation or one step x without / with GPTQ x without /
+# with rotation at the usual damping, then GPTQ damped 100 x harder (trusting the calibration text less)
+VARIANTS = ([(alloc, gptq, rot, DAMP) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
+             for gptq in (False, True)]
+            + [("sensitivity", True, rot, 1.0) for rot in (None, "hadamard")])
 
 
-def variant_label(allocation: str, use_gptq: bool, rotate) -> str:
-    return (("one step" if allocation == "uniform" else "allocated") + " + weighted" + (" + GPTQ" if use_gptq else "")
-            + (" + rotation" if rotate else ""))
+def variant_label(allocation: str, use_gptq: bool, rotate, damp: float = DAMP) -> str:
+    gptq = (" + GPTQ" + (f" damp {damp:g}" if damp != DAMP else "")) if use_gptq else ""
+    return ("one step" if allocation == "uniform" else "allocated") + " + weighted" + gptq + (" + rotation" if rotate
+                                                                                           else "")
 
 
 def phase_frontier(b: Bench, rows: list):
@@ -307,10 +312,10 @@ def phase_frontier(b: Bench, rows: list):
     import copy
 
     from slc.recipe import calibrate_for_budget, compress_to_budget
-    for allocation, use_gptq, rotate in b.variants or VARIANTS:
+    for allocation, use_gptq, rotate, damp in b.variants or VARIANTS:
         cal = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq, rotate=rotate,
-                                   allocation=allocation)
-        label = variant_label(allocation, use_gptq, rotate)
+                                   allocation=allocation, gptq_damp=damp)
+        label = variant_label(allocation, use_gptq, rotate, damp)
         print(f"  calibration ({label}): {cal.seconds:.0f} s", flush=True)
         for budget in b.budgets or FRONTIER_BUDGETS:
             model = copy.deepcopy(b.model)
@@ -318,7 +323,7 @@ def phase_frontier(b: Bench, rows: list):
             sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
             row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
                          group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
-            row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate)
+            row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp)
             save(rows)
             del model
 
@@ -350,17 +355,17 @@ def phase_targets(b: Bench, rows: list):
     cals = {}
     for budget, why in preset_budgets(b.key).items():
         model = copy.deepcopy(b.model)
-        allocation, use_gptq, rotate = variant = default_variant(b, budget)
+        allocation, use_gptq, rotate, damp = variant = default_variant(b, budget)
         if variant not in cals:
             cals[variant] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
-                                                 rotate=rotate, allocation=allocation)
+                                                 rotate=rotate, allocation=allocation, gptq_damp=damp)
         cal = cals[variant]
         rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
         sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
         row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, sd, 0.0,
                      note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",
                      seconds=cal.seconds + rep.seconds)
-        row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, target=why)
+        row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp, target=why)
         save(rows)
 
 

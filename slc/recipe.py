@@ -44,30 +44,32 @@ MAX_ATTEMPTS = 4
 CALIBRATION_CHARS = 40_000    # of slc.texts.calibration_mix when no text is given (~10 000 SmolLM2 tokens)
 ALLOC_TOKENS = 1_024          # tokens for the allocation's Fisher / Gauss-Newton pass (one backward each)
 STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted scales (and GPTQ)
-# GPTQ on top of allocation + weighted scales, by what it did out of domain (bench/results/frontier_ood.md).
-# MiniLM at 3.825 bits: prose cosine 0.947 -> 0.964 with GPTQ (4 096 tokens of the mix, damp 0.01), every set
-# better. SmolLM2: not measured out of domain by the time this was set (the issue saw GPTQ on 2 048 pydoc tokens
-# hurt there), so off until a run says otherwise.
 # What compress_to_budget does by default, per kind of model and budget: [(up to bits/weight, recipe)], the
 # first entry whose bound is >= the budget applies. allocation: "sensitivity" (slc.allocate) or "uniform" (one
-# step everywhere, slc.allocate.uniform_allocation). Set from bench/results/frontier_ood.md (calibrated on the
-# calibration mix, evaluated on held-out pydoc, package READMEs + licences, stdlib source, 12 000 characters each):
+# step everywhere, slc.allocate.uniform_allocation); gptq_damp: the fraction of the Hessian's mean diagonal added
+# to it. Set from bench/results/frontier_ood.md (calibrated on the calibration mix, evaluated on held-out pydoc,
+# package READMEs + licences, stdlib source, 12 000 characters each):
 # - encoders (MiniLM): GPTQ on Hadamard-rotated layers wins at every budget from 2.5 to 5.5 bits, in every set
-#   (prose cosine at 3.5 bits: 0.967 against 0.940 unrotated with GPTQ, 0.933 with neither);
-# - causal LMs (SmolLM2): neither rotation nor GPTQ. Rotation alone loses in domain at every budget from 2.5 to
-#   5.5 bits, on code at all but 5.5, and on prose at all but 4.0 (3.5 bits, in domain / prose / code: +25 / +52 /
-#   +25 % perplexity against +19 / +53 / +21 %; 4.5 bits: +6.5 / +13 / +5.9 % against +3.0 / +5.5 / +3.3 %); GPTQ
-#   fitted on the mix helps in domain and on code but makes the prose worse (3.6 bits: +10 / +85 / +16 % against
-#   +19 / +56 / +20 %).
-DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": None})],
-            "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "rotate": "hadamard"})]}
+#   (prose cosine at 3.5 bits: 0.967 against 0.940 unrotated with GPTQ, 0.933 with neither). Damping: at 3.6 bits
+#   0.01 / 0.1 / 0.3 / 1.0 give prose 0.9732 / 0.9714 / 0.9731 / 0.9680 (1.0 is worse in every set).
+# - causal LMs (SmolLM2): GPTQ damped 100 x harder (1.0) on Hadamard-rotated layers. At the usual damping GPTQ fits
+#   the calibration text: better in domain and on code, worse on prose (3.6 bits, in domain / prose / code: +10 /
+#   +85 / +16 % perplexity against +19 / +56 / +20 % without GPTQ); damp 0.1: +7 / +68 / +14; damp 1: +10 / +50 /
+#   +13; damp 3: +11 / +61 / +16; damp 1 on rotated layers: +8 / +39 / +11, better than neither in every set.
+#   Rotation alone loses in domain at every budget (3.5 bits +25 / +52 / +25 % against +19 / +53 / +21 %).
+# Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
+# (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687).
+GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
+DEFAULTS = {"causal-lm": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
+                                  "rotate": "hadamard"})],
+            "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,
+                                "rotate": "hadamard"})]}
 ALLOCATIONS = ("sensitivity", "uniform")
-GPTQ_DAMP = 0.01
-GPTQ_ACT_ORDER = False
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
-    """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "rotate": None or "hadamard"}: what
+    """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
+    "hadamard"}: what
     compress_to_budget picks for a "causal-lm" or an "encoder" at this budget (DEFAULTS, set from what measured
     best out of domain)."""
     if task not in DEFAULTS:
@@ -125,17 +127,23 @@ class BudgetCalibration:
     rotate: str | None
     allocation: str = "sensitivity"
     seconds: float = 0.0
+    gptq_damp: float = GPTQ_DAMP
 
 
 def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | None = None, progress: bool = True,
                          use_gptq: bool | None = None, skip=None, rotate: str | None = "auto",
-                         budget_bits: float | None = None, allocation: str = "auto") -> BudgetCalibration:
+                         budget_bits: float | None = None, allocation: str = "auto",
+                         gptq_damp: float | None = None) -> BudgetCalibration:
     """The calibration behind compress_to_budget (arguments as there), measured on `model` unchanged.
-    use_gptq=None / rotate="auto" / allocation="auto" take `default_recipe` at budget_bits (then required)."""
+    use_gptq=None / rotate="auto" / allocation="auto" / gptq_damp=None take `default_recipe` at budget_bits (then
+    required; gptq_damp=None without it: GPTQ_DAMP)."""
     t0 = time.perf_counter()
     text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
     task = _task(model)
-    if use_gptq is None or rotate == "auto" or allocation == "auto":
+    if gptq_damp is not None and (isinstance(gptq_damp, bool) or not isinstance(gptq_damp, (int, float))
+                                  or not gptq_damp > 0):
+        raise ValueError(f"gptq_damp={gptq_damp!r} must be a number > 0 (a fraction of the Hessian's mean diagonal)")
+    if use_gptq is None or rotate == "auto" or allocation == "auto" or (gptq_damp is None and budget_bits is not None):
         if budget_bits is None:
             raise ValueError("use_gptq=None, rotate='auto' or allocation='auto' take compress_to_budget's default at "
                              "a budget: pass budget_bits=, or choose use_gptq=True/False, rotate=None/'hadamard' and "
@@ -146,6 +154,7 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
             widths = {dense_weight_of(m).shape[1] for m in target_layers(model, skip).values()}
             rotate = default["rotate"] if all(map(rotatable, widths)) else None
         allocation = default["allocation"] if allocation == "auto" else allocation
+        gptq_damp = default["gptq_damp"] if gptq_damp is None else gptq_damp
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")
     use_gptq = bool(use_gptq)
@@ -153,13 +162,14 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
     rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
                          progress=progress, rotate=rotate, sensitivity="output" if allocation == "uniform" else "auto")
     stats = layer_stats(model, tokenizer, text, list(rd.points), STATS_TOKENS, full=use_gptq or rotate is not None)
-    return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0)
+    return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0,
+                             float(GPTQ_DAMP if gptq_damp is None else gptq_damp))
 
 
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
-                       allocation: str = "auto") -> BudgetReport:
+                       allocation: str = "auto", gptq_damp: float | None = None) -> BudgetReport:
     """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
@@ -168,8 +178,10 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     measured better out of domain for this kind of model at this budget (`default_recipe`); rotate="hadamard":
     every layer stored rotated (LinearSpec(rotate=...): allocation, scales and GPTQ all see W R and its rotated
     inputs), None: never. allocation: "sensitivity" (per-layer steps, slc.allocate) or "uniform" (one step
-    everywhere, slc.allocate.uniform_allocation), "auto" as the defaults. calibration: a `calibrate_for_budget`
-    result for this model (then calibration_text, use_gptq, skip, rotate and allocation come from it).
+    everywhere, slc.allocate.uniform_allocation), "auto" as the defaults. gptq_damp: GPTQ's damping, a fraction of
+    the Hessian's mean diagonal added to it (None: the default; larger trusts the calibration text less).
+    calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
+    allocation and gptq_damp come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
     RuntimeError if it cannot land within TOLERANCE (the model is then left as it was).
     """
@@ -178,13 +190,14 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
-                                           budget_bits, allocation)
+                                           budget_bits, allocation, gptq_damp)
     elif not isinstance(calibration, BudgetCalibration):
         raise TypeError(f"calibration must be a BudgetCalibration from calibrate_for_budget, not "
                         f"{type(calibration).__name__}")
     elif calibration.task != _task(model) or any(n not in dict(model.named_modules()) for n in calibration.rd.points):
         raise ValueError("calibration was measured on another model (its layers are not this model's)")
     rd, stats, use_gptq, rotate = calibration.rd, calibration.stats, calibration.use_gptq, calibration.rotate
+    damp = calibration.gptq_damp
     uniform = calibration.allocation == "uniform"
     n_weights = sum(a * b for a, b in rd.shapes.values())
     lo = sum(min(p.bits for p in pts) for pts in rd.points.values()) / n_weights
@@ -213,7 +226,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                 w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
             qt = weighted_quantize(w, spec.quantizer, st.x_sq)
             if use_gptq:
-                qt = gptq(w, st.x_cov, spec.quantizer, damp=GPTQ_DAMP, grid=qt, act_order=GPTQ_ACT_ORDER)
+                qt = gptq(w, st.x_cov, spec.quantizer, damp=damp, grid=qt)
             qt.original_dtype = module.weight.dtype
             layer = CompressedLinear.from_quantized(qt, spec, getattr(module, "bias", None),
                                                     device=module.weight.device)
@@ -239,6 +252,6 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     first = ("ECSQ, one step for every layer" if uniform else
              f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens)")
     recipe = (f"{first} + activation-weighted steps ({STATS_TOKENS} tokens)"
-              + (f" + GPTQ (damp {GPTQ_DAMP:g})" if use_gptq else "")
+              + (f" + GPTQ (damp {damp:g})" if use_gptq else "")
               + (f", layers stored {rotate} rotated" if rotate else ""))
     return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)

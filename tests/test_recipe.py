@@ -70,7 +70,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     for task in DEFAULTS:
         for budget in (2.5, 3.6, 4.5, 8.0):
             d = default_recipe(task, budget)
-            assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard")
+            assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard") and d["gptq_damp"] > 0
             assert d["allocation"] in ("sensitivity", "uniform")
     with pytest.raises(ValueError, match="task="):
         default_recipe("vision", 4.0)
@@ -79,6 +79,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     report = compress_to_budget(model, _tok, 3.0, calibration_text=text, progress=False)
     assert ("GPTQ" in report.recipe) == d["use_gptq"] and ("rotated" in report.recipe) == bool(d["rotate"])
     assert ("one step for every layer" in report.recipe) == (d["allocation"] == "uniform")
+    assert (f"damp {d['gptq_damp']:g}" in report.recipe) == d["use_gptq"]
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
 
@@ -113,7 +114,8 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
     with pytest.raises(ValueError, match="power-of-two factor"):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
-                        [(32.0, {"allocation": "sensitivity", "use_gptq": False, "rotate": "hadamard"})])
+                        [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
+                                              "rotate": "hadamard"})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe
@@ -143,3 +145,23 @@ def test_smollm2_lands_within_two_percent():
     assert len(layers) == 210
     held = sum(8 * m.nbytes for m in layers) / sum(m.shape[0] * m.shape[1] for m in layers)
     assert abs(held / 3.5 - 1) <= TOLERANCE
+
+
+def test_gptq_damping_is_the_recipes_and_checked():
+    """gptq_damp reaches GPTQ (other codes, named in the recipe) and is kept by a reused calibration."""
+    text = "calibration text for a tiny model " * 40
+    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=True, rotate=None,
+                               allocation="sensitivity", gptq_damp=3.0)
+    assert cal.gptq_damp == 3.0
+    weak, strong = tiny_model("llama"), tiny_model("llama")
+    compress_to_budget(weak, _tok, 3.0, calibration_text=text, progress=False, use_gptq=True, rotate=None,
+                       gptq_damp=0.01)
+    report = compress_to_budget(strong, _tok, 3.0, progress=False, calibration=cal)
+    assert "GPTQ (damp 3)" in report.recipe
+    dense = lambda m: torch.cat([x.weight_dense(torch.float32).flatten() for x in m.modules()
+                                 if isinstance(x, CompressedLinear)])
+    assert not torch.equal(dense(weak), dense(strong))
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="gptq_damp="):
+            compress_to_budget(tiny_model("llama"), _tok, 3.0, calibration_text=text, progress=False,
+                               use_gptq=True, rotate=None, gptq_damp=bad)
