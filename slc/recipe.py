@@ -9,15 +9,16 @@ slc.texts' calibration mix, evaluated on package READMEs / licences and Python s
                     distortion weighted by the loss (Fisher; Gauss-Newton for encoders) on the calibration mix
     2. scales       slc.importance.weighted_quantize: each row's step re-chosen (rate-neutral) and refit to
                     minimise the activation-weighted error, sum_j E[x_j^2] dW_ij^2
-    3. GPTQ         error feedback on those grids, only where it measured better out of domain (DEFAULTS)
+    3. GPTQ         error feedback on those grids, damped as much as measured best out of domain (DEFAULTS)
     4. landing      the bits are measured on the real rANS-coded layers (words, states, tables, scales,
                     escapes: everything the layers hold); if they miss the budget by more than 1 %, the
                     allocation target is rescaled and steps 1-3 rerun (the calibration is reused)
 
 The model is changed in place only once the result lands within `TOLERANCE` (2 %) of the budget; a budget
 outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
-To sweep budgets, calibrate once and reuse it: `cal = calibrate_for_budget(model, tok, use_gptq=False,
-rotate=None)`, then `compress_to_budget(copy_of_model, tok, b, calibration=cal)` for each budget b.
+To sweep budgets, calibrate once and reuse it: `cal = calibrate_for_budget(model, tok, budget_bits=3.5)` (the
+default recipe at 3.5 bits; or name it: use_gptq=, rotate=, allocation=, gptq_damp=), then
+`compress_to_budget(copy_of_model, tok, b, calibration=cal)` for each budget b.
 """
 from __future__ import annotations
 
@@ -69,9 +70,8 @@ ALLOCATIONS = ("sensitivity", "uniform")
 
 def default_recipe(task: str, budget_bits: float) -> dict:
     """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
-    "hadamard"}: what
-    compress_to_budget picks for a "causal-lm" or an "encoder" at this budget (DEFAULTS, set from what measured
-    best out of domain)."""
+    "hadamard"}: what compress_to_budget picks for a "causal-lm" or an "encoder" at this budget (DEFAULTS, set
+    from what measured best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
     return dict(next(r for bound, r in DEFAULTS[task] if budget_bits <= bound))
