@@ -354,6 +354,8 @@ def phase_targets(b: Bench, rows: list):
     from slc.recipe import calibrate_for_budget, compress_to_budget
     cals = {}
     for budget, why in preset_budgets(b.key).items():
+        if b.budgets and not any(abs(budget - x) < 5e-4 for x in b.budgets):      # --budgets: only these rows
+            continue
         model = copy.deepcopy(b.model)
         allocation, use_gptq, rotate, damp = variant = default_variant(b, budget)
         if variant not in cals:
@@ -550,7 +552,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--budgets", type=float, nargs="*", default=None,
-                   help="budgets of the 'budget' and 'frontier' phases")
+                   help="budgets of the 'budget' and 'frontier' phases; for 'targets': rerun only these of its rows")
     p.add_argument("--json", default=None, help="rows file (default bench/results/frontier_ood.json)")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
     p.add_argument("--variant", action="append", choices=[variant_label(*v) for v in VARIANTS],
@@ -572,10 +574,11 @@ def main(argv=None) -> None:
             b.variants = [by_label[a] for a in args.variant] if args.variant else None       # in the order given
             for ph in args.phase or list(PHASES):
                 gone = {variant_label(*v) for v in b.variants} if ph == "frontier" and b.variants else None
-                redo = args.budgets if ph == "frontier" and args.budgets else None
+                redo = args.budgets if ph in ("frontier", "targets") and args.budgets else None
                 rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph and
                                                    (gone is None or r["group"].removeprefix("slc ") in gone) and
-                                                   (redo is None or r["budget"] in redo))]
+                                                   (redo is None or any(abs(r["budget"] - x) < 5e-4
+                                                                        for x in redo)))]
                 b.phase = ph
                 PHASES[ph](b, rows)
     note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "
