@@ -59,10 +59,11 @@ STATS_TOKENS = 4_096          # tokens for the input moments behind the weighted
 #   damp 1: +10 / +50 / +13; damp 3: +11 / +61 / +16; damp 1 on rotated layers: +8 / +39 / +11. From 3.17 to 4.0
 #   bits that is better than neither in every set (3.39 bits: +10 / +56 / +15 against +25 / +73 / +25); at 3.0
 #   and 2.5 bits it is far better in domain and on code but worse on prose (3.0: +18 / +125 / +30 against +50 /
-#   +111 / +48). Above 4 bits: neither. SmolLM2 is a de-quantised Q4_1 file, and from 4.1 bits the unrotated grid
-#   comes close to its origin: prose +5.5 % at 4.53 bits without either, +12.6 % with both (in domain and code
-#   stay better with both: +2.2 / +3.1 against +3.0 / +3.3). Rotation alone loses in domain at every budget (3.5
-#   bits +25 / +52 / +25 % against +19 / +53 / +21 %).
+#   +111 / +48). At 4.0 bits still better in every set (+4.4 / +24 / +3.8 against +8.7 / +26 / +9.7). Above 4
+#   bits: neither. SmolLM2 is a de-quantised Q4_1 file, and from 4.1 bits the unrotated grid comes close to its
+#   origin: prose +5.5 % at 4.5 bits without either, +12.6 % with both (in domain and code stay better with both:
+#   +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 / +0.9 against +0.7 / +3.0 / +1.8). Rotation alone
+#   loses in domain at every budget (3.5 bits +25 / +52 / +25 % against +19 / +53 / +21 %).
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
