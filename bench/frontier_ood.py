@@ -52,6 +52,7 @@ from slc.hf import target_layers  # noqa: E402
 from slc.importance import weighted_quantize  # noqa: E402
 from slc.hf import set_module  # noqa: E402
 from slc.nn import CompressedLinear, DecodeCache, LinearSpec  # noqa: E402
+from slc.recipe import GPTQ_DAMP as DAMP  # noqa: E402  (GPTQ's damping unless a variant says otherwise)
 from slc.rotation import rotate_stats  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -290,7 +291,6 @@ def default_variant(b: Bench, budget: float) -> tuple:
     return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"]
 
 
-DAMP = 0.01                   # GPTQ's damping unless a variant says otherwise
 # (allocation, GPTQ, rotation, GPTQ's damping): sensitivity allocation or one step x without / with GPTQ x without /
 # with rotation at the usual damping, then GPTQ damped 100 x harder (trusting the calibration text less)
 VARIANTS = ([(alloc, gptq, rot, DAMP) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
@@ -328,6 +328,11 @@ def phase_frontier(b: Bench, rows: list):
             del model
 
 
+def among(budget: float, budgets) -> bool:
+    """Whether a row's budget is one of `budgets` (--budgets), to the 3 decimals rows are named with."""
+    return any(abs(budget - x) < 5e-4 for x in budgets)
+
+
 def preset_budgets(key: str, max_bits: float = 4.5, fewer: float = 0.2) -> dict:
     """{budget: [why]} from bench/peers.py's rows of `key`: every llama.cpp preset + imatrix at <= max_bits nominal
     (Q4_0 + imatrix lands on 4.513 on SmolLM2), at its own bits/weight and with `fewer` (20 %) fewer (the issue's
@@ -354,7 +359,7 @@ def phase_targets(b: Bench, rows: list):
     from slc.recipe import calibrate_for_budget, compress_to_budget
     cals = {}
     for budget, why in preset_budgets(b.key).items():
-        if b.budgets and not any(abs(budget - x) < 5e-4 for x in b.budgets):      # --budgets: only these rows
+        if b.budgets and not among(budget, b.budgets):                            # --budgets: only these rows
             continue
         model = copy.deepcopy(b.model)
         allocation, use_gptq, rotate, damp = variant = default_variant(b, budget)
@@ -577,8 +582,7 @@ def main(argv=None) -> None:
                 redo = args.budgets if ph in ("frontier", "targets") and args.budgets else None
                 rows[:] = [r for r in rows if not (r["model"] == key and r["phase"] == ph and
                                                    (gone is None or r["group"].removeprefix("slc ") in gone) and
-                                                   (redo is None or any(abs(r["budget"] - x) < 5e-4
-                                                                        for x in redo)))]
+                                                   (redo is None or among(r["budget"], redo)))]
                 b.phase = ph
                 PHASES[ph](b, rows)
     note = args.load_note or (f"Run on the shared 2-core machine ({platform.processor() or platform.machine()}, "
