@@ -48,7 +48,7 @@ from torch import nn
 
 from .calibrate import LayerStats, layer_stats
 from .ecsq import buffer_bits_estimate, sweep
-from .hf import dense_weight_of, target_layers
+from .hf import dense_weight_of, has_lm_head, target_layers
 from .lagrange import Point, solve
 from .models import weight_kind
 from .nn import LinearSpec
@@ -242,7 +242,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
         raise ValueError(f"kinds={kinds!r}: use a tuple of {KINDS}, e.g. ('ecsq',)")
     if distortion not in ("diag", "full"):
         raise ValueError(f"distortion={distortion!r}: use 'diag' or 'full'")
-    has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    has_head = has_lm_head(model)
     if sensitivity == "auto":
         sensitivity = "fisher" if has_head else "gn"
     if sensitivity not in SENSITIVITIES:

@@ -29,6 +29,7 @@ from .allocate import allocate
 from .checkpoint import load_compressed, read_meta, save_compressed
 from .compress import compress_model, compress_model_gptq
 from .errors import FormatError
+from .hf import has_lm_head
 from .integrity import crc32_tensor
 from .nn import LinearSpec
 from .quant import Quantizer
@@ -172,7 +173,7 @@ def cmd_eval(args) -> int:
     tok = AutoTokenizer.from_pretrained(folder)
     text = _read_text(args.text) or models.evaluation_text()
     model = load_compressed(args.file)
-    causal = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    causal = has_lm_head(model)
     reference = None
     if args.reference:
         reference, _ = _load_model(args.reference)

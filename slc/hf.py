@@ -77,6 +77,13 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether `model` has an output head over the vocabulary (a causal LM such as SmolLM2), not a bare encoder
+    (a sentence model such as MiniLM)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    return get_out is not None and get_out() is not None
+
+
 def tied_head(model: nn.Module) -> str | None:
     """Name of the output head whose weight IS the input embedding's (tie_word_embeddings), else None."""
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)

@@ -15,7 +15,7 @@ import torch
 
 from .calibrate import activation_grads, token_chunks
 from .factors import LowRank, choose_rank, low_rank, quantize_factors, svd, whitening
-from .hf import dense_weight_of
+from .hf import dense_weight_of, has_lm_head
 from .lagrange import Point, solve
 from .quant import as_float_tensor
 
@@ -183,7 +183,7 @@ def rank_sensitivity(model, tokenizer, factors: dict, calibration_text: str | No
     """
     if not factors:
         raise ValueError("factors is empty: pass {module name: svd(weight)} for the layers to allocate")
-    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+    if not has_lm_head(model):
         raise ValueError(f"{type(model).__name__} has no LM head: rank_sensitivity needs a causal LM loss")
     modules = dict(model.named_modules())
     dev = next(model.parameters()).device

@@ -33,7 +33,7 @@ from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_st
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
-from .hf import dense_weight_of, set_module, target_layers
+from .hf import dense_weight_of, has_lm_head, set_module, target_layers
 from .importance import weighted_quantize
 from .nn import CompressedLinear
 from .rotation import block_size
@@ -119,8 +119,7 @@ def rotatable(width: int) -> bool:
 
 
 def _task(model: nn.Module) -> str:
-    head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-    return "causal-lm" if head else "encoder"
+    return "causal-lm" if has_lm_head(model) else "encoder"
 
 
 @dataclass

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from slc.allocate import Allocation, RDTable, allocate, rate_distortion, rd_points, uniform_allocation
-from slc.calibrate import layer_stats
+from slc.calibrate import PASSAGE_TOKENS, layer_stats, token_chunks
 from slc.hf import target_layers
 from slc.lagrange import Point, solve
 from slc.ecsq import sweep
 from slc.compress import compress_model
-from slc.models import tiny_model
+from slc.models import load, tiny_model
 from slc.nn import LinearSpec
 from slc import Quantizer
 
@@ -117,6 +117,25 @@ def test_layer_stats_restores_the_model_as_it_was():
     assert model.training and not frozen.requires_grad
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())   # every hook removed
+
+
+@pytest.mark.slow
+def test_an_encoder_calibrates_on_passages_a_causal_lm_on_running_text():
+    model, tok = load("minilm-l6")
+    text = "First passage, short.\n\nSecond passage " + "word " * 600 + "\n\n\n  \n\nThird one."
+    seqs = [c[0].tolist() for c in token_chunks(model, tok, text, 10_000)]
+    assert all(s[0] == tok.cls_token_id and s[-1] == tok.sep_token_id for s in seqs)     # each one input
+    assert all(len(s) <= PASSAGE_TOKENS for s in seqs)
+    # the long passage (602 word pieces) is split into ceil(602 / (PASSAGE_TOKENS - 2)) inputs
+    assert len(seqs) == 1 + -(-602 // (PASSAGE_TOKENS - 2)) + 1
+    assert tok.decode(seqs[0], skip_special_tokens=True) == "first passage, short."
+    assert tok.decode(seqs[-1], skip_special_tokens=True) == "third one."
+    assert sum(c.shape[1] for c in token_chunks(model, tok, text, 100)) == 100    # the first 100 tokens only
+    llama = tiny_model("llama")                                 # one stream, cut at its 64 positions
+    run = token_chunks(llama, ByteTokenizer(), text, 10_000)
+    assert [c.shape[1] for c in run[:-1]] == [64] * (len(run) - 1) and sum(c.shape[1] for c in run) == len(text)
+    with pytest.raises(ValueError, match="too short"):
+        token_chunks(model, tok, "\n\n \n\n", 100)
 
 
 def _shape(model, name):
