@@ -466,8 +466,12 @@ def targets_table(rows: list) -> list[str]:
             own = next((r for r in ctb if f"{preset}'s bits" in r.get("target", [])), None)
             less = next((r for r in ctb if f"20% below {preset}" in r.get("target", [])), None)
             cells = [key, preset, f"{peer['bits']:.3f}", fmt(peer["scores"])]
-            for r in (own, less):
-                cells += ["—", "—", "—"] if r is None else [f"{r['bits']:.3f}", fmt(r["scores"]), wins(r, peer)]
+            for r in (own, less):       # bits: and how many fewer than the preset's (compress_to_budget's budget
+                if r is None:           # is a ceiling, so a row never holds more than it was asked for)
+                    cells += ["—", "—", "—"]
+                    continue
+                fewer = f" ({100 * (1 - r['bits'] / peer['bits']):.1f} % fewer)" if r is less else ""
+                cells += [f"{r['bits']:.3f}{fewer}", fmt(r["scores"]), wins(r, peer)]
             out.append("| " + " | ".join(cells) + " |")
     return out
 

@@ -11,10 +11,11 @@ slc.texts' calibration mix, evaluated on package READMEs / licences and Python s
                     minimise the activation-weighted error, sum_j E[x_j^2] dW_ij^2
     3. GPTQ         error feedback on those grids, damped as much as measured best out of domain (DEFAULTS)
     4. landing      the bits are measured on the real rANS-coded layers (words, states, tables, scales,
-                    escapes: everything the layers hold); if they miss the budget by more than 1 %, the
-                    allocation target is rescaled and steps 1-3 rerun (the calibration is reused)
+                    escapes: everything the layers hold); the budget is a ceiling: if they land above it or
+                    more than 2 % below it, the allocation target is rescaled and steps 1-3 rerun (the
+                    calibration is reused)
 
-The model is changed in place only once the result lands within `TOLERANCE` (2 %) of the budget; a budget
+The model is changed in place only once the result lands within `TOLERANCE` (2 %) below the budget; a budget
 outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
 To sweep budgets, calibrate once and reuse it: `cal = calibrate_for_budget(model, tok, budget_bits=3.5)` (the
 default recipe at 3.5 bits; or name it: use_gptq=, rotate=, allocation=, gptq_damp=), then
@@ -39,8 +40,8 @@ from .nn import CompressedLinear
 from .rotation import block_size
 from .texts import calibration_mix
 
-TOLERANCE = 0.02              # the result lands within 2 % of the budget, or nothing is changed
-AIM = 0.01                    # ... and we re-aim while it misses by more than 1 %
+TOLERANCE = 0.02              # the result lands at most 2 % below the budget and never above it, or nothing changes
+AIM = 0.01                    # ... aimed 1 % below the budget, and re-aimed while it lands outside that window
 MAX_ATTEMPTS = 4
 CALIBRATION_CHARS = 40_000    # of slc.texts.calibration_mix when no text is given (~10 000 SmolLM2 tokens)
 ALLOC_TOKENS = 1_024          # tokens for the allocation's Fisher / Gauss-Newton pass (one backward each)
@@ -177,8 +178,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
                        allocation: str = "auto", gptq_damp: float | None = None) -> BudgetReport:
-    """Compress `model` in place to `budget_bits` bits/weight (all overhead) with slc's best recipe.
+    """Compress `model` in place to at most `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
+    The budget is a ceiling: the result lands between TOLERANCE (2 %) below it and the budget itself.
     budget_bits counts every byte the compressed layers hold over the layers compressed (every Linear /
     Conv1D but embeddings and lm_head, as compress_model). calibration_text: None = slc.texts'
     calibration mix (varied text generalises better than one kind). use_gptq=None and rotate="auto": what
@@ -190,7 +192,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
     allocation and gptq_damp come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
-    RuntimeError if it cannot land within TOLERANCE (the model is then left as it was).
+    RuntimeError if it cannot land within TOLERANCE below the budget (the model is then left as it was).
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
@@ -215,7 +217,10 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                          "every layer, all overhead); below that, compress fewer layers or use low rank; above it, "
                          "store int8 or lossless")
     modules = dict(model.named_modules())
-    target, attempts, layers, pol, done = float(budget_bits), [], {}, None, {}
+    def lands(bits: float) -> bool:
+        return budget_bits * (1 - TOLERANCE) <= bits <= budget_bits
+
+    target, attempts, layers, pol, done = budget_bits * (1 - AIM), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
         pol = uniform_allocation(rd, target) if uniform else allocate(model, tokenizer, target, rd=rd)
@@ -242,11 +247,11 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
             bits += 8 * layer.nbytes
         measured = bits / n_weights
         attempts.append((target, measured))
-        if abs(measured / budget_bits - 1) <= AIM:
+        if lands(measured):
             break
-        target *= budget_bits / measured                    # rates move together: rescale the target and retry
-    if abs(measured / budget_bits - 1) > TOLERANCE:
-        raise RuntimeError(f"could not land within {TOLERANCE:.0%} of {budget_bits} bits/weight "
+        target *= budget_bits * (1 - AIM) / measured       # rates move together: rescale the target and retry
+    if not lands(measured):
+        raise RuntimeError(f"could not land within {TOLERANCE:.0%} below {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")
     report = CompressionReport()
     for name, (layer, rel) in layers.items():
