@@ -8,7 +8,7 @@ import torch
 import slc
 from slc import CompressedLinear
 from slc.models import tiny_model
-from slc.recipe import DEFAULTS, TOLERANCE, calibrate_for_budget, compress_to_budget, default_recipe
+from slc.recipe import DEFAULTS, STATS_TOKENS, TOLERANCE, calibrate_for_budget, compress_to_budget, default_recipe
 
 
 def lands(bits: float, budget: float) -> bool:
@@ -167,6 +167,8 @@ def test_gptq_damping_is_the_recipes_and_checked():
                        gptq_damp=0.01)
     report = compress_to_budget(strong, _tok, 3.0, progress=False, calibration=cal)
     assert "GPTQ (damp 3)" in report.recipe
+    # the input moments saw the whole text (shorter than STATS_TOKENS), and the recipe says how much
+    assert cal.stats_tokens == len(text) < STATS_TOKENS["causal-lm"] and f"({len(text)} tokens)" in report.recipe
     dense = lambda m: torch.cat([x.weight_dense(torch.float32).flatten() for x in m.modules()
                                  if isinstance(x, CompressedLinear)])
     assert not torch.equal(dense(weak), dense(strong))
