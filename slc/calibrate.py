@@ -81,15 +81,15 @@ def token_chunks(model: nn.Module, tokenizer, text: str | None, max_tokens: int,
 
     A causal LM (`slc.hf.has_lm_head`) reads the text as one stream cut into sequences of CHUNK_TOKENS (and no
     longer than its position limit), as perplexity is measured. An encoder is fed one passage per input: the
-    text is cut at its blank lines, and each passage is one sequence of at most PASSAGE_TOKENS with the
-    tokenizer's special tokens ([CLS] ... [SEP]) around it, longer ones split. Calibrating MiniLM on 512-token
-    stretches of running text instead, with no [CLS] / [SEP] but the first, fitted the wrong sequences:
-    bench/results/frontier_ood.md."""
+    text is cut at its blank lines, and each passage is one sequence of at most PASSAGE_TOKENS (and the position
+    limit) with the tokenizer's special tokens ([CLS] ... [SEP]) around it, longer ones split. Calibrating
+    MiniLM on 512-token stretches of running text instead, with no [CLS] / [SEP] but the first, fitted the wrong
+    sequences: bench/results/frontier_ood.md."""
     text = calibration_text(default_chars) if text is None else text
-    if not has_lm_head(model):
-        return _passages(tokenizer, text, max_tokens)
     cfg = getattr(model, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or CHUNK_TOKENS
+    if not has_lm_head(model):
+        return _passages(tokenizer, text, max_tokens, min(limit, PASSAGE_TOKENS))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     size = min(limit, CHUNK_TOKENS)
     chunks = [c for c in (ids[:, i:i + size] for i in range(0, ids.shape[1], size)) if c.shape[1] >= 2]
@@ -98,12 +98,12 @@ def token_chunks(model: nn.Module, tokenizer, text: str | None, max_tokens: int,
     return chunks
 
 
-def _passages(tokenizer, text: str, max_tokens: int) -> list[torch.Tensor]:
+def _passages(tokenizer, text: str, max_tokens: int, size: int) -> list[torch.Tensor]:
     chunks, total = [], 0
     for passage in (p.strip() for p in text.split("\n\n")):
         if not passage or total >= max_tokens:
             continue
-        enc = tokenizer(passage, max_length=PASSAGE_TOKENS, truncation=True, return_overflowing_tokens=True)
+        enc = tokenizer(passage, max_length=size, truncation=True, return_overflowing_tokens=True)
         for ids in enc["input_ids"]:
             ids = ids[:max_tokens - total]
             if len(ids) >= 2:

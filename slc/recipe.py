@@ -57,10 +57,11 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # package READMEs + licences, stdlib source, 12 000 characters each):
 # - encoders (MiniLM, calibrated on passages: slc.calibrate.token_chunks): GPTQ on Hadamard-rotated layers is
 #   better than GPTQ alone, rotation alone or neither at every budget from 2.5 to 5.5 bits, in every set (3.5 bits,
-#   in domain / prose / code cosine: 0.989 / 0.978 / 0.984 against 0.985 / 0.970 / 0.980 with GPTQ alone, 0.965 /
-#   0.957 / 0.960 with neither). Damping: 1.0 instead of 0.01 moves the sets apart (3.5 bits: 0.986 / 0.980 /
-#   0.983; 3.0 bits: worse in all three), so 0.01 stays. Calibrated on 512-token stretches of running text
-#   instead (before passages), 0.01 / 0.1 / 0.3 / 1.0 gave prose 0.9732 / 0.9714 / 0.9731 / 0.9680 at 3.6 bits.
+#   in domain / prose / code cosine: 0.990 / 0.977 / 0.985 against 0.986 / 0.975 / 0.980 with GPTQ alone, 0.965 /
+#   0.956 / 0.957 with neither). Damping: 1.0 instead of 0.01 is worse in domain and on code at every budget and
+#   better on prose only at 2.5 and 3.5 bits (3.5 bits: 0.985 / 0.979 / 0.982), so 0.01 stays. Calibrated on
+#   512-token stretches of running text instead (before passages), 0.01 / 0.1 / 0.3 / 1.0 gave prose 0.9732 /
+#   0.9714 / 0.9731 / 0.9680 at 3.6 bits.
 # - causal LMs (SmolLM2), up to 4 bits: GPTQ damped 100 x harder (1.0) on Hadamard-rotated layers. At the usual
 #   damping GPTQ fits the calibration text: better in domain and on code, worse on prose (3.6 bits, in domain /
 #   prose / code: +10 / +85 / +16 % perplexity against +19 / +56 / +20 % without GPTQ); damp 0.1: +7 / +68 / +14;
