@@ -47,7 +47,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, rd_points, window_steps)
+from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, rd_points, rotated_stats,
+                       window_steps)
 from .allocate import allocate as allocate_model
 from .calibrate import StatsHooks, token_chunks
 from .checkpoint import build_skeleton, read_meta
@@ -56,7 +57,7 @@ from .compress import compress_model_gptq as compress_model_gptq_dense
 from .gptq import gptq
 from .hf import dense_weight_of, target_layers
 from .integrity import verify_checksums
-from .nn import CompressedLinear, TiedLinear, validate_loaded
+from .nn import CompressedLinear, LinearSpec, TiedLinear, validate_loaded
 from .sources import open_checkpoint
 from .streaming import (LOCK, Plan, assemble, claim_journal, compress_unit, finished_part, finished_parts, part_layer,
                         state_units, write_part)
@@ -323,11 +324,14 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
                                int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto", distortion: str = "diag",
                                max_tokens: int = 512, skip=None, budget_bits: float | None = None,
                                window: float | None = 4.0, device=None, dtype: torch.dtype = torch.float32,
-                               progress: bool = False) -> RDTable:
+                               progress: bool = False, rotate: str | None = None, rotate_seed: int = 0) -> RDTable:
     """slc.allocate.rate_distortion for a checkpoint on disk, one decoder block in memory at a time.
 
     Same arguments and the same table; sensitivity: "fisher" (the default, as for a model with a LM head:
-    forward then backward stream), "fisher-out", or "output" (block-local, forward stream only)."""
+    forward then backward stream), "fisher-out", or "output" (block-local, forward stream only).
+    rotate / rotate_seed: every layer stored rotated (LinearSpec(rotate=...)), its points measured on W R and the
+    rotated inputs' moments, as slc.allocate.rate_distortion does; a width the rotation cannot cover fails
+    before any block is read."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds={kinds!r}: use a tuple of {KINDS}, e.g. ('ecsq',)")
@@ -341,25 +345,32 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
     layers = target_layers(stream.model, skip)
     if not layers:
         raise ValueError(f"{path}: no Linear layers outside the skipped ones")
+    spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)     # validates rotate and its seed
+    rots = {name: spec.rotation(dense_weight_of(m).shape[1], name) for name, m in layers.items()}
     points, shapes = {}, {}
 
     def on_block(i, modules, stats):
         for name, m in modules.items():
             w = dense_weight_of(m).float().cpu()
             shapes[name] = tuple(w.shape)
+            st = stats[name]
+            if rots[name] is not None:
+                w = rots[name].apply(w.double()).float()
+                st = rotated_stats(st, rots[name], keep_cov=distortion == "full")
             tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity,
                                                                    group_size)
-            points[name] = rd_points(w, stats[name], kinds, tried, int_bits, granularity, group_size,
+            points[name] = rd_points(w, st, kinds, tried, int_bits, granularity, group_size,
                                      full=distortion == "full")
 
     fisher = {"fisher": "weight", "fisher-out": "out"}.get(sensitivity, False)
-    tokens = collect_stats(stream, tokenizer, calibration_text, list(layers), max_tokens, distortion == "full",
-                           fisher, on_block, progress)
+    tokens = collect_stats(stream, tokenizer, calibration_text, list(layers), max_tokens,
+                           distortion == "full" or rotate is not None, fisher, on_block, progress)
     points = {n: points[n] for n in layers}                          # the model's order, as rate_distortion
     shapes = {n: shapes[n] for n in layers}
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
                 "distortion": distortion, "max_tokens": max_tokens, "tokens": tokens,
-                "seconds": time.perf_counter() - t0, "blockwise": True, "source": str(path)}
+                "rotate": rotate, "rotate_seed": rotate_seed, "seconds": time.perf_counter() - t0,
+                "blockwise": True, "source": str(path)}
     return RDTable(points, shapes, settings)
 
 
@@ -369,8 +380,8 @@ def allocate_checkpoint(path, tokenizer, budget_bits: float = 4.5, calibration_t
     """slc.allocate.allocate for a checkpoint on disk (HF folder / safetensors / GGUF), block by block.
 
     kwargs: those of `rate_distortion_checkpoint` (granularity, group_size, steps, int_bits, sensitivity,
-    distortion, max_tokens, skip, window, device, dtype, progress). The result is the same Allocation,
-    a policy for compress_model / compress_checkpoint / gptq_checkpoint."""
+    distortion, max_tokens, skip, window, device, dtype, progress, rotate, rotate_seed). The result is the same
+    Allocation, a policy for compress_model / compress_checkpoint / gptq_checkpoint (rotating specs with rotate=)."""
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
     if rd is None:

@@ -15,7 +15,7 @@ from slc.checkpoint import load_compressed, save_compressed
 from slc.compress import compress_model, compress_model_gptq
 from slc.metrics import perplexity, perplexity_details
 from slc.models import tiny_model
-from slc.nn import LinearSpec
+from slc.nn import CompressedLinear, LinearSpec
 from slc.synthetic import write_synthetic_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog; calibration needs a few hundred tokens. " * 8
@@ -66,6 +66,25 @@ def test_allocation_equals_the_whole_model(tiny, sensitivity):
     assert steps(a) == steps(b) and list(a) == list(b)
     assert [r.distortion for r in a.rows] == [r.distortion for r in b.rows]        # same floats, same order
     assert b.settings["blockwise"] and b.settings["tokens"] == a.settings["tokens"]
+
+
+@pytest.mark.parametrize("sensitivity", ["output", "fisher"])
+def test_rotated_allocation_equals_the_whole_model(tiny, tmp_path, sensitivity):
+    model, folder = tiny
+    a = allocate_model(model, ByteTokenizer(), 4.0, TEXT, sensitivity=sensitivity, rotate="hadamard", rotate_seed=3)
+    b = allocate_checkpoint(folder, ByteTokenizer(), 4.0, TEXT, sensitivity=sensitivity, rotate="hadamard",
+                            rotate_seed=3, device="cpu")
+    assert steps(a) == steps(b) and [r.distortion for r in a.rows] == [r.distortion for r in b.rows]
+    assert all(s.rotate == "hadamard" and s.rotate_seed == 3 for s in b.values())
+    assert b.settings["rotate"] == "hadamard" and b.settings["blockwise"]
+    plain = allocate_checkpoint(folder, ByteTokenizer(), 4.0, TEXT, sensitivity=sensitivity, device="cpu")
+    assert [r.distortion for r in plain.rows] != [r.distortion for r in b.rows]      # the rotation is measured
+    gptq_checkpoint(folder, tmp_path / "rot.slc.safetensors", ByteTokenizer(), b, TEXT, device="cpu")
+    loaded = load_compressed(tmp_path / "rot.slc.safetensors")                        # the policy stores rotated
+    layers = [m for m in loaded.modules() if isinstance(m, CompressedLinear)]
+    assert layers and all(m.rotation is not None for m in layers)
+    with pytest.raises(ValueError, match="rotate"):
+        rate_distortion_checkpoint(folder, ByteTokenizer(), TEXT, sensitivity="output", rotate="fourier")
 
 
 def test_full_distortion_and_tied_head(tiny_tied):
