@@ -135,6 +135,22 @@ def rotated_stats(st: LayerStats, rot: Rotation, keep_cov: bool = False) -> Laye
     return replace(st, x_sq=x_sq, x_cov=cov if keep_cov else None, weight_fisher=wf, shared_with=None)
 
 
+def rotated_layer(w: torch.Tensor, st: LayerStats, rot: Rotation | None,
+                  keep_cov: bool = False) -> tuple[torch.Tensor, LayerStats]:
+    """(W R, the moments of the rotated inputs R^T x) for a layer stored rotated by `rot`; (w, st) as they are
+    when rot is None."""
+    if rot is None:
+        return w, st
+    return rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=keep_cov)
+
+
+def layer_rotations(layers: dict, rotate: str | None, rotate_seed: int = 0) -> dict:
+    """{name: Rotation or None} of every layer stored with LinearSpec(rotate=, rotate_seed=): checks rotate, its
+    seed and every layer's width up front, so a bad one fails before any calibration."""
+    spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)
+    return {name: spec.rotation(dense_weight_of(m).shape[1], name) for name, m in layers.items()}
+
+
 def window_steps(w: torch.Tensor, steps, budget_bits: float, window: float, granularity, group_size) -> list:
     """The steps whose rate on w is predicted within +-window bits of the budget (rate ~ r(s0) - log2(s / s0))."""
     if window is None or not math.isfinite(window):
@@ -253,10 +269,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     layers = target_layers(model, skip)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear / Conv1D layers outside the skipped ones")
-    spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)     # validates rotate and its seed
-    rots = {}
-    for name, m in layers.items():                                  # before calibrating: bad widths fail fast
-        rots[name] = spec.rotation(dense_weight_of(m).shape[1], name)
+    rots = layer_rotations(layers, rotate, rotate_seed)              # before calibrating: bad widths fail fast
     t0 = time.perf_counter()
     full = distortion == "full" or rotate is not None
     stats = layer_stats(model, tokenizer, calibration_text, list(layers), max_tokens, full=full,
@@ -273,10 +286,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     for name, m in it:
         w = dense_weight_of(m).float()
         shapes[name] = tuple(w.shape)
-        st = stats[name]
-        if rots[name] is not None:
-            w = rots[name].apply(w.double()).float()
-            st = rotated_stats(st, rots[name], keep_cov=distortion == "full")
+        w, st = rotated_layer(w, stats[name], rots[name], keep_cov=distortion == "full")
         tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity, group_size)
         points[name] = rd_points(w, st, kinds, tried, int_bits, granularity, group_size,
                                  full=distortion == "full")

@@ -47,8 +47,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, rd_points, rotated_stats,
-                       window_steps)
+from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, layer_rotations, rd_points,
+                       rotated_layer, window_steps)
 from .allocate import allocate as allocate_model
 from .calibrate import StatsHooks, token_chunks
 from .checkpoint import build_skeleton, read_meta
@@ -57,7 +57,7 @@ from .compress import compress_model_gptq as compress_model_gptq_dense
 from .gptq import gptq
 from .hf import dense_weight_of, target_layers
 from .integrity import verify_checksums
-from .nn import CompressedLinear, LinearSpec, TiedLinear, validate_loaded
+from .nn import CompressedLinear, TiedLinear, validate_loaded
 from .sources import open_checkpoint
 from .streaming import (LOCK, Plan, assemble, claim_journal, compress_unit, finished_part, finished_parts, part_layer,
                         state_units, write_part)
@@ -345,18 +345,14 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
     layers = target_layers(stream.model, skip)
     if not layers:
         raise ValueError(f"{path}: no Linear layers outside the skipped ones")
-    spec = LinearSpec("entropy", rotate=rotate, rotate_seed=rotate_seed)     # validates rotate and its seed
-    rots = {name: spec.rotation(dense_weight_of(m).shape[1], name) for name, m in layers.items()}
+    rots = layer_rotations(layers, rotate, rotate_seed)              # before any block is read
     points, shapes = {}, {}
 
     def on_block(i, modules, stats):
         for name, m in modules.items():
             w = dense_weight_of(m).float().cpu()
             shapes[name] = tuple(w.shape)
-            st = stats[name]
-            if rots[name] is not None:
-                w = rots[name].apply(w.double()).float()
-                st = rotated_stats(st, rots[name], keep_cov=distortion == "full")
+            w, st = rotated_layer(w, stats[name], rots[name], keep_cov=distortion == "full")
             tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity,
                                                                    group_size)
             points[name] = rd_points(w, st, kinds, tried, int_bits, granularity, group_size,

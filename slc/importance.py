@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import rotated_stats
+from .allocate import rotated_layer
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow, selected_specs
 from .gptq import gptq
@@ -204,9 +204,7 @@ def compress_model_weighted(model: nn.Module, tokenizer, policy, calibration_tex
         t0 = time.perf_counter()
         w = dense_weight_of(module).float()
         st = stats[name]
-        rot = spec.rotation(w.shape[1], name)
-        if rot is not None:                                         # quantise W R for the inputs R^T x
-            w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
+        w, st = rotated_layer(w, st, spec.rotation(w.shape[1], name), keep_cov=use_gptq)   # W R for R^T x
         imp = st.weight_fisher if importance == "fisher" else st.x_sq
         if imp is None:
             raise ValueError(f"stats for {name!r} lack {'weight_fisher' if importance == 'fisher' else 'x_sq'}")

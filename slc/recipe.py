@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_stats, uniform_allocation
+from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_layer, uniform_allocation
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
@@ -244,9 +244,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                 continue
             module = modules[name]
             w, st = dense_weight_of(module).float(), stats[name]
-            rot = spec.rotation(w.shape[1], name)
-            if rot is not None:                                    # W R for the rotated inputs R^T x
-                w, st = rot.apply(w.double()).float(), rotated_stats(st, rot, keep_cov=use_gptq)
+            w, st = rotated_layer(w, st, spec.rotation(w.shape[1], name), keep_cov=use_gptq)   # W R, R^T x
             qt = weighted_quantize(w, spec.quantizer, st.x_sq)
             if use_gptq:
                 qt = gptq(w, st.x_cov, spec.quantizer, damp=damp, grid=qt)
