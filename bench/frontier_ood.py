@@ -58,6 +58,7 @@ from slc.rotation import rotate_stats  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 SETS = ("in-domain", "prose", "code")
 MODELS = ("smollm2-135m", "minilm-l6")
+CONTROL = "smollm2-135m-dithered"   # SmolLM2 off its Q4_1 grid (slc.models): run only when asked (--model)
 EVAL_CHARS = 12_000           # per evaluation set (2 850-3 480 SmolLM2 tokens each)
 CAL_CHARS = 40_000            # calibration mix (~10 000 tokens); each use takes its first N tokens
 ALLOC_TOKENS = 1_024          # Fisher / Gauss-Newton pass of the allocation
@@ -91,7 +92,7 @@ class Bench:
     def __init__(self, key: str):
         self.key = key
         self.model, self.tok = models.load(key)
-        self.lm = key == "smollm2-135m"
+        self.lm = models.task(key) == "causal-lm"
         self.layers = target_layers(self.model)
         self.orig = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self.numel = sum(w.numel() for w in self.orig.values())
@@ -430,7 +431,7 @@ def variants_table(rows: list, key: str) -> list[str]:
             r = next((r for r in mine if r["budget"] == budget and r["group"] == f"slc {label}"), None)
             if r is None:
                 cells.append("—")
-            elif key == "smollm2-135m":
+            elif models.task(key) == "causal-lm":
                 cells.append(f"{r['bits']:.2f}: " + " / ".join(f"{100 * (r['scores'][k] / ref[k] - 1):+.0f}"
                                                                  for k in SETS))
             else:
@@ -444,8 +445,8 @@ def targets_table(rows: list) -> list[str]:
     compress_to_budget at the preset's bits (better in every set?) and with 20 % fewer (as good in every set?)."""
     out = ["| model | preset + imatrix | bits | in / prose / code | slc at its bits | in / prose / code | better in |"
            " slc 20 % fewer | in / prose / code | as good in |", "|" + "|".join(["---"] * 10) + "|"]
-    for key in MODELS:
-        lm = key == "smollm2-135m"
+    for key in (*MODELS, CONTROL):
+        lm = models.task(key) == "causal-lm"
         ref = next((r["scores"] for r in rows if r["model"] == key and r["name"] == "fp32"), None)
         ctb = [r for r in rows if r["model"] == key and r.get("phase") == "targets"]
         if ref is None or not ctb:
@@ -473,6 +474,23 @@ def targets_table(rows: list) -> list[str]:
                 fewer = f" ({100 * (1 - r['bits'] / peer['bits']):.1f} % fewer)" if r is less else ""
                 cells += [f"{r['bits']:.3f}{fewer}", fmt(r["scores"]), wins(r, peer)]
             out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def control_table(rows: list) -> list[str]:
+    """Every row of the control model (CONTROL): bits/weight, perplexity and Δ % against its fp32 in each set."""
+    mine = [r for r in rows if r["model"] == CONTROL]
+    ref = next((r["scores"] for r in mine if r["name"] == "fp32"), None)
+    if ref is None or len(mine) < 2:
+        return []
+    out = ["| row | bits/w | " + " | ".join(f"ppl {k} | Δ %" for k in SETS) + " | s |",
+           "|---|" + "---:|" * (2 * len(SETS) + 2)]
+    for r in sorted(mine, key=lambda r: (r["name"] != "fp32", r["group"] != "llama.cpp", -r["bits"])):
+        cells = [r["name"], f"{r['bits']:.3f}"]
+        for k in SETS:
+            v = r["scores"][k]
+            cells += [f"{v:.3f}", "—" if r["name"] == "fp32" else f"{100 * (v / ref[k] - 1):+.1f}"]
+        out.append("| " + " | ".join(cells + [seconds(r)]) + " |")
     return out
 
 
@@ -510,6 +528,14 @@ def report(rows: list, load_note: str) -> str:
         else:
             cells += ["—"] * 5
         lines.append("| " + " | ".join(cells) + " |")
+    control = control_table(rows)
+    if control:
+        lines += ["", f"## {CONTROL}: SmolLM2 off its Q4_1 grid (the control for its origin)", "",
+                  "Every block linear weight of SmolLM2 moved by uniform noise over one grid step of its Q4_1 group "
+                  "(slc.models.dither_off_grid, seed 0), so that no 4-bit grid can find the origin's levels again. "
+                  "It is a worse model than SmolLM2 (its fp32 row), and every Δ below is against its own fp32 "
+                  "weights. llama.cpp's rows: the importance matrix computed on the same calibration mix.", ""]
+        lines += control
     for key, what in (("smollm2-135m", "Δ perplexity % against fp32"), ("minilm-l6", "cosine against fp32")):
         table = variants_table(rows, key)
         if table:
@@ -558,7 +584,8 @@ def chart_png(path: Path, max_bits: float = 6.0) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", action="append", choices=sorted(PHASES), help="phases to run (default: all)")
-    p.add_argument("--model", action="append", choices=MODELS, help="models (default: both)")
+    p.add_argument("--model", action="append", choices=(*MODELS, CONTROL),
+                   help=f"models (default: both real ones; {CONTROL} only when named)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--budgets", type=float, nargs="*", default=None,
                    help="budgets of the 'budget' and 'frontier' phases; for 'targets': rerun only these of its rows")

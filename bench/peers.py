@@ -79,7 +79,7 @@ def prepare(key: str, info: dict) -> tuple[Path, Path | None]:
     if not imat.exists():
         try:
             timed(steps, "imatrix", llamacpp.imatrix, f32, cal_file, imat, threads=THREADS,
-                  encoder=key == "minilm-l6")
+                  encoder=models.task(key) == "encoder")
         except RuntimeError as exc:
             info.setdefault("failures", {})["imatrix"] = str(exc)[-1500:]
             print(f"  imatrix failed: {str(exc)[-600:]}", flush=True)
@@ -175,13 +175,13 @@ def peers_report(rows: list, steps: dict, note: str = "") -> str:
         if info.get("kept_fp32"):
             lines.append(f"  - kept fp32 (llama.cpp's model has no such tensor): {', '.join(info['kept_fp32'])}")
     lines.append("")
-    for key in fo.MODELS:
+    for key in (*fo.MODELS, fo.CONTROL):
         rs = sorted((r for r in rows if r["model"] == key and "peer" in r),
                     key=lambda r: (llamacpp.PRESETS.index(r["peer"]["preset"]), r["peer"]["imatrix"]))
         if not rs:
             continue
         ref = steps.get(key, {}).get("fp32")
-        lm = key == "smollm2-135m"
+        lm = models.task(key) == "causal-lm"
         unit = "ppl" if lm else "cos"
         head = ["preset", "imatrix", "bits/w", "file MB"]
         for k in fo.SETS:
@@ -231,7 +231,8 @@ def write_reports(rows: list, steps: dict, note: str = "") -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", action="append", choices=fo.MODELS, help="models (default: both)")
+    p.add_argument("--model", action="append", choices=(*fo.MODELS, fo.CONTROL),
+                   help=f"models (default: both real ones; {fo.CONTROL} only when named)")
     p.add_argument("--preset", action="append", choices=llamacpp.PRESETS, help="presets (default: all)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--load-note", default="", help="what else the machine was running (for peers.md)")

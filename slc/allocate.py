@@ -241,6 +241,42 @@ class RDTable:
     points: dict                      # {module name: [Point, ...]} sorted by bits, dominated points dropped
     shapes: dict                      # {module name: (out, in)}
     settings: dict = field(default_factory=dict)
+    energy: dict = field(default_factory=dict)      # {module name: ||W||^2} (for allocate(..., temper=))
+
+
+def layer_sensitivity(pts: list[Point], energy: float) -> float:
+    """How much one unit of plain weight error costs in this layer: its distortion per unit of sum dW^2.
+
+    From the finest ECSQ point (step s x row RMS, high rate): plain error sum dW^2 ~ s^2 / 12 x ||W||^2, so
+    the sensitivity is D(s) / (s^2 / 12 x ||W||^2); for an unweighted distortion it is 1."""
+    ecsq = [p for p in pts if p.kind == "ecsq"]
+    if not ecsq or not energy > 0:
+        raise ValueError("a layer's sensitivity needs ECSQ points and its weights' energy (rate_distortion "
+                         "measures both)")
+    p = min(ecsq, key=lambda p: p.setting)
+    return max(p.distortion, 1e-300) / (p.setting ** 2 / 12 * energy)
+
+
+def check_temper(temper) -> float:
+    """temper as a float, or ValueError unless it is a number in [0, 1]."""
+    if isinstance(temper, bool) or not isinstance(temper, (int, float)) or not 0.0 <= temper <= 1.0:
+        raise ValueError(f"temper={temper!r}: use a number in [0, 1] (1: the measured sensitivities)")
+    return float(temper)
+
+
+def tempered_points(rd: RDTable, temper: float) -> dict:
+    """rd's points with every layer's sensitivity k raised to the power `temper` (0 <= temper <= 1): each
+    distortion times k^(temper - 1). 1 leaves them as measured; 0 weighs every layer's plain weight error alike
+    (relative to its energy); in between it shrinks the calibration's verdict on which layers matter toward
+    "all alike" on a log scale, a hedge for text the calibration never saw. Within a layer nothing changes."""
+    if check_temper(temper) == 1.0:
+        return rd.points
+    missing = [n for n in rd.points if n not in rd.energy]
+    if missing:
+        raise ValueError(f"temper={temper} needs the weights' energy of every layer; this rd table lacks "
+                         f"{missing[:3]} (measure it again with rate_distortion)")
+    return {n: [replace(p, distortion=p.distortion * layer_sensitivity(pts, rd.energy[n]) ** (temper - 1.0))
+                for p in pts] for n, pts in rd.points.items()}
 
 
 def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = None, kinds=("ecsq",), *,
@@ -278,14 +314,14 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     missing = [n for n in layers if n not in stats]
     if missing:
         raise ValueError(f"calibration forward pass never reached {missing[:3]}: these layers are unused")
-    points, shapes = {}, {}
+    points, shapes, energy = {}, {}, {}
     it = layers.items()
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="rate-distortion", unit="layer")
     for name, m in it:
         w = dense_weight_of(m).float()
-        shapes[name] = tuple(w.shape)
+        shapes[name], energy[name] = tuple(w.shape), float(w.double().pow(2).sum())   # R keeps the energy
         w, st = rotated_layer(w, stats[name], rots[name], keep_cov=distortion == "full")
         tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity, group_size)
         points[name] = rd_points(w, st, kinds, tried, int_bits, granularity, group_size,
@@ -293,7 +329,7 @@ def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = 
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
                 "distortion": distortion, "max_tokens": max_tokens, "tokens": max(s.tokens for s in stats.values()),
                 "rotate": rotate, "rotate_seed": rotate_seed, "seconds": time.perf_counter() - t0}
-    return RDTable(points, shapes, settings)
+    return RDTable(points, shapes, settings, energy)
 
 
 def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,
@@ -301,7 +337,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
              steps=DEFAULT_STEPS, int_bits=DEFAULT_INT_BITS, sensitivity: str = "auto",
              distortion: str = "diag", max_tokens: int = 512, skip=None, tolerance: float = 0.005,
              window: float | None = 4.0, rd: RDTable | None = None, progress: bool = False,
-             rotate: str | None = None, rotate_seed: int = 0) -> Allocation:
+             rotate: str | None = None, rotate_seed: int = 0, temper: float = 1.0) -> Allocation:
     """Choose every layer's quantiser so the model lands on `budget_bits` bits/weight with the least damage.
 
     kinds: candidate storage: "ecsq" (step grid + rANS, `steps` x row RMS) and/or "int" (affine
@@ -314,6 +350,8 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     rd: a `rate_distortion(...)` table to reuse (then the calibration arguments are not used again).
     rotate / rotate_seed: store every layer rotated (LinearSpec(rotate=...)), its points measured on W R
     (see the module docstring); with rd, the table's own setting is used.
+    temper: how far to trust the calibration's ranking of the layers (`tempered_points`): 1 as measured, 0 every
+    layer's plain weight error alike; the table's distortions are the measured ones.
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -328,6 +366,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
+    temper = check_temper(temper)
     t0 = time.perf_counter()
     if rd is None:
         rd = rate_distortion(model, tokenizer, calibration_text, kinds, granularity=granularity, group_size=group_size,
@@ -341,7 +380,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
     granularity, group_size = rd.settings["granularity"], rd.settings["group_size"]
     n_weights = {n: shape[0] * shape[1] for n, shape in rd.shapes.items()}
     total_w = sum(n_weights.values())
-    ch, lam = solve(rd.points, budget_bits * total_w, tolerance * budget_bits * total_w)
+    ch, lam = solve(tempered_points(rd, temper), budget_bits * total_w, tolerance * budget_bits * total_w)
     total_d = sum(rd.points[n][ch[n]].distortion for n in rd.points) or 1.0
     specs, rows = {}, []
     for n, pts in rd.points.items():
@@ -350,7 +389,7 @@ def allocate(model: nn.Module, tokenizer, budget_bits: float = 4.5, calibration_
                               predictor="none", rotate=rotate, rotate_seed=rotate_seed)
         rows.append(AllocationRow(n, rd.shapes[n], p.kind, p.setting, p.bits / n_weights[n],
                                   p.distortion, p.distortion / total_d))
-    settings = {**rd.settings, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}
+    settings = {**rd.settings, "temper": temper, "seconds": rd.settings["seconds"] + time.perf_counter() - t0}
     return Allocation(specs, rows, float(budget_bits), lam, settings)
 
 

@@ -346,12 +346,12 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
     if not layers:
         raise ValueError(f"{path}: no Linear layers outside the skipped ones")
     rots = layer_rotations(layers, rotate, rotate_seed)              # before any block is read
-    points, shapes = {}, {}
+    points, shapes, energy = {}, {}, {}
 
     def on_block(i, modules, stats):
         for name, m in modules.items():
             w = dense_weight_of(m).float().cpu()
-            shapes[name] = tuple(w.shape)
+            shapes[name], energy[name] = tuple(w.shape), float(w.double().pow(2).sum())
             w, st = rotated_layer(w, stats[name], rots[name], keep_cov=distortion == "full")
             tried = steps if budget_bits is None else window_steps(w, steps, budget_bits, window, granularity,
                                                                    group_size)
@@ -363,11 +363,12 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
                            distortion == "full" or rotate is not None, fisher, on_block, progress)
     points = {n: points[n] for n in layers}                          # the model's order, as rate_distortion
     shapes = {n: shapes[n] for n in layers}
+    energy = {n: energy[n] for n in layers}
     settings = {"kinds": kinds, "granularity": granularity, "group_size": group_size, "sensitivity": sensitivity,
                 "distortion": distortion, "max_tokens": max_tokens, "tokens": tokens,
                 "rotate": rotate, "rotate_seed": rotate_seed, "seconds": time.perf_counter() - t0,
                 "blockwise": True, "source": str(path)}
-    return RDTable(points, shapes, settings)
+    return RDTable(points, shapes, settings, energy)
 
 
 def allocate_checkpoint(path, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,

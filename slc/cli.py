@@ -8,7 +8,7 @@
     slc eval smol.slc --text notes.txt                     # perplexity (causal LM) or embedding cosine (encoder)
     slc render                                             # notebooks -> build/html/ with an index
 
-MODEL is one of the offline real models (`slc.models.REAL_MODELS`) or a transformers folder.
+MODEL is one of the offline models (`slc.models.OFFLINE_MODELS`) or a transformers folder.
 User mistakes (a missing file, a bad option, a corrupt file) print one line and exit with status 2;
 set SLC_DEBUG=1 to see the traceback instead.
 """
@@ -44,8 +44,8 @@ class UsageError(ValueError):
 # --- compress ------------------------------------------------------------------------------------
 
 def _load_model(name: str):
-    if name not in models.REAL_MODELS and not Path(name).is_dir():
-        raise UsageError(f"{name!r} is neither an offline model ({', '.join(models.REAL_MODELS)}) nor a folder")
+    if name not in models.OFFLINE_MODELS and not Path(name).is_dir():
+        raise UsageError(f"{name!r} is neither an offline model ({', '.join(models.OFFLINE_MODELS)}) nor a folder")
     return models.load(name)
 
 
@@ -153,13 +153,13 @@ def _tokenizer_source(args, meta: dict) -> str:
     if args.tokenizer:
         return args.tokenizer
     guess = meta["config"].get("_name_or_path") or ""
-    for name in models.REAL_MODELS:
+    for name in models.OFFLINE_MODELS:
         if guess and Path(guess).resolve() == models.model_dir(name).resolve():
             return name
     if guess and Path(guess).is_dir():
         return guess
     raise UsageError("the file does not say where its tokenizer is: pass --tokenizer MODEL|FOLDER "
-                     f"(e.g. one of {', '.join(models.REAL_MODELS)})")
+                     f"(e.g. one of {', '.join(models.OFFLINE_MODELS)})")
 
 
 def cmd_eval(args) -> int:
@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"{args.file} does not exist")
     meta = read_meta(Path(args.file))
     source = _tokenizer_source(args, meta)
-    folder = models.fetch(source, quiet=True) if source in models.REAL_MODELS else source
+    folder = models.fetch(source, quiet=True) if source in models.OFFLINE_MODELS else source
     tok = AutoTokenizer.from_pretrained(folder)
     text = _read_text(args.text) or models.evaluation_text()
     model = load_compressed(args.file)
@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  slc compress smollm2-135m -o smol.slc --rans\n"
                               "  slc compress smollm2-135m -o smol.slc --budget 4.5 --gptq",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model", help=f"an offline model ({', '.join(models.REAL_MODELS)}) or a transformers folder")
+    c.add_argument("model", help=f"an offline model ({', '.join(models.OFFLINE_MODELS)}) or a transformers folder")
     c.add_argument("-o", "--output", type=Path, required=True, help="the file to write (e.g. model.slc)")
     how = c.add_mutually_exclusive_group()
     how.add_argument("--int8", action="store_true", help="int8 per output row (the default)")

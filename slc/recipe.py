@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, RDTable, allocate, rate_distortion, rotated_layer, uniform_allocation
+from .allocate import (Allocation, RDTable, allocate, check_temper, rate_distortion, rotated_layer,
+                       uniform_allocation)
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .gptq import gptq
@@ -77,18 +78,18 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
-                                 "rotate": "hadamard"}),
+                                 "rotate": "hadamard", "temper": 1.0}),
                           (32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": GPTQ_DAMP,
-                                  "rotate": None})],
+                                  "rotate": None, "temper": 1.0})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,
-                                "rotate": "hadamard"})]}
+                                "rotate": "hadamard", "temper": 1.0})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
     """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
-    "hadamard"}: what compress_to_budget picks for a "causal-lm" or an "encoder" at this budget (DEFAULTS, set
-    from what measured best out of domain)."""
+    "hadamard", "temper": float}: what compress_to_budget picks for a "causal-lm" or an "encoder" at this budget
+    (DEFAULTS, set from what measured best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
     return dict(next(r for bound, r in DEFAULTS[task] if budget_bits <= bound))
@@ -188,7 +189,8 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
-                       allocation: str = "auto", gptq_damp: float | None = None) -> BudgetReport:
+                       allocation: str = "auto", gptq_damp: float | None = None,
+                       temper: float | None = None) -> BudgetReport:
     """Compress `model` in place to at most `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     The budget is a ceiling: the result lands between TOLERANCE (2 %) below it and the budget itself.
@@ -200,6 +202,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     inputs), None: never. allocation: "sensitivity" (per-layer steps, slc.allocate) or "uniform" (one step
     everywhere, slc.allocate.uniform_allocation), "auto" as the defaults. gptq_damp: GPTQ's damping, a fraction of
     the Hessian's mean diagonal added to it (None: the default; larger trusts the calibration text less).
+    temper: how far the allocation trusts the calibration's ranking of the layers (slc.allocate.tempered_points:
+    1 as measured, 0 all alike; None: the default at this budget).
     calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
     allocation and gptq_damp come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
@@ -207,6 +211,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
+    temper = check_temper(default_recipe(_task(model), budget_bits)["temper"] if temper is None else temper)
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
@@ -234,7 +239,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     target, attempts, layers, pol, done = budget_bits * (1 - AIM), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
-        pol = uniform_allocation(rd, target) if uniform else allocate(model, tokenizer, target, rd=rd)
+        pol = uniform_allocation(rd, target) if uniform else allocate(model, tokenizer, target, rd=rd, temper=temper)
         layers, bits = {}, 0
         it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
         for name, spec in it:
@@ -271,7 +276,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                                     tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
                                     layer.bits_per_weight, rel, 0.0))
     first = ("ECSQ, one step for every layer" if uniform else
-             f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens)")
+             f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens"
+             + (f", tempered {temper:g})" if temper != 1.0 else ")"))
     recipe = (f"{first} + activation-weighted steps ({calibration.stats_tokens} tokens)"
               + (f" + GPTQ (damp {damp:g})" if use_gptq else "")
               + (f", layers stored {rotate} rotated" if rotate else ""))

@@ -27,7 +27,7 @@ from .compress import compress_model
 from .factors import choose_rank, low_rank, quantize_factors
 from .hf import dense_weight_of
 from .lowrank import uniform_ranks  # re-exported: the notebooks call viz.uniform_ranks
-from .models import weight_kind
+from .models import task, weight_kind
 from .nn import CompressedLinear, LinearSpec
 from .quant import Quantizer
 from .symbols import entropy_bits
@@ -646,6 +646,8 @@ def frontier_figure(rows: list[dict], title: str = "Quality per bit: slc vs GGUF
 
 
 OOD_SETS = ("in-domain", "prose", "code")
+OOD_NAMES = {"smollm2-135m": "SmolLM2-135M", "minilm-l6": "all-MiniLM-L6-v2",
+             "smollm2-135m-dithered": "SmolLM2-135M off its Q4_1 grid"}
 OOD_PEERS = {"llama.cpp": ("#999999", "square-open"), "llama.cpp + imatrix": ("#111111", "square"),
              "GGUF": ("#666666", "square-open")}
 OOD_RECIPE = ("compress_to_budget", "#b8002e")        # slc's one call: one colour of its own, a thicker line
@@ -667,9 +669,10 @@ def load_ood_rows(folder) -> list[dict]:
 
 
 def ood_quality(row: dict, ref: dict, s: str) -> float:
-    """Δ perplexity in % against fp32 (SmolLM2) or 1 - cosine (MiniLM) of one row on evaluation set s."""
+    """Δ perplexity in % against fp32 (a causal LM: SmolLM2) or 1 - cosine (an encoder: MiniLM) of one row on
+    evaluation set s."""
     v = row["scores"][s]
-    return 100 * (v / ref["scores"][s] - 1) if row["model"] == "smollm2-135m" else 1 - v
+    return 100 * (v / ref["scores"][s] - 1) if task(row["model"]) == "causal-lm" else 1 - v
 
 
 def ood_figure(rows: list[dict], model: str, sets=("in-domain", "prose"), max_bits: float = 9.0) -> go.Figure:
@@ -682,7 +685,7 @@ def ood_figure(rows: list[dict], model: str, sets=("in-domain", "prose"), max_bi
     ref = next((r for r in rows if r["model"] == model and r["group"] == "reference"), None)
     if ref is None or not mine:
         raise ValueError(f"no fp32 reference or no rows for {model!r} in the out-of-domain results")
-    lm = model == "smollm2-135m"
+    lm = task(model) == "causal-lm"
     fig = make_subplots(rows=1, cols=len(sets), subplot_titles=[f"{s}{'' if s == 'in-domain' else ' (out of domain)'}"
                                                                 for s in sets])
     groups = list(dict.fromkeys(r["group"] for r in mine if r["group"] != "reference"))
@@ -701,7 +704,7 @@ def ood_figure(rows: list[dict], model: str, sets=("in-domain", "prose"), max_bi
         fig.update_xaxes(title_text="bits per weight (all overhead)", row=1, col=col)
         fig.update_yaxes(title_text="Δ perplexity vs fp32, %" if lm else "1 − cosine vs fp32", type="log",
                          row=1, col=col)
-    name = "SmolLM2-135M" if lm else "all-MiniLM-L6-v2"
+    name = OOD_NAMES.get(model, model)
     fig.update_layout(title=f"{name}: in domain and out of domain, slc against llama.cpp's presets", height=520,
                       width=560 * len(sets) + 220, margin=dict(t=90))
     return fig
@@ -716,7 +719,7 @@ def ood_table(rows: list[dict], model: str, max_bits: float = 5.0) -> list[dict]
             continue
         if any(r["scores"].get(s) is None for s in OOD_SETS):
             continue
-        key = "Δ ppl %" if model == "smollm2-135m" else "1 − cos"
+        key = "Δ ppl %" if task(model) == "causal-lm" else "1 − cos"
         out.append({"row": r["name"], "group": r["group"], "bits/w": r["bits"],
                     **{f"{key} {s}": ood_quality(r, ref, s) for s in OOD_SETS}})
     prose = next(k for k in out[0] if k.endswith("prose")) if out else None

@@ -213,3 +213,52 @@ def test_gptq_act_order_rounds_loud_inputs_first():
             p = torch.randperm(48, generator=g)
             shuffled = gptq(w[:, p], C[p][:, p], q, act_order=True)
             assert torch.equal(shuffled.codes, ordered.codes[:, p])
+
+
+def test_tempering_shrinks_the_layers_sensitivities_on_a_log_scale():
+    from slc.allocate import layer_sensitivity, tempered_points
+
+    model = tiny_model("llama")
+    rd = rate_distortion(model, ByteTokenizer(), TEXT, window=None)                  # Fisher: unequal layers
+    k = {n: layer_sensitivity(pts, rd.energy[n]) for n, pts in rd.points.items()}
+    assert max(k.values()) > 4 * min(k.values())
+    assert tempered_points(rd, 1.0) is rd.points                                      # as measured
+    for temper in (0.0, 0.5):
+        pts = tempered_points(rd, temper)
+        for n in rd.points:
+            assert layer_sensitivity(pts[n], rd.energy[n]) == pytest.approx(k[n] ** temper, rel=1e-9)
+            assert [p.bits for p in pts[n]] == [p.bits for p in rd.points[n]]      # rates untouched
+    # an unweighted ("output" with one output weight) layer's sensitivity is its input energy per unit error
+    plain = [Point("ecsq", 0.01, 1.0, 0.01 ** 2 / 12 * 8.0)]
+    assert layer_sensitivity(plain, 8.0) == pytest.approx(1.0)
+
+
+def test_a_tempered_allocation_moves_bits_from_the_sensitive_layers_to_the_others():
+    model = tiny_model("llama")
+    rd = rate_distortion(model, ByteTokenizer(), TEXT, window=None)
+    from slc.allocate import layer_sensitivity
+    k = {n: layer_sensitivity(pts, rd.energy[n]) for n, pts in rd.points.items()}
+    hot, cold = max(k, key=k.get), min(k, key=k.get)
+    bits = {t: {r.name: r.bits_per_weight for r in allocate(model, None, 4.0, rd=rd, temper=t).rows}
+            for t in (1.0, 0.0)}
+    assert bits[1.0][hot] > bits[0.0][hot] and bits[1.0][cold] < bits[0.0][cold]
+    for t, b in bits.items():                                                      # both on the budget
+        total = sum(b[n] * rd.shapes[n][0] * rd.shapes[n][1] for n in b)
+        assert total / sum(a * c for a, c in rd.shapes.values()) == pytest.approx(4.0, rel=0.01), t
+    assert allocate(model, None, 4.0, rd=rd, temper=0.5).settings["temper"] == 0.5
+
+
+@pytest.mark.parametrize("temper", [-0.1, 1.5, True, "0.5"])
+def test_a_bad_temper_fails_before_any_calibration(temper, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.modules["slc.allocate"], "rate_distortion", lambda *a, **k: pytest.fail("calibrated before checking temper"))
+    with pytest.raises(ValueError, match="temper"):
+        allocate(tiny_model("llama"), ByteTokenizer(), 4.0, calibration_text=TEXT, temper=temper)
+
+
+def test_tempering_needs_the_weights_energy():
+    rd = RDTable({"a": [Point("ecsq", 0.1, 64.0, 1.0)]}, {"a": (4, 4)}, {"granularity": "channel"})
+    from slc.allocate import tempered_points
+    assert tempered_points(rd, 1.0) is rd.points
+    with pytest.raises(ValueError, match="energy"):
+        tempered_points(rd, 0.5)

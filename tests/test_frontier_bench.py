@@ -90,3 +90,23 @@ def test_targets_table_says_where_slc_wins_and_where_it_does_not():
     assert cells[6] == "in-domain, prose" and cells[9] == "code"     # 11.5 > 11 on code; at 3.6 only code holds
     rows[3]["scores"]["code"] = 10.0
     assert fo.targets_table(rows)[2].split("|")[7].strip() == "all three"
+
+
+def test_the_control_table_gives_every_row_against_its_own_fp32():
+    import frontier_ood as fo
+
+    def row(name, bits, scores, group):
+        return {"model": fo.CONTROL, "name": name, "group": group, "bits": bits, "note": "", "phase": "",
+                "scores": dict(zip(fo.SETS, scores, strict=True)), "seconds": 1.0}
+
+    assert fo.control_table([row("fp32", 32.0, (20.0, 10.0, 8.0), "reference")]) == []     # nothing to compare yet
+    rows = [row("llama.cpp IQ4_NL + imatrix", 4.5, (22.0, 12.0, 8.8), "llama.cpp + imatrix"),
+            row("fp32", 32.0, (20.0, 10.0, 8.0), "reference"),
+            row("compress_to_budget 3.600", 3.566, (21.0, 15.0, 8.4), "compress_to_budget"),
+            {**row("fp32", 32.0, (15.0, 8.0, 7.0), "reference"), "model": "smollm2-135m"}]   # another model's
+    lines = fo.control_table(rows)
+    assert len(lines) == 5                                          # header, rule, fp32, IQ4_NL, slc
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    assert [c[0] for c in cells] == ["fp32", "llama.cpp IQ4_NL + imatrix", "compress_to_budget 3.600"]
+    assert cells[1][2:8] == ["22.000", "+10.0", "12.000", "+20.0", "8.800", "+10.0"]
+    assert cells[2][1] == "3.566" and cells[2][5] == "+50.0"

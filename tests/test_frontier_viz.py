@@ -136,6 +136,13 @@ def test_ood_table_and_figure():
         viz.ood_figure(rows[1:], "smollm2-135m")
 
 
+def test_the_off_grid_control_reads_as_a_causal_lm():
+    rows = [dict(r, model="smollm2-135m-dithered") for r in _ood_rows()]
+    t = viz.ood_table(rows, "smollm2-135m-dithered", max_bits=5.0)
+    assert t[0]["Δ ppl % prose"] == pytest.approx(10.0)                        # Δ % against its own fp32, not 1 - cos
+    assert "off its Q4_1 grid" in viz.ood_figure(rows, "smollm2-135m-dithered").layout.title.text
+
+
 def test_load_ood_rows(tmp_path):
     with pytest.raises(ValueError, match="frontier_ood"):
         viz.load_ood_rows(tmp_path)
