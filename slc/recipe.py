@@ -74,11 +74,22 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   origin: prose +5.5 % at 4.5 bits without either, +12.6 % with both (in domain and code stay better with both:
 #   +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 / +0.9 against +0.7 / +3.0 / +1.8). Rotation alone
 #   loses in domain at every budget (3.5 bits +25 / +52 / +25 % against +19 / +53 / +21 %).
+# - temper (slc.allocate.tempered_points): the allocation's trust in the calibration's ranking of the layers; each
+#   layer's sensitivity k (loss per unit of weight error, from 1 024 tokens of the calibration mix) counts as
+#   k^temper. Causal LMs up to 4 bits: 0.5. SmolLM2 at 3.6 bits (rotation + GPTQ damp 1), temper 1 / 0.75 / 0.5 /
+#   0.25 / 0: +8.0 / +42.6 / +10.8, +7.8 / +37.3 / +10.5, +8.0 / +35.1 / +10.4, +7.8 / +39.7 / +11.1, +11.5 /
+#   +51.1 / +11.9 % (one-off runs reading k at the step nearest 0.25; the library reads it at the finest step:
+#   +7.9 / +35.3 / +10.4 % in the 3.6-bit targets row). On SmolLM2 off its Q4_1 grid (slc.models, the control,
+#   not used to choose) 0.5 against 1: +10.3 / +37.6 / +15.4 against +11.3 / +56.6 / +17.3 %. Above 4 bits
+#   (unrotated, no GPTQ) the two models disagree at 4.49 bits: SmolLM2 +2.9 / +7.3 / +3.7 against +3.5 / +6.2 /
+#   +3.7 %, the control +8.0 / +6.1 / +6.3 against +7.7 / +10.7 / +7.0 %, so 1 stays there. Encoders keep 1:
+#   MiniLM at 3.6 bits, 0.5 gave 0.9910 / 0.9823 / 0.9863 against 0.9913 / 0.9811 / 0.9870 (within the rotation
+#   seeds' spread).
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
-                                 "rotate": "hadamard", "temper": 1.0}),
+                                 "rotate": "hadamard", "temper": 0.5}),
                           (32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": GPTQ_DAMP,
                                   "rotate": None, "temper": 1.0})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,

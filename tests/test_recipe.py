@@ -80,7 +80,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
         for budget in (2.5, 3.6, 4.5, 8.0):
             d = default_recipe(task, budget)
             assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard") and d["gptq_damp"] > 0
-            assert d["allocation"] in ("sensitivity", "uniform")
+            assert d["allocation"] in ("sensitivity", "uniform") and 0 <= d["temper"] <= 1
     with pytest.raises(ValueError, match="task="):
         default_recipe("vision", 4.0)
     model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
@@ -89,8 +89,25 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     assert ("GPTQ" in report.recipe) == d["use_gptq"] and ("rotated" in report.recipe) == bool(d["rotate"])
     assert ("one step for every layer" in report.recipe) == (d["allocation"] == "uniform")
     assert (f"damp {d['gptq_damp']:g}" in report.recipe) == d["use_gptq"]
+    assert (f"tempered {d['temper']:g}" in report.recipe) == (d["temper"] != 1)
+    assert report.allocation.settings["temper"] == d["temper"]
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
+
+
+def test_temper_reaches_the_allocation_and_is_checked():
+    """temper= overrides the default on a reused calibration: other steps, named in the recipe; bad values refused."""
+    text = "calibration text for a tiny model " * 40
+    cal = calibrate_for_budget(tiny_model("llama"), _tok, text, progress=False, use_gptq=False, rotate=None,
+                               allocation="sensitivity")
+    as_measured = compress_to_budget(tiny_model("llama"), _tok, 3.5, progress=False, calibration=cal, temper=1.0)
+    alike = compress_to_budget(tiny_model("llama"), _tok, 3.5, progress=False, calibration=cal, temper=0.0)
+    assert "tempered" not in as_measured.recipe and "tempered 0)" in alike.recipe
+    steps = lambda r: {n: s.quantizer.step for n, s in r.allocation.items()}
+    assert steps(as_measured) != steps(alike) and lands(alike.bits_per_weight, 3.5)
+    for bad in (-0.5, 2, True):
+        with pytest.raises(ValueError, match="temper="):
+            compress_to_budget(tiny_model("llama"), _tok, 3.5, progress=False, calibration=cal, temper=bad)
 
 
 @pytest.mark.parametrize("rotate", [None, "hadamard"])
