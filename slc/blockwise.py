@@ -47,8 +47,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, layer_rotations, rd_points,
-                       rotated_layer, window_steps)
+from .allocate import (DEFAULT_INT_BITS, DEFAULT_STEPS, KINDS, Allocation, RDTable, check_temper, layer_rotations,
+                       rd_points, rotated_layer, window_steps)
 from .allocate import allocate as allocate_model
 from .calibrate import StatsHooks, token_chunks
 from .checkpoint import build_skeleton, read_meta
@@ -373,17 +373,19 @@ def rate_distortion_checkpoint(path, tokenizer, calibration_text: str | None = N
 
 def allocate_checkpoint(path, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None,
                         kinds=("ecsq",), *, tolerance: float = 0.005, rd: RDTable | None = None,
-                        **kwargs) -> Allocation:
+                        temper: float = 1.0, **kwargs) -> Allocation:
     """slc.allocate.allocate for a checkpoint on disk (HF folder / safetensors / GGUF), block by block.
 
     kwargs: those of `rate_distortion_checkpoint` (granularity, group_size, steps, int_bits, sensitivity,
-    distortion, max_tokens, skip, window, device, dtype, progress, rotate, rotate_seed). The result is the same
+    distortion, max_tokens, skip, window, device, dtype, progress, rotate, rotate_seed). temper: as in
+    slc.allocate.allocate (compress_to_budget's causal-LM default up to 4 bits is 0.5). The result is the same
     Allocation, a policy for compress_model / compress_checkpoint / gptq_checkpoint (rotating specs with rotate=)."""
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0.5 <= budget_bits <= 16:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in [0.5, 16], e.g. 4.5")
+    temper = check_temper(temper)                                   # before any block is read
     if rd is None:
         rd = rate_distortion_checkpoint(path, tokenizer, calibration_text, kinds, budget_bits=budget_bits, **kwargs)
-    return allocate_model(None, None, budget_bits, rd=rd, tolerance=tolerance)
+    return allocate_model(None, None, budget_bits, rd=rd, tolerance=tolerance, temper=temper)
 
 
 def allocate(model, tokenizer, budget_bits: float = 4.5, calibration_text: str | None = None, kinds=("ecsq",),

@@ -251,7 +251,8 @@ def test_a_tempered_allocation_moves_bits_from_the_sensitive_layers_to_the_other
 @pytest.mark.parametrize("temper", [-0.1, 1.5, True, "0.5"])
 def test_a_bad_temper_fails_before_any_calibration(temper, monkeypatch):
     import sys
-    monkeypatch.setattr(sys.modules["slc.allocate"], "rate_distortion", lambda *a, **k: pytest.fail("calibrated before checking temper"))
+    monkeypatch.setattr(sys.modules["slc.allocate"], "rate_distortion",
+                        lambda *a, **k: pytest.fail("calibrated before checking temper"))
     with pytest.raises(ValueError, match="temper"):
         allocate(tiny_model("llama"), ByteTokenizer(), 4.0, calibration_text=TEXT, temper=temper)
 

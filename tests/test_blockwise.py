@@ -68,6 +68,18 @@ def test_allocation_equals_the_whole_model(tiny, sensitivity):
     assert b.settings["blockwise"] and b.settings["tokens"] == a.settings["tokens"]
 
 
+def test_tempered_allocation_equals_the_whole_model(tiny):
+    """The block-wise table holds the weights' energy too, so temper= gives the whole model's steps."""
+    model, folder = tiny
+    a = allocate_model(model, ByteTokenizer(), 4.0, TEXT, sensitivity="fisher", temper=0.5)
+    b = allocate_checkpoint(folder, ByteTokenizer(), 4.0, TEXT, sensitivity="fisher", temper=0.5, device="cpu")
+    assert steps(a) == steps(b) and b.settings["temper"] == 0.5
+    as_measured = allocate_checkpoint(folder, ByteTokenizer(), 4.0, TEXT, sensitivity="fisher", device="cpu")
+    assert steps(as_measured) != steps(b)
+    with pytest.raises(ValueError, match="temper="):
+        allocate_checkpoint(folder / "missing", ByteTokenizer(), 4.0, TEXT, temper=1.5)   # before reading anything
+
+
 @pytest.mark.parametrize("sensitivity", ["output", "fisher"])
 def test_rotated_allocation_equals_the_whole_model(tiny, tmp_path, sensitivity):
     model, folder = tiny
