@@ -43,7 +43,7 @@ from .texts import calibration_mix
 
 TOLERANCE = 0.02              # the result lands at most 2 % below the budget and never above it, or nothing changes
 AIM = 0.01                    # ... aimed 1 % below the budget, and re-aimed while it lands outside that window
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 6
 CALIBRATION_CHARS = 40_000    # of slc.texts.calibration_mix when no text is given (~10 000 SmolLM2 tokens)
 ALLOC_TOKENS = 1_024          # tokens for the allocation's Fisher / Gauss-Newton pass (one backward each)
 # tokens for the input moments behind the weighted scales (and GPTQ), per kind of model. MiniLM at 3.53 bits
@@ -128,6 +128,18 @@ class BudgetReport:
                 f"({100 * self.error:+.2f} %), {len(self.compression.rows)} layers\n"
                 f"recipe: {self.recipe}\nattempts (target -> measured): {tries}\n"
                 f"{self.seconds:.0f} s")
+
+
+def next_target(attempts: list, aim: float) -> float:
+    """The allocation target of the next attempt to land on `aim` bits/weight measured, from the (target, measured)
+    pairs so far: the last target rescaled by aim / measured (rates move together), or, once two attempts have
+    bracketed a slope, the secant through the last two (fixed overheads make rates move less than in proportion)."""
+    t1, m1 = attempts[-1]
+    if len(attempts) >= 2:
+        t0, m0 = attempts[-2]
+        if t1 != t0 and (m1 - m0) / (t1 - t0) > 0:
+            return t1 + (aim - m1) * (t1 - t0) / (m1 - m0)
+    return t1 * aim / m1
 
 
 def rotatable(width: int) -> bool:
@@ -250,6 +262,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     target, attempts, layers, pol, done = budget_bits * (1 - AIM), [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
+        if attempts and target == attempts[-1][0]:          # pinned at the coarsest / finest steps: no way closer
+            break
         pol = uniform_allocation(rd, target) if uniform else allocate(model, tokenizer, target, rd=rd, temper=temper)
         layers, bits = {}, 0
         it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
@@ -274,7 +288,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         attempts.append((target, measured))
         if lands(measured):
             break
-        target *= budget_bits * (1 - AIM) / measured       # rates move together: rescale the target and retry
+        target = next_target(attempts, budget_bits * (1 - AIM))
     if not lands(measured):
         raise RuntimeError(f"could not land within {TOLERANCE:.0%} below {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")

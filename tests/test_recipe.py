@@ -141,7 +141,7 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
-                                              "rotate": "hadamard"})])
+                                 "rotate": "hadamard", "temper": 1.0})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe
@@ -193,3 +193,24 @@ def test_gptq_damping_is_the_recipes_and_checked():
         with pytest.raises(ValueError, match="gptq_damp="):
             compress_to_budget(tiny_model("llama"), _tok, 3.0, calibration_text=text, progress=False,
                                use_gptq=True, rotate=None, gptq_damp=bad)
+
+
+def test_next_target_rescales_then_follows_the_secant():
+    from slc.recipe import next_target
+    assert next_target([(3.0, 3.3)], 3.0) == pytest.approx(3.0 * 3.0 / 3.3)          # one attempt: rescale
+    # rates with a fixed overhead (measured = 0.8 x target + 0.9): the secant lands on the aim at once
+    measured = lambda t: 0.8 * t + 0.9
+    t = next_target([(3.0, measured(3.0)), (2.7, measured(2.7))], 3.0)
+    assert measured(t) == pytest.approx(3.0)
+    assert next_target([(3.0, 3.3), (2.7, 3.4)], 3.0) == pytest.approx(2.7 * 3.0 / 3.4)   # no slope: rescale
+
+
+def test_a_budget_the_overheads_keep_out_of_reach_stops_at_the_coarsest_steps():
+    """The steps' estimate says 2.5 bits is reachable, the tiny layers' real overheads say not: once the target is
+    pinned at the coarsest steps no further attempt is made, and the model is left as it was."""
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="could not land") as err:
+        compress_to_budget(model, _tok, 2.5, calibration_text="calibration text for a tiny model " * 40,
+                           progress=False, use_gptq=True, rotate=None, gptq_damp=0.01, temper=0.5)
+    assert str(err.value).count("), (") <= 2                                     # attempts listed: at most two
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
