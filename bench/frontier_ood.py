@@ -292,17 +292,20 @@ def default_variant(b: Bench, budget: float) -> tuple:
     return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"]
 
 
-# (allocation, GPTQ, rotation, GPTQ's damping): sensitivity allocation or one step x without / with GPTQ x without /
-# with rotation at the usual damping, then GPTQ damped 100 x harder (trusting the calibration text less)
-VARIANTS = ([(alloc, gptq, rot, DAMP) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
+# (allocation, GPTQ, rotation, GPTQ's damping, the allocation's temper): sensitivity allocation or one step x
+# without / with GPTQ x without / with rotation at the usual damping, then GPTQ damped 100 x harder (trusting the
+# calibration text less), then that with the allocation tempered (session 8: the causal-LM default up to 4 bits)
+VARIANTS = ([(alloc, gptq, rot, DAMP, 1.0) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
              for gptq in (False, True)]
-            + [("sensitivity", True, rot, 1.0) for rot in (None, "hadamard")])
+            + [("sensitivity", True, rot, 1.0, 1.0) for rot in (None, "hadamard")]
+            + [("sensitivity", True, "hadamard", 1.0, 0.5)])
 
 
-def variant_label(allocation: str, use_gptq: bool, rotate, damp: float = DAMP) -> str:
+def variant_label(allocation: str, use_gptq: bool, rotate, damp: float = DAMP, temper: float = 1.0) -> str:
     gptq = (" + GPTQ" + (f" damp {damp:g}" if damp != DAMP else "")) if use_gptq else ""
-    return ("one step" if allocation == "uniform" else "allocated") + " + weighted" + gptq + (" + rotation" if rotate
-                                                                                           else "")
+    return (("one step" if allocation == "uniform" else "allocated" + (f" (tempered {temper:g})" if temper != 1
+                                                                         else ""))
+            + " + weighted" + gptq + (" + rotation" if rotate else ""))
 
 
 def phase_frontier(b: Bench, rows: list):
@@ -313,18 +316,19 @@ def phase_frontier(b: Bench, rows: list):
     import copy
 
     from slc.recipe import calibrate_for_budget, compress_to_budget
-    for allocation, use_gptq, rotate, damp in b.variants or VARIANTS:
+    for allocation, use_gptq, rotate, damp, temper in b.variants or VARIANTS:
         cal = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq, rotate=rotate,
                                    allocation=allocation, gptq_damp=damp)
-        label = variant_label(allocation, use_gptq, rotate, damp)
+        label = variant_label(allocation, use_gptq, rotate, damp, temper)
         print(f"  calibration ({label}): {cal.seconds:.0f} s", flush=True)
         for budget in b.budgets or FRONTIER_BUDGETS:
             model = copy.deepcopy(b.model)
-            rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
+            rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal, temper=temper)
             sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
             row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
                          group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
-            row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp)
+            row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp,
+                       temper=temper)
             save(rows)
             del model
 
@@ -373,7 +377,8 @@ def phase_targets(b: Bench, rows: list):
         row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, sd, 0.0,
                      note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",
                      seconds=cal.seconds + rep.seconds)
-        row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp, target=why)
+        row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp, target=why,
+                   temper=rep.allocation.settings.get("temper", 1.0))
         save(rows)
 
 

@@ -67,9 +67,11 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   damping GPTQ fits the calibration text: better in domain and on code, worse on prose (3.6 bits, in domain /
 #   prose / code: +10 / +85 / +16 % perplexity against +19 / +56 / +20 % without GPTQ); damp 0.1: +7 / +68 / +14;
 #   damp 1: +10 / +50 / +13; damp 3: +11 / +61 / +16; damp 1 on rotated layers: +8 / +39 / +11. From 3.17 to 4.0
-#   bits that is better than neither in every set (3.39 bits: +10 / +56 / +15 against +25 / +73 / +25); at 3.0
-#   and 2.5 bits it is far better in domain and on code but worse on prose (3.0: +18 / +125 / +30 against +50 /
-#   +111 / +48). At 4.0 bits still better in every set (+4.4 / +24 / +3.8 against +8.7 / +26 / +9.7). Above 4
+#   bits that is better than neither in every set (3.39 bits: +10 / +56 / +15 against +25 / +73 / +25), except
+#   prose at 3.5 bits on the frontier (3.467 bits: +8.1 / +53.0 / +12.8 against +19.4 / +52.6 / +21.1; tempered
+#   +8.1 / +48.6 / +12.2); at 3.0 and 2.5 bits it is far better in domain and on code but worse on prose (2.975
+#   bits: +18.8 / +141.2 / +32.2 against +50.1 / +111.4 / +47.9). At 4.0 bits still better in every set (+4.4 /
+#   +24.0 / +3.8 against +8.7 / +25.8 / +9.7). Above 4
 #   bits: neither. SmolLM2 is a de-quantised Q4_1 file, and from 4.1 bits the unrotated grid comes close to its
 #   origin: prose +5.5 % at 4.5 bits without either, +12.6 % with both (in domain and code stay better with both:
 #   +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 / +0.9 against +0.7 / +3.0 / +1.8). Rotation alone
@@ -82,7 +84,11 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   +7.9 / +35.3 / +10.4 % in the 3.6-bit targets row). On SmolLM2 off its Q4_1 grid (slc.models, the control,
 #   not used to choose) 0.5 against 1: +10.3 / +37.6 / +15.4 against +11.3 / +56.6 / +17.3 %. Above 4 bits
 #   (unrotated, no GPTQ) the two models disagree at 4.49 bits: SmolLM2 +2.9 / +7.3 / +3.7 against +3.5 / +6.2 /
-#   +3.7 %, the control +8.0 / +6.1 / +6.3 against +7.7 / +10.7 / +7.0 %, so 1 stays there. Encoders keep 1:
+#   +3.7 %, the control +8.0 / +6.1 / +6.3 against +7.7 / +10.7 / +7.0 %, so 1 stays there. On SmolLM2's
+#   frontier (same landing, tempered against not): 2.5 bits +62.5 / +766.7 / +77.6 against +53.1 / +752.8 /
+#   +80.4 %, 3.0 bits +20.8 / +126.7 / +32.1 against +18.8 / +141.2 / +32.2 %, 3.5 bits +8.1 / +48.6 / +12.2
+#   against +8.1 / +53.0 / +12.8 %, 4.0 bits +4.2 / +25.3 / +5.0 against +4.4 / +24.0 / +3.8 %: prose gains
+#   from 3.0 to 3.6 bits, a loss at 2.5 bits in two sets of three. Encoders keep 1:
 #   MiniLM at 3.6 bits, 0.5 gave 0.9910 / 0.9823 / 0.9863 against 0.9913 / 0.9811 / 0.9870 (within the rotation
 #   seeds' spread).
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
