@@ -275,8 +275,11 @@ def tempered_points(rd: RDTable, temper: float) -> dict:
     if missing:
         raise ValueError(f"temper={temper} needs the weights' energy of every layer; this rd table lacks "
                          f"{missing[:3]} (measure it again with rate_distortion)")
-    return {n: [replace(p, distortion=p.distortion * layer_sensitivity(pts, rd.energy[n]) ** (temper - 1.0))
-                for p in pts] for n, pts in rd.points.items()}
+    out = {}
+    for n, pts in rd.points.items():
+        scale = layer_sensitivity(pts, rd.energy[n]) ** (temper - 1.0)          # once per layer
+        out[n] = [replace(p, distortion=p.distortion * scale) for p in pts]
+    return out
 
 
 def rate_distortion(model: nn.Module, tokenizer, calibration_text: str | None = None, kinds=("ecsq",), *,

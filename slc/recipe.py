@@ -12,8 +12,8 @@ slc.texts' calibration mix, evaluated on package READMEs / licences and Python s
     3. GPTQ         error feedback on those grids, damped as much as measured best out of domain (DEFAULTS)
     4. landing      the bits are measured on the real rANS-coded layers (words, states, tables, scales,
                     escapes: everything the layers hold); the budget is a ceiling: if they land above it or
-                    more than 2 % below it, the allocation target is rescaled and steps 1-3 rerun (the
-                    calibration is reused)
+                    more than 2 % below it, the allocation target is re-aimed (`next_target`) and steps 1-3
+                    rerun (the calibration is reused)
 
 The model is changed in place only once the result lands within `TOLERANCE` (2 %) below the budget; a budget
 outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
@@ -71,11 +71,11 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   prose at 3.5 bits on the frontier (3.467 bits: +8.1 / +53.0 / +12.8 against +19.4 / +52.6 / +21.1; tempered
 #   +8.1 / +48.6 / +12.2); at 3.0 and 2.5 bits it is far better in domain and on code but worse on prose (2.975
 #   bits: +18.8 / +141.2 / +32.2 against +50.1 / +111.4 / +47.9). At 4.0 bits still better in every set (+4.4 /
-#   +24.0 / +3.8 against +8.7 / +25.8 / +9.7). Above 4
-#   bits: neither. SmolLM2 is a de-quantised Q4_1 file, and from 4.1 bits the unrotated grid comes close to its
-#   origin: prose +5.5 % at 4.5 bits without either, +12.6 % with both (in domain and code stay better with both:
-#   +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 / +0.9 against +0.7 / +3.0 / +1.8). Rotation alone
-#   loses in domain at every budget (3.5 bits +25 / +52 / +25 % against +19 / +53 / +21 %).
+#   +24.0 / +3.8 against +8.7 / +25.8 / +9.7). Above 4 bits: neither. SmolLM2 is a de-quantised Q4_1 file, and
+#   from 4.1 bits the unrotated grid comes close to its origin: prose +5.5 % at 4.5 bits without either, +12.6 %
+#   with both (in domain and code stay better with both: +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 /
+#   +0.9 against +0.7 / +3.0 / +1.8). Rotation alone loses in domain at every budget (3.5 bits +25 / +52 / +25 %
+#   against +19 / +53 / +21 %).
 # - temper (slc.allocate.tempered_points): the allocation's trust in the calibration's ranking of the layers; each
 #   layer's sensitivity k (loss per unit of weight error, from 1 024 tokens of the calibration mix) counts as
 #   k^temper. Causal LMs up to 4 bits: 0.5. SmolLM2 at 3.6 bits (rotation + GPTQ damp 1), temper 1 / 0.75 / 0.5 /
