@@ -164,3 +164,29 @@ def test_compressed_linear_entropy_kind_with_ecsq(tmp_path):
     back = load_compressed(tmp_path / "m.slc")
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_shannon_gap_at_high_rate_is_the_space_filling_loss():
+    """A uniform grid with an ideal coder is 1/2 log2(pi e / 6) bits above the Shannon lower bound at high rate,
+    for a Gaussian and a Laplacian alike; the differential entropies are the textbook ones (unit RMS)."""
+    from slc.ecsq import HIGH_RATE_GAP, shannon_gap
+    g = torch.Generator().manual_seed(0)
+    gauss = torch.randn(256, 1024, generator=g)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((256, 1024))
+    for w, h in ((gauss, 0.5 * np.log2(2 * np.pi * np.e)), (laplace, np.log2(2 * np.e / np.sqrt(2)))):
+        r = shannon_gap(w, 0.1)
+        assert abs(r["entropy"] - h) < 0.01
+        assert abs(r["gap"] - HIGH_RATE_GAP) < 0.01
+        assert abs(r["rate"] - (r["bound"] + r["gap"])) < 1e-9
+    coarse = shannon_gap(gauss, 2.5)             # at ~1 bit a plain grid is far from the Gaussian's R(D)
+    assert abs(coarse["bound"] - 0.5 * np.log2(1 / coarse["distortion"])) < 0.01
+    assert coarse["gap"] > 0.4
+
+
+@pytest.mark.parametrize("w, step", [(torch.randn(100), 0.1), (torch.randn(8, 8), 0.0),
+                                     (torch.randn(8, 8), float("nan")), (torch.ones(8, 8), 0.1),
+                                     (torch.zeros(8, 8), 0.1), (torch.randn(8, 8), True)])
+def test_shannon_gap_bad_input(w, step):
+    from slc.ecsq import shannon_gap
+    with pytest.raises(ValueError):
+        shannon_gap(w, step)

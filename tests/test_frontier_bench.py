@@ -110,3 +110,24 @@ def test_the_control_table_gives_every_row_against_its_own_fp32():
     assert [c[0] for c in cells] == ["fp32", "llama.cpp IQ4_NL + imatrix", "compress_to_budget 3.600"]
     assert cells[1][2:8] == ["22.000", "+10.0", "12.000", "+20.0", "8.800", "+10.0"]
     assert cells[2][1] == "3.566" and cells[2][5] == "+50.0"
+
+
+def test_the_wide_table_gives_both_lengths_and_the_verdict_on_each():
+    import frontier_ood as fo
+    import wide_eval
+
+    def row(name, group, bits, short, wide, **kw):
+        sc = {str(n): dict(zip(fo.SETS, s, strict=True)) for n, s in zip(wide_eval.LENGTHS, (short, wide), strict=True)}
+        return {"model": "smollm2-135m", "name": name, "group": group, "bits": bits, "scores": sc, **kw}
+
+    rows = [row("compress_to_budget 3.600", "compress_to_budget", 3.566, (11.0, 12.0, 10.0), (11.0, 14.0, 10.0),
+                target=["20% below IQ4_NL"]),
+            row("fp32", "fp32", 32.0, (10.0, 10.0, 10.0), (10.0, 10.0, 10.0)),
+            row("llama.cpp IQ4_NL + imatrix", "llama.cpp + imatrix", 4.5, (12.0, 13.0, 11.0), (12.0, 13.0, 11.0),
+                preset="IQ4_NL")]
+    lines = wide_eval.report(rows, "load note").splitlines()
+    table = [ln for ln in lines if ln.startswith("| ")][1:]
+    peer, mine = ([c.strip() for c in ln.strip("|").split("|")] for ln in table)
+    assert peer[:4] == ["llama.cpp IQ4_NL + imatrix", "4.500", "+20.0 / +30.0 / +10.0", "+20.0 / +30.0 / +10.0"]
+    assert mine[1:4] == ["3.566", "+10.0 / +20.0 / +0.0", "+10.0 / +40.0 / +0.0"]
+    assert mine[4] == "IQ4_NL: in-domain, prose, code" and mine[5] == "IQ4_NL: in-domain, code"   # prose lost at 48k
