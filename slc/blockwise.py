@@ -438,7 +438,10 @@ def gptq_checkpoint(src, dst, tokenizer, policy, calibration_text: str | None = 
     GPTQ paper's order (each block calibrated on the outputs of the already-quantised blocks before it, and its
     layers quantised group by group, q/k/v -> o -> gate/up -> down); False: every C from the original model,
     byte for byte what compress_model_gptq writes. Parameters the policy leaves dense (embeddings, norms,
-    lm_head) are stored in `dtype`, as a model loaded in that dtype would store them.
+    lm_head) are stored in `dtype`, as a model loaded in that dtype would store them. damp: the fraction of
+    the Hessian's mean diagonal added to it (slc.gptq). 0.01 is the GPTQ paper's; out of domain on SmolLM2,
+    compress_to_budget uses 1.0 with rotating specs up to 4 bits (slc.recipe.DEFAULTS): at 0.01 GPTQ fits the
+    calibration text and loses on other kinds of text (bench/results/frontier_ood.md).
 
     The file is written as compress_checkpoint writes it (slc.streaming): each compressed layer goes to its
     own part in the journal `.DST.journal/` as soon as it is made and is dropped, the dense tensors follow,
