@@ -21,7 +21,8 @@ per weight (`estimate_bits`: entropy + table + states + escapes + scales + heade
 tracks the real `CompressedTensor.bits_per_weight` to within a fraction of a percent.
 `sweep(w, steps, ...)` gives rate and (weighted) squared error for many steps in one compiled
 pass each, code for code what the quantiser does, without building any codes: slc.allocate
-uses it for every layer's rate-distortion points.
+uses it for every layer's rate-distortion points. `shannon_gap(w, step)` says how far the codes are from the
+Shannon lower bound of the weights (about a quarter of a bit: what a vector quantiser could still win).
 
 >>> import torch
 >>> from slc import Quantizer
