@@ -114,14 +114,16 @@ class Bench:
             out[k] = float((e * self.ref[k]).sum(-1).mean())
         return out
 
-    def score(self, w_hat: dict | None) -> dict:
+    def score(self, w_hat: dict | None, measure=None) -> dict:
+        """measure() (default self.measure) with the block layers' weights set to w_hat, then put back."""
+        measure = measure or self.measure
         if w_hat is None:
-            return self.measure()
+            return measure()
         with torch.no_grad():
             for n, m in self.layers.items():
                 m.weight.copy_(w_hat[n].to(m.weight.dtype))
             try:
-                return self.measure()
+                return measure()
             finally:
                 for n, m in self.layers.items():
                     m.weight.copy_(self.orig[n])

@@ -51,16 +51,18 @@ def run_model(key: str, rows: list) -> None:
     b = fo.Bench(key)
     sets = {n: texts.evaluation_sets(n) for n in LENGTHS}
 
-    def add(name: str, group: str, bits: float, model, **extra) -> None:
+    def add(name: str, group: str, bits: float, w_hat, model=None, **extra) -> None:
+        """Score the fp32 model with w_hat's block weights (or `model` as it is) on both lengths; append the row."""
         t0 = time.perf_counter()
-        row = {"model": key, "name": name, "group": group, "bits": bits, "scores": score(b, sets, model), **extra}
+        scores = score(b, sets, model) if model is not None else b.score(w_hat, lambda: score(b, sets, b.model))
+        row = {"model": key, "name": name, "group": group, "bits": bits, "scores": scores, **extra}
         rows.append(row)
         print(f"  {key} {name:40s} {bits:6.3f}  " + "  ".join(
             f"{n}: " + " / ".join(f"{v:.3f}" for v in row["scores"][str(n)].values()) for n in LENGTHS)
             + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         save(rows, key)
 
-    add("fp32", "fp32", 32.0, b.model)
+    add("fp32", "fp32", 32.0, None)
     for r in json.loads((fo.RESULTS / "frontier_ood_peers.json").read_text())["rows"]:
         if r["model"] != key or r["group"] != "llama.cpp + imatrix" or r["bits"] > 4.52:
             continue
@@ -68,16 +70,7 @@ def run_model(key: str, rows: list) -> None:
         path = llamacpp.PEERS_DIR / key / f"{preset}-imatrix.gguf"
         if not path.exists():
             raise SystemExit(f"{path} is missing: run bench/peers.py --model {key} first (after `make peers`)")
-        w_hat = llamacpp.read_block_weights(path)
-        with torch.no_grad():
-            for n, m in b.layers.items():
-                m.weight.copy_(w_hat[n].to(m.weight.dtype))
-        try:
-            add(r["name"], r["group"], r["bits"], b.model, preset=preset)
-        finally:
-            with torch.no_grad():
-                for n, m in b.layers.items():
-                    m.weight.copy_(b.orig[n])
+        add(r["name"], r["group"], r["bits"], llamacpp.read_block_weights(path), preset=preset)
     from slc.recipe import calibrate_for_budget, compress_to_budget
     cals = {}
     for budget, why in fo.preset_budgets(key).items():
@@ -90,7 +83,7 @@ def run_model(key: str, rows: list) -> None:
                                                  rotate=rotate, allocation=allocation, gptq_damp=damp)
         model = copy.deepcopy(b.model)
         rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cals[variant])
-        add(f"compress_to_budget {budget:.3f}", "compress_to_budget", rep.bits_per_weight, model, budget=budget,
+        add(f"compress_to_budget {budget:.3f}", "compress_to_budget", rep.bits_per_weight, None, model, budget=budget,
             target=why, recipe=rep.recipe)
 
 
