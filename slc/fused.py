@@ -17,6 +17,10 @@ Symbol kinds (what a symbol means; the mapping is folded into the decode table, 
             symbol E stands for a code kept apart (int32, row-major order): the table maps E to a
             sentinel, the kernel replaces sentinels by the next escaped codes of its tile (the
             stream's tile_escapes says where each tile's escapes start) and checks the count.
+            trellis=True (slc.trellis): the same codes stand for levels picked by a 4-state machine along
+            each row; the kernels turn every finished row of codes (escapes patched) into its levels with
+            slc.trellis.levels_inplace before scaling it, the torch decoder with levels_torch. Rows are whole
+            rows of W, so the scan never crosses a tile or a block. Codes must stay below MAX_TRELLIS_CODE.
 
 Threads: numba `nogil` kernels on slc.tiles' persistent ThreadPoolExecutor (the caller's thread
 takes the first share). numba's prange was the alternative: its OpenMP layer kills processes
@@ -47,6 +51,7 @@ from numba import njit
 from slc.errors import FormatError
 from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_kernel, decode_tiles_torch, decode_two,
                        default_threads, run_tiles, tile_ok)
+from slc.trellis import NEXT, QUANTIZER, levels_inplace, levels_torch
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 16                   # rows of x the fused kernel is for; more rows: decode once, dense GEMM (bench/tiles.py
@@ -58,6 +63,7 @@ FUSED_BLOCK = 2048              # symbols decoded per call: amortises the calls,
 BUFFER_BYTES_PER_WEIGHT = 32   # torch decoder: int32 symbols, int64 codes and temporaries, float32 rows (bound)
 SENTINEL = np.float32(2.0 ** 100)  # table value of the escape symbol: no int32 code comes near it
 _SENTINEL_MIN = np.float32(2.0 ** 90)  # compare against this (fastmath-safe, no inf/nan involved)
+MAX_TRELLIS_CODE = 2 ** 24      # trellis codes sit in float32 buffers: exact (parity included) only below this
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -106,9 +112,11 @@ def _patch_escapes(buf, o, cols, escapes, k, k_end):
 
 
 @njit(cache=True, nogil=True)
-def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc, escapes, k, k_end):
-    """Multiply every complete row in buf[b0:b0 + fill] with x (escapes patched first), move the rest to
-    buf[b0:]. Returns (fill, row, k); k = -1 when the tile has more escapes than its index allows."""
+def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc, escapes, k, k_end, trellis, qs,
+                  nxt):
+    """Multiply every complete row in buf[b0:b0 + fill] with x (escapes patched first, then trellis codes turned
+    into levels), move the rest to buf[b0:]. Returns (fill, row, k); k = -1 when the tile has more escapes than
+    its index allows."""
     cols = x.shape[1]
     o = b0
     while b0 + fill - o >= cols:
@@ -116,6 +124,8 @@ def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc
             k = _patch_escapes(buf, o, cols, escapes, k, k_end)
             if k < 0:
                 return fill, row, k
+        if trellis:
+            levels_inplace(buf, o, cols, qs, nxt)
         _dot_row(x, xsum, buf, o, row, scale, zp, has_zp, gs, y)
         row += 1
         o += cols
@@ -127,11 +137,12 @@ def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc
 
 @njit(cache=True, nogil=True)
 def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escapes, fb, values, scale_bits,
-                       scale, zp, has_zp, escapes, has_esc, y, lo, hi):
+                       scale, zp, has_zp, escapes, has_esc, trellis, qs, nxt, y, lo, hi):
     """y[:, rows of tiles lo..hi-1] = x @ W[those rows]^T, decoding W about a row at a time, two tiles
     side by side (as slc.tiles.decode_tiles_kernel: two independent chains keep the core busier).
 
-    x (nx, cols) f32; xsum (nx, groups) per-group sums of x; values: f32 code per slot (escape: SENTINEL).
+    x (nx, cols) f32; xsum (nx, groups) per-group sums of x; values: f32 code per slot (escape: SENTINEL);
+    trellis: codes are trellis codes, each row scanned with slc.trellis' tables qs, nxt.
     Returns -1, or the first tile that is corrupt (lanes, words or escape count)."""
     nx, cols = x.shape
     lanes = states.shape[1]
@@ -173,14 +184,14 @@ def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escap
                 pa = decode_block(xa, fb, values, words, pa, ea, scale_bits, buf, fa + both, ma - both)
                 da += ma
                 fa, ra, ka = _consume_rows(buf, 0, fa + ma, ra, x, xsum, scale, zp, has_zp, gs, y, has_esc,
-                                           escapes, ka, ka_end)
+                                           escapes, ka, ka_end, trellis, qs, nxt)
                 if ka < 0:
                     return t
             if mb:
                 pb = decode_block(xb, fb, values, words, pb, eb, scale_bits, buf, half + fbl + both, mb - both)
                 db += mb
                 fbl, rb, kb = _consume_rows(buf, half, fbl + mb, rb, x, xsum, scale, zp, has_zp, gs, y, has_esc,
-                                            escapes, kb, kb_end)
+                                            escapes, kb, kb_end, trellis, qs, nxt)
                 if kb < 0:
                     return t + 1
         if not tile_ok(xa, pa, ea) or ka != ka_end:
@@ -224,10 +235,11 @@ def _scale_rows(out, r0, r1, cols, scale, zp, has_zp):
 
 @njit(cache=True, nogil=True)
 def dense_tiles_kernel(states, words, tile_words, tile_rows, tile_syms, fb, values, scale_bits, scale, zp, has_zp,
-                       escapes, has_esc, tile_escapes, out, lo, hi):
+                       escapes, has_esc, tile_escapes, trellis, qs, nxt, out, lo, hi):
     """out (flat f32) rows of tiles lo..hi-1 := the de-quantised weight: two tiles decoded side by side
-    straight to float codes (slc.tiles.decode_tiles_kernel with the float table), escapes patched, then
-    scaled while the rows are still in cache. Returns -1, or the first corrupt tile."""
+    straight to float codes (slc.tiles.decode_tiles_kernel with the float table), escapes patched, trellis codes
+    turned into levels row by row, then scaled while the rows are still in cache. Returns -1, or the first
+    corrupt tile."""
     cols = out.size // max(tile_rows[-1], 1)
     t = lo
     while t < hi:
@@ -240,9 +252,20 @@ def dense_tiles_kernel(states, words, tile_words, tile_rows, tile_syms, fb, valu
             if has_esc and not _patch_tile(out, tile_syms[u], tile_syms[u + 1], escapes, tile_escapes[u],
                                            tile_escapes[u + 1]):
                 return u
+            if trellis:
+                for r in range(tile_rows[u], tile_rows[u + 1]):
+                    levels_inplace(out, r * cols, cols, qs, nxt)
             _scale_rows(out, tile_rows[u], tile_rows[u + 1], cols, scale, zp, has_zp)
         t += nb
     return -1
+
+
+def _trellis(meta: dict) -> bool:
+    """A fused weight header's "trellis" flag (absent: False, as in every header from before trellis codes)."""
+    t = meta.get("trellis", False)
+    if not isinstance(t, bool) or (t and meta.get("kind") != "ecsq"):
+        raise FormatError(f"fused weight: trellis {t!r} must be true or false, and true only for kind 'ecsq'")
+    return t
 
 
 def _as_f32_2d(a, rows: int, what: str) -> np.ndarray:
@@ -259,7 +282,8 @@ class FusedWeight:
 
     stream: the symbols, tiled by rows; kind: "affine" (code = symbol + qmin) or "ecsq" (code =
     unzigzag(symbol), escapes apart); scale (rows, groups) float32; zero_point (rows, groups) float32
-    or None; escapes: int32 codes of the escape symbols in row-major order (ecsq only).
+    or None; escapes: int32 codes of the escape symbols in row-major order (ecsq only); trellis: the ecsq
+    codes are trellis codes (slc.trellis: W = levels(codes) x scale, each row scanned from state 0).
 
     >>> import numpy as np, torch
     >>> from slc.tiles import encode_tiled
@@ -276,6 +300,7 @@ class FusedWeight:
     zero_point: np.ndarray | None = None
     qmin: int = 0
     escapes: np.ndarray | None = None
+    trellis: bool = False
     decoder: TiledDecoder = field(init=False, repr=False)     # float codes per slot: linear()
     symbols: TiledDecoder = field(init=False, repr=False)     # symbols per slot: codes(), dequantize()
 
@@ -283,6 +308,8 @@ class FusedWeight:
         s = self.stream.validate()
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.trellis, bool) or (self.trellis and self.kind != "ecsq"):
+            raise ValueError(f"trellis={self.trellis!r}: True or False, and True only for the 'ecsq' kind")
         self.scale = _as_f32_2d(self.scale, s.rows, "scale")
         groups = self.scale.shape[1]
         if s.cols % groups:
@@ -307,6 +334,9 @@ class FusedWeight:
                 if self.escapes.size != int(s.tile_escapes[-1]):
                     raise FormatError(f"{self.escapes.size} escaped codes, the tile index counts "
                                       f"{int(s.tile_escapes[-1])}")
+                if self.trellis and np.abs(self.escapes.astype(np.int64)).max(initial=0) >= MAX_TRELLIS_CODE:
+                    raise FormatError(f"a trellis code of {MAX_TRELLIS_CODE} (2**24) or more cannot be decoded "
+                                      "exactly in float32 buffers")
             elif self.escapes is not None and len(self.escapes):
                 raise ValueError("escaped codes given but the stream has no escape symbol")
         self.decoder = TiledDecoder(s, values)                         # once, at load
@@ -332,7 +362,9 @@ class FusedWeight:
 
     @property
     def meta(self) -> dict:
-        return {**self.stream.meta, "kind": self.kind, "qmin": int(self.qmin)}
+        """The stream's header with kind and qmin ("trellis": true only when set: other headers are as before)."""
+        trellis = {"trellis": True} if self.trellis else {}
+        return {**self.stream.meta, "kind": self.kind, "qmin": int(self.qmin), **trellis}
 
     @classmethod
     def from_buffers(cls, buffers: dict[str, torch.Tensor], meta: dict) -> "FusedWeight":
@@ -342,7 +374,7 @@ class FusedWeight:
             raise FormatError(f"fused weight: kind {meta.get('kind')!r} or its scale is missing")
         try:
             return cls(stream, meta["kind"], buffers["scale"], buffers.get("zero_point"), int(meta.get("qmin", 0)),
-                       buffers.get("escapes"))
+                       buffers.get("escapes"), _trellis(meta))
         except (ValueError, TypeError) as e:
             if isinstance(e, FormatError):
                 raise
@@ -350,7 +382,7 @@ class FusedWeight:
 
     # --- compute ------------------------------------------------------------------------------
     def codes(self, threads: int | None = None) -> np.ndarray:
-        """The integer codes (rows, cols) int64 (decoded with the fast decoder)."""
+        """The integer codes (rows, cols) int64 (decoded with the fast decoder; trellis: the codes, not levels)."""
         s = self.stream
         sym = self.symbols.decode(threads).astype(np.int64)
         if self.kind == "affine":
@@ -370,7 +402,7 @@ class FusedWeight:
             esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
             args = (d.states, d.words, d.tile_words, d.tile_rows, d.tile_syms, d.tables.fb, d.tables.values,
                     s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None,
-                    d.tile_escapes, out)
+                    d.tile_escapes, self.trellis, QUANTIZER, NEXT, out)
             self._raise_bad(run_tiles(dense_tiles_kernel, args, d.split(self.threads(threads))))
         return out.reshape(self.shape)
 
@@ -414,7 +446,8 @@ class FusedWeight:
         zp = self.zero_point if self.zero_point is not None else self.scale
         esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
         args = (x, xsum, d.states, d.words, d.tile_words, d.tile_rows, d.tile_escapes, d.tables.fb, d.tables.values,
-                s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, y)
+                s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, self.trellis,
+                QUANTIZER, NEXT, y)
         self._raise_bad(run_tiles(fused_tiles_kernel, args, d.split(self.threads(threads))))
 
 
@@ -435,6 +468,7 @@ class TorchFusedWeight:
         if meta.get("kind") not in KINDS or "scale" not in buffers:
             raise FormatError(f"fused weight: kind {meta.get('kind')!r} or its scale is missing")
         self.kind, self.qmin, self.escape = meta["kind"], int(meta.get("qmin", 0)), stream.escape
+        self.trellis = _trellis(meta)
         self.rows, self.cols, self.lanes, self.scale_bits = stream.rows, stream.cols, stream.lanes, stream.scale_bits
         dev = buffers["words"].device
         self.words = buffers["words"].reshape(-1)
@@ -491,11 +525,12 @@ class TorchFusedWeight:
         return codes
 
     def dequantize(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """W's rows of tiles lo..hi-1, float32 on the device."""
+        """W's rows of tiles lo..hi-1, float32 on the device (trellis codes: their levels, row by row)."""
         hi = len(self.tile_rows) - 1 if hi is None else hi
         r0, r1 = self.tile_rows[lo], self.tile_rows[hi]
         G = self.scale.shape[1]
-        c = self.codes(lo, hi).to(torch.float32).reshape(r1 - r0, G, -1)
+        c = self.codes(lo, hi)
+        c = (levels_torch(c) if self.trellis else c.to(torch.float32)).reshape(r1 - r0, G, -1)
         if self.zero_point is not None:
             c = c - self.zero_point[r0:r1, :, None]
         return (c * self.scale[r0:r1, :, None]).reshape(r1 - r0, self.cols)

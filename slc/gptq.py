@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import trellis
 from .quant import QuantizedTensor
 from .rotation import Rotation
 
@@ -35,6 +36,9 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     first, while the most columns are left to absorb their error) instead of left to right. The grid is fixed
     before any column is rounded, so each column keeps its own scale whatever the order; the codes come back
     in the weight's own column order.
+    A trellis quantiser (Quantizer(trellis=True), slc.trellis) is searched a block at a time: inside a block each of
+    the trellis' 4 surviving paths feeds its own errors forward (slc.trellis.search_block), between blocks the lazy
+    update is GPTQ's. Its codes depend on their order along the row, so act_order is refused for it.
     """
     w = torch.as_tensor(w).detach()
     if w.dim() != 2:
@@ -54,6 +58,9 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     rows, n = w.shape
     if tuple(x_cov.shape) != (n, n):
         raise ValueError(f"x_cov must be ({n}, {n}) for a weight with {n} inputs, got {tuple(x_cov.shape)}")
+    if q.trellis and act_order:
+        raise ValueError("act_order reorders the columns, but trellis codes are decoded in the row's own order: "
+                         "use act_order=False with a trellis quantiser")
     if grid is not None and (grid.quantizer != q or tuple(grid.original_shape) != tuple(w.shape)):
         raise ValueError("grid must be a QuantizedTensor of this weight on this quantizer")
     ref = q.quantize(w) if grid is None else grid                    # the grid: scales (and zero points)
@@ -85,17 +92,27 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     W, H = W[:, order], H[order][:, order]                           # column i of W, H is the weight's order[i]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(rows, n, dtype=torch.float64)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1, E1, Hi = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = int(order[i1 + i])                                   # the weight's own column: its scale
-            c = round_col(W1[:, i], j)
-            codes[:, j] = c
-            err = (W1[:, i] - value(c, j)) / Hi[i, i]
-            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]           # the columns of this block to the right
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]                           # lazy update of everything further right
+    if q.trellis:
+        steps = scale.repeat_interleave(gs, dim=1).numpy()                      # (rows, n): each weight's step
+        state = torch.zeros(rows, dtype=torch.int64).numpy()
+        for i1 in range(0, n, block):
+            i2 = min(i1 + block, n)
+            k, err, state = trellis.search_block(W[:, i1:i2].numpy(), Hinv[i1:i2, i1:i2].numpy(),
+                                                 steps[:, i1:i2], state)
+            codes[:, i1:i2] = torch.from_numpy(k).double()
+            W[:, i2:] -= torch.from_numpy(err) @ Hinv[i1:i2, i2:]
+    else:
+        for i1 in range(0, n, block):
+            i2 = min(i1 + block, n)
+            W1, E1, Hi = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = int(order[i1 + i])                                   # the weight's own column: its scale
+                c = round_col(W1[:, i], j)
+                codes[:, j] = c
+                err = (W1[:, i] - value(c, j)) / Hi[i, i]
+                W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]           # the columns of this block to the right
+                E1[:, i] = err
+            W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]                           # lazy update of everything further right
     if ecsq:
         dtype = torch.int16 if float(codes.abs().max()) < 2 ** 15 - 1 else torch.int32
     else:

@@ -46,7 +46,7 @@ from .errors import FormatError
 from .factors import low_rank, quantize_factors
 from .hf import dense_weight_of
 from .quant import DTYPES, FLOAT_NAMES, QuantizedTensor, Quantizer, dtype_name
-from .fused import FusedWeight, TorchFusedWeight
+from .fused import MAX_TRELLIS_CODE, FusedWeight, TorchFusedWeight
 from .rotation import KINDS as ROTATIONS
 from .rotation import SEED_LIMIT, Rotation
 from .symbols import PREDICTORS, code_dtype, split_escapes
@@ -315,17 +315,22 @@ def _codes_buffers(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Ten
 
 def _encode_tiles(qt: QuantizedTensor) -> tuple[dict, dict[str, torch.Tensor]]:
     """A row-wise quantised (out, in) weight -> (tiled tensor header, buffers): slc.tiles' stream of the
-    symbols (affine: code - qmin; ecsq: zig-zag with an escape symbol, escaped codes kept in `escapes`)."""
+    symbols (affine: code - qmin; ecsq: zig-zag with an escape symbol, escaped codes kept in `escapes`).
+    Trellis codes are stored as ecsq codes; the header says "trellis": true (absent otherwise, as before)."""
     q, (rows, cols) = qt.quantizer, qt.original_shape
     codes = qt.codes.detach().cpu().reshape(rows, cols).numpy()
     escapes = None
     if q.mode == "ecsq":
         sym, escape, escapes = split_escapes(codes)
+        if q.trellis and np.abs(escapes.astype(np.int64)).max(initial=0) >= MAX_TRELLIS_CODE:
+            raise ValueError(f"trellis codes of {MAX_TRELLIS_CODE} (2**24) or more do not fit the tiled decoders' "
+                             "float32 buffers: use LinearSpec(layout='stream') or a larger step")
         stream = encode_tiled(sym.reshape(rows, cols), escape=escape)
     else:
         stream = encode_tiled((codes.astype(np.int32) - q.qmin).astype(np.uint16))
     ecsq = q.mode == "ecsq"
-    header = {**stream.meta, "kind": "ecsq" if ecsq else "affine", "qmin": 0 if ecsq else q.qmin,
+    trellis = {"trellis": True} if q.trellis else {}
+    header = {**stream.meta, "kind": "ecsq" if ecsq else "affine", "qmin": 0 if ecsq else q.qmin, **trellis,
               "dtype": dtype_name(qt.original_dtype), "quantizer": q.to_dict(compact=True),
               "n_escapes": 0 if escapes is None else int(escapes.size)}
     buffers = stream.buffers()
@@ -515,7 +520,8 @@ class CompressedLinear(nn.Module):
             b = {k: getattr(self, k).cpu() for k in TILED_BUFFERS if getattr(self, k, None) is not None}
             zp = getattr(self, "zero_point", None)
             self._fused = FusedWeight(TiledStream.from_buffers(b, t), t["kind"], self.scale.cpu().reshape(rows, -1),
-                                      None if zp is None else zp.cpu().reshape(rows, -1), t["qmin"], b.get("escapes"))
+                                      None if zp is None else zp.cpu().reshape(rows, -1), t["qmin"], b.get("escapes"),
+                                      self.quantizer.trellis)
         return self._fused
 
     def torch_weight(self) -> TorchFusedWeight:
@@ -867,8 +873,9 @@ def validate_loaded(layer: CompressedLinear) -> None:
         if t.get("shape") != [layer.out_features, layer.in_features] or t.get("quantizer") != q.to_dict(compact=True):
             raise FormatError("tiled tensor header disagrees with the layer (shape or quantizer)")
         if t.get("kind") != ("ecsq" if q.mode == "ecsq" else "affine") or t.get("qmin") != (
-                0 if q.mode == "ecsq" else q.qmin) or (q.mode == "ecsq") != (t.get("escape") is not None):
-            raise FormatError("tiled tensor header disagrees with the layer's quantizer (kind, qmin or escape)")
+                0 if q.mode == "ecsq" else q.qmin) or (q.mode == "ecsq") != (t.get("escape") is not None) or (
+                t.get("trellis", False) is not q.trellis):
+            raise FormatError("tiled tensor header disagrees with the layer's quantizer (kind, qmin, escape, trellis)")
         layer.fused_weight()                                     # parses the index, escape counts and tables
     elif layer.kind == "entropy":
         m = check_header(layer.meta["tensor"])                   # FormatError for any malformed field

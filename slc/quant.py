@@ -23,6 +23,10 @@ Modes:
             unbounded signed integers (int16, or int32 when they need it) meant for an entropy
             coder, which is where the rate is decided (see slc/ecsq.py). `bits` is ignored.
             The grid (`quantize_blocks`) is here; rate estimates and step search are in slc.ecsq.
+            trellis=True: trellis-coded (slc.trellis): two interleaved grids of step `step` x RMS and a
+            4-state machine along each row pick the levels; codes are entropy-coded as ECSQ's, and
+            dequantising scans each row (last axis) from state 0. About 0.12-0.15 bits less than
+            ECSQ at the same error; about half ECSQ's step gives ECSQ's rate.
 
 Schemes (affine):
     symmetric   codes in [-qmax, qmax], qmax = 2**(bits-1) - 1, zero_point = 0.
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import trellis as tcq
 from .symbols import code_dtype, entropy_bits, unzigzag, zigzag
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,6 +53,7 @@ DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES + (torch.int8, 
 FLOAT_NAMES = tuple(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 _BASE_FIELDS = ("bits", "scheme", "granularity", "axis", "group_size")
 _ECSQ_FIELDS = ("mode", "step", "dead_zone", "reference")
+_TRELLIS = "trellis"          # ecsq only, and in dicts only when True (files from before it read as False)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -120,6 +126,7 @@ class Quantizer:
     step: float | None = None        # ecsq only: step in units of the block's RMS (or absmax), e.g. 0.1
     dead_zone: float = 0.0           # ecsq only: bins shift by this many steps away from 0, in [0, 0.5)
     reference: str = "rms"           # ecsq only: step is relative to the block's "rms" or "absmax"
+    trellis: bool = False            # ecsq only: trellis-coded levels along each row (slc.trellis)
 
     def __post_init__(self):
         if self.mode not in ("affine", "ecsq"):
@@ -136,8 +143,12 @@ class Quantizer:
                 raise ValueError(f"dead_zone={self.dead_zone!r} must be in [0, 0.5) (fraction of a step)")
             if self.reference not in ("rms", "absmax"):
                 raise ValueError(f"reference={self.reference!r}: use 'rms' or 'absmax'")
-        elif self.step is not None or self.dead_zone != 0.0 or self.reference != "rms":
-            raise ValueError("step / dead_zone / reference are ecsq settings: pass mode='ecsq' with them")
+            if not isinstance(self.trellis, bool):
+                raise TypeError(f"trellis must be True or False, got {self.trellis!r}")
+            if self.trellis and self.dead_zone:
+                raise ValueError("trellis=True picks its levels by search: it has no dead zone (leave dead_zone 0)")
+        elif self.step is not None or self.dead_zone != 0.0 or self.reference != "rms" or self.trellis is not False:
+            raise ValueError("step / dead_zone / reference / trellis are ecsq settings: pass mode='ecsq' with them")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"bits must be an int, got {self.bits!r}")
         if not 2 <= self.bits <= 8:
@@ -173,7 +184,7 @@ class Quantizer:
         if self.mode == "ecsq":
             dz = f"/dz{self.dead_zone:g}" if self.dead_zone else ""
             ref = "" if self.reference == "rms" else f"x{self.reference}"
-            return f"ecsq/step{self.step:g}{ref}{dz}/{g}"
+            return f"{'tcq' if self.trellis else 'ecsq'}/step{self.step:g}{ref}{dz}/{g}"
         return f"int{self.bits}/{self.scheme[:3]}/{g}"
 
     # --- serialisation ---------------------------------------------------------------------------
@@ -182,6 +193,8 @@ class Quantizer:
         d = {k: getattr(self, k) for k in _BASE_FIELDS + _ECSQ_FIELDS}
         if compact and self.mode != "ecsq":
             d = {k: d[k] for k in _BASE_FIELDS}
+        if self.trellis:
+            d[_TRELLIS] = True
         return d
 
     @classmethod
@@ -189,7 +202,7 @@ class Quantizer:
         """Inverse of to_dict (either form); TypeError / ValueError name what is wrong."""
         if not isinstance(d, dict):
             raise TypeError(f"a quantizer is a JSON object, got {type(d).__name__}")
-        unknown = set(d) - set(_BASE_FIELDS + _ECSQ_FIELDS)
+        unknown = set(d) - set(_BASE_FIELDS + _ECSQ_FIELDS + (_TRELLIS,))
         if unknown:
             raise ValueError(f"unknown quantizer fields {sorted(unknown)}")
         return cls(**d)
@@ -230,6 +243,12 @@ class Quantizer:
         blocks = self.blocks(w.to(compute))                                    # (..., n_per_scale)
         if self.mode == "ecsq":
             codes, scale = quantize_blocks(blocks, self.step, self.dead_zone, self.reference)
+            if self.trellis:                                            # the same steps; codes by trellis search
+                x = self.unblock(blocks.double() / scale.double(), w.shape)
+                k = tcq.viterbi(x.cpu().numpy())
+                codes = torch.from_numpy(k.astype(code_dtype(k))).to(w.device)
+                return QuantizedTensor(codes=codes, scale=scale.float(), zero_point=None, quantizer=self,
+                                       original_shape=tuple(w.shape), original_dtype=w.dtype)
             return QuantizedTensor(codes=self.unblock(codes, w.shape), scale=scale.float(), zero_point=None,
                                    quantizer=self, original_shape=tuple(w.shape), original_dtype=w.dtype)
         if self.scheme == "symmetric":
@@ -293,6 +312,8 @@ class QuantizedTensor:
             codes, scale = codes.to(device), scale.to(device)
             zp = None if zp is None else zp.to(device)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.quantizer.trellis:
+            codes = tcq.levels(codes)                                   # what each code stands for, in steps
         blocks = self.quantizer.blocks(codes.to(compute))
         if zp is not None:
             blocks = blocks - zp.to(compute)
@@ -300,8 +321,9 @@ class QuantizedTensor:
         return self.quantizer.unblock(w, torch.Size(self.original_shape)).to(dtype)
 
     def max_error(self) -> torch.Tensor:
-        """Per-weight bound on |w - dequantize()|: half a step, (0.5 + dead_zone) steps for ecsq."""
-        half = self.scale * (0.5 + self.quantizer.dead_zone)
+        """Per-weight bound on |w - dequantize()|: half a step, (0.5 + dead_zone) steps for ecsq, 2 steps for
+        trellis codes (slc.trellis: each code parity offers a level within 2 steps whatever the state)."""
+        half = self.scale * (2.0 if self.quantizer.trellis else 0.5 + self.quantizer.dead_zone)
         q = self.quantizer
         return q.unblock(half.expand(q.blocks(self.codes).shape), torch.Size(self.original_shape))
 

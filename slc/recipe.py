@@ -24,7 +24,7 @@ default recipe at 3.5 bits; or name it: use_gptq=, rotate=, allocation=, gptq_da
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from .importance import weighted_quantize
 from .nn import CompressedLinear
 from .rotation import block_size
 from .texts import calibration_mix
+from .trellis import ECSQ_STEP_RATIO
 
 TOLERANCE = 0.02              # the result lands at most 2 % below the budget and never above it, or nothing changes
 AIM = 0.01                    # ... aimed 1 % below the budget, and re-aimed while it lands outside that window
@@ -95,11 +96,11 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
-                                 "rotate": "hadamard", "temper": 0.5}),
+                                 "rotate": "hadamard", "temper": 0.5, "trellis": False}),
                           (32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": GPTQ_DAMP,
-                                  "rotate": None, "temper": 1.0})],
+                                  "rotate": None, "temper": 1.0, "trellis": False})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,
-                                "rotate": "hadamard", "temper": 1.0})]}
+                                "rotate": "hadamard", "temper": 1.0, "trellis": False})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 
 
@@ -219,7 +220,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
                        allocation: str = "auto", gptq_damp: float | None = None,
-                       temper: float | None = None) -> BudgetReport:
+                       temper: float | None = None, trellis: bool | None = None) -> BudgetReport:
     """Compress `model` in place to at most `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     The budget is a ceiling: the result lands between TOLERANCE (2 %) below it and the budget itself.
@@ -233,6 +234,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     the Hessian's mean diagonal added to it (None: the default; larger trusts the calibration text less).
     temper: how far the allocation trusts the calibration's ranking of the layers (slc.allocate.tempered_points:
     1 as measured, 0 all alike; None: the default at this budget).
+    trellis: store trellis-coded layers (slc.trellis) instead of ECSQ: each allocated ECSQ step becomes a trellis
+    step of ECSQ_STEP_RATIO x it (about the same rate), scales and GPTQ as for ECSQ (None: the default).
     calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
     allocation and gptq_damp come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
@@ -240,7 +243,11 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     """
     if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not 0 < budget_bits < 32:
         raise ValueError(f"budget_bits={budget_bits!r} must be a number of bits per weight in (0, 32), e.g. 3.5")
-    temper = check_temper(default_recipe(_task(model), budget_bits)["temper"] if temper is None else temper)
+    default = default_recipe(_task(model), budget_bits)
+    temper = check_temper(default["temper"] if temper is None else temper)
+    trellis = default["trellis"] if trellis is None else trellis
+    if not isinstance(trellis, bool):
+        raise TypeError(f"trellis must be True, False or None (the default), got {trellis!r}")
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
@@ -274,6 +281,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         layers, bits = {}, 0
         it = tqdm(pol.items(), desc=f"{target:.3f} bits", unit="layer", disable=not progress)
         for name, spec in it:
+            if trellis:
+                q = spec.quantizer
+                spec = pol[name] = replace(spec, quantizer=replace(q, step=q.step * ECSQ_STEP_RATIO, trellis=True))
             if (name, spec.quantizer) in done:                     # same step as an earlier attempt: reuse
                 layers[name] = done[name, spec.quantizer]
                 bits += 8 * layers[name][0].nbytes
@@ -311,5 +321,6 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
              + (f", tempered {temper:g})" if temper != 1.0 else ")"))
     recipe = (f"{first} + activation-weighted steps ({calibration.stats_tokens} tokens)"
               + (f" + GPTQ (damp {damp:g})" if use_gptq else "")
-              + (f", layers stored {rotate} rotated" if rotate else ""))
+              + (f", layers stored {rotate} rotated" if rotate else "")
+              + (f", trellis-coded (steps x {ECSQ_STEP_RATIO:g})" if trellis else ""))
     return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)

@@ -22,6 +22,8 @@ Three modes share this class's interface (buffers / meta / bytes / decompress):
     ecsq      Quantizer(mode="ecsq", step=...): unbounded signed codes, zig-zag mapped, with an
               escape symbol for the rare codes beyond the alphabet; the escaped codes are kept
               apart as int32 (`escapes`), so the stream is exact (format v2, see slc/symbols.py).
+              Trellis codes (Quantizer(mode="ecsq", trellis=True), slc.trellis) are stored the same
+              way; the header's quantizer says "trellis": true and decoding gives their levels.
     lossless  compress(t, lossless=True) returns a `slc.lossless.LosslessTensor`: exponent and
               sign+mantissa planes of the float bits, exact bit for bit (format v3).
 
@@ -54,6 +56,7 @@ MAX_NUMEL = 2 ** 31 - 1
 _DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}
 _HEADER_FIELDS = {"bits", "scheme", "granularity", "axis", "group_size"}
 _ECSQ_HEADER_FIELDS = _HEADER_FIELDS | {"mode", "step", "dead_zone", "reference"}
+_TRELLIS_HEADER_FIELDS = _ECSQ_HEADER_FIELDS | {"trellis"}   # written only as true (Quantizer.to_dict)
 
 
 @dataclass
@@ -371,9 +374,11 @@ def check_header(meta) -> dict:
         if meta["predictor"] not in PREDICTORS:
             raise FormatError(f"unknown predictor {meta['predictor']!r}")
         qd = meta["quantizer"]
-        if not isinstance(qd, dict) or set(qd) not in (_HEADER_FIELDS, _ECSQ_HEADER_FIELDS):
+        if not isinstance(qd, dict) or set(qd) not in (_HEADER_FIELDS, _ECSQ_HEADER_FIELDS, _TRELLIS_HEADER_FIELDS) \
+                or qd.get("trellis", True) is not True:
             raise FormatError(f"quantizer must have fields bits, scheme, granularity, axis, group_size "
-                              f"(+ mode, step, dead_zone, reference for ecsq); got {qd!r}")
+                              f"(+ mode, step, dead_zone, reference for ecsq, + trellis: true for trellis codes); "
+                              f"got {qd!r}")
         q = Quantizer.from_dict(qd)
         if q.mode == "ecsq":
             for key in ("escape_symbol", "n_escapes"):

@@ -316,3 +316,72 @@ def test_torch_weight_cuda_memory():
     assert torch.cuda.max_memory_allocated() - base <= budget + 4 * 4096 * 4 + (1 << 20)
     torch.testing.assert_close(y.cpu(), fw.linear(x.cpu()), atol=1e-3, rtol=1e-3)
     assert coded < w.numel()                                         # the weight stays coded (< 8 bits a weight)
+
+
+# --- trellis codes (slc.trellis): ecsq codes whose levels depend on a state machine along each row -------------
+
+def _tcq(w, q, escape=None, tile_rows=None, lanes=None):
+    """(FusedWeight of q's trellis codes of w, the QuantizedTensor they come from)."""
+    qt = q.quantize(w)
+    sym, E, esc = split_escapes(qt.codes.numpy().astype(np.int64), escape)
+    scale = qt.scale.float().numpy().reshape(w.shape[0], -1)
+    stream = encode_tiled(sym.reshape(w.shape), escape=E, tile_rows=tile_rows, lanes=lanes)
+    return FusedWeight(stream, "ecsq", scale, escapes=esc, trellis=True), qt
+
+
+TRELLIS_CASES = [   # (rows, cols, quantizer, escape symbol, tile rows, lanes): rows within one block or across
+    (200, 96, Quantizer(mode="ecsq", step=0.2, trellis=True), 7, 16, None),
+    (90, 64, Quantizer(mode="ecsq", step=0.3, trellis=True, granularity="group", group_size=32), 9, 7, 32),
+    (75, 70, Quantizer(mode="ecsq", step=0.15, trellis=True), 11, 9, 4),           # cols % lanes != 0
+    (40, 2500, Quantizer(mode="ecsq", step=0.2, trellis=True), 7, 3, 32),          # a row > FUSED_BLOCK
+]
+
+
+@pytest.mark.parametrize("rows,cols,q,escape,tile,lanes", TRELLIS_CASES, ids=["channel", "group32", "odd-cols", "wide"])
+def test_trellis_codes_decode_to_the_quantised_weight(rows, cols, q, escape, tile, lanes):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    w[3, 5], w[rows - 10, 1] = 60.0, -90.0                           # outliers: escaped codes in two tiles
+    fw, qt = _tcq(w, q, escape, tile, lanes)
+    assert fw.stream.n_tiles >= 3 and fw.escapes.size >= 2 and fw.meta["trellis"] is True
+    ref = qt.dequantize()                                            # float32: levels x scale
+    np.testing.assert_array_equal(fw.codes(), qt.codes.numpy())     # codes() stays the codes
+    for threads in (1, 2):
+        np.testing.assert_array_equal(fw.dequantize(threads), ref.numpy())
+    xs = [torch.randn(n, cols, generator=torch.Generator().manual_seed(n)) for n in (1, 8, 40)]
+    for x in xs:                                                     # fused (1, 8 rows) and decode + GEMM (40)
+        want = x.double() @ ref.double().T
+        for threads in (1, 2):
+            torch.testing.assert_close(fw.linear(x, threads=threads).double(), want, rtol=1e-4, atol=1e-3)
+    again = FusedWeight.from_buffers(fw.buffers(), fw.meta)
+    assert again.trellis and torch.equal(again.linear(xs[0]), fw.linear(xs[0]))
+    tw = TorchFusedWeight(fw.buffers(), fw.meta, buffer_bytes=cols * 32 * 20)  # several groups of tiles
+    assert tw.trellis and len(tw.groups) > 1
+    assert torch.equal(tw.dequantize(), ref)
+    torch.testing.assert_close(tw.linear(xs[1]).double(), xs[1].double() @ ref.double().T, rtol=1e-4, atol=1e-3)
+    # without the trellis scan the same stream means other weights: the checks above can fail
+    plain = FusedWeight(fw.stream, "ecsq", fw.scale, escapes=fw.escapes)
+    assert not np.allclose(plain.dequantize(), ref.numpy(), atol=1e-3)
+    assert not torch.allclose(plain.linear(xs[0]), fw.linear(xs[0]), atol=1e-3)
+
+
+def test_trellis_flag_in_meta_and_bad_input():
+    w = torch.randn(64, 128)
+    w[10, 0] = 50.0
+    fw, _ = _tcq(w, Quantizer(mode="ecsq", step=0.2, trellis=True), escape=9, tile_rows=16)
+    assert "trellis" not in _ecsq(w, 0.1, escape=40)[0].meta        # other headers are as they were
+    b, meta = fw.buffers(), fw.meta
+    for bad in ("yes", 1, None):
+        with pytest.raises(FormatError, match="trellis"):
+            FusedWeight.from_buffers(b, {**meta, "trellis": bad})
+        with pytest.raises(FormatError, match="trellis"):
+            TorchFusedWeight(b, {**meta, "trellis": bad})
+    affine = _affine(w, QUANTIZERS[0])[0]
+    with pytest.raises(FormatError, match="trellis"):
+        FusedWeight.from_buffers(affine.buffers(), {**affine.meta, "trellis": True})
+    with pytest.raises(ValueError, match="trellis"):
+        FusedWeight(affine.stream, "affine", affine.scale, trellis=True)
+    esc = fw.escapes.copy()
+    esc[0] = 2 ** 24                                                 # float32 would round it (and its parity)
+    with pytest.raises(FormatError, match="2\\*\\*24"):
+        FusedWeight(fw.stream, "ecsq", fw.scale, escapes=esc, trellis=True)
+    FusedWeight(fw.stream, "ecsq", fw.scale, escapes=esc)           # plain ecsq codes: rounded like dequantize

@@ -13,6 +13,7 @@ QUANTIZERS = [
     Quantizer(bits=8, granularity="channel"),
     Quantizer(mode="ecsq", step=0.3),
     Quantizer(mode="ecsq", step=0.2, granularity="group", group_size=64),
+    Quantizer(mode="ecsq", step=0.16, trellis=True),
 ]
 
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "slc"
 
 LAYERS = [
-    "errors", "rans", "tiles", "fused", "kernels", "symbols", "quant", "rotation", "lossless", "tensor", "gptq", "ecsq",
-    "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange", "lowrank", "allocate",
-    "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
+    "errors", "rans", "tiles", "trellis", "fused", "kernels", "symbols", "quant", "rotation", "lossless", "tensor",
+    "gptq", "ecsq", "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange",
+    "lowrank", "allocate", "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
     "metrics", "memory", "gguf_peers", "llamacpp", "viz", "demo", "render", "cli", "__main__", "__init__",
 ]
 

@@ -1,6 +1,7 @@
 """CompressedLinear and LinearSpec: every storage kind against the dense layer it replaces."""
 import copy
 import doctest
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import slc.nn
 from slc.errors import FormatError
 from slc.models import tiny_model
 from slc.nn import CompressedEmbedding, CompressedLinear, DecodeCache, LinearSpec, TiedLinear, check_meta
-from slc.quant import Quantizer
+from slc.quant import QuantizedTensor, Quantizer
+from slc.rotation import Rotation
+from slc.tensor import check_header
 
 IN, OUT = 64, 48
 
@@ -292,3 +295,146 @@ def test_entropy_decodes_on_the_gpu():
 
 def test_docstring_examples():
     assert doctest.testmod(slc.nn).failed == 0
+
+
+# --- trellis codes (Quantizer(trellis=True), slc.trellis): every decode path gives QuantizedTensor's weights ------
+
+TCQ = Quantizer(mode="ecsq", step=0.2, trellis=True)
+
+
+def spiky(out_f, in_f, seed=0):
+    """A N(0, 1) weight with two outliers far out (at fine steps their codes escape the 16-bit alphabet)."""
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    w[3, 5], w[out_f - 7, 11] = 40.0, -55.0
+    return w
+
+
+def without_trellis(qt):
+    """The same codes read as plain ECSQ codes: what a decoder that ignored the trellis would compute."""
+    return QuantizedTensor(qt.codes, qt.scale, None, replace(qt.quantizer, trellis=False), qt.original_shape,
+                           qt.original_dtype).dequantize()
+
+
+@pytest.mark.parametrize("q,shape,layout", [
+    (Quantizer(mode="ecsq", step=1e-4, trellis=True), (600, 256), None),        # escapes, several tiles
+    (Quantizer(mode="ecsq", step=0.3, trellis=True, granularity="group", group_size=32), (96, 128), None),
+    (Quantizer(mode="ecsq", step=1e-4, trellis=True), (300, 96), "stream"),     # one rANS stream, escapes
+], ids=["tiled-escapes", "tiled-group32", "stream-escapes"])
+def test_trellis_entropy_layer_forward_equals_the_quantised_weight(q, shape, layout):
+    qt = q.quantize(spiky(*shape))
+    ref = qt.dequantize()
+    assert not torch.allclose(without_trellis(qt), ref, atol=1e-3)  # the checks below can tell the two apart
+    bias = torch.randn(shape[0])
+    cl = CompressedLinear.from_quantized(qt, LinearSpec("entropy", quantizer=q, predictor="none", layout=layout), bias)
+    t = cl.meta["tensor"]
+    assert cl.tiled == (layout is None) and (t.get("trellis") is True if cl.tiled else t["quantizer"]["trellis"])
+    if q.step < 1e-3:
+        assert t["n_escapes"] >= 2
+    if cl.tiled and shape[0] > 500:
+        assert cl.tile_rows.numel() >= 4                             # three tiles or more
+    assert torch.equal(cl.weight_dense(), ref)
+    xs = [torch.randn(1, shape[1]), torch.randn(40, shape[1]), torch.randn(2, 3, shape[1])]
+    for backend in ("auto", "torch"):                                # CPU kernels; the GPU decoder run on the CPU
+        cl.decode_backend = backend
+        assert torch.equal(cl.weight_dense(), ref)
+        for x in xs:
+            torch.testing.assert_close(cl(x), F.linear(x, ref, bias), rtol=1e-5, atol=1e-4)
+    cl.decode_backend, cl.cache = "auto", DecodeCache(1 << 24)      # decoded codes from the cache, then int_linear
+    for _ in range(2):
+        torch.testing.assert_close(cl(xs[0]), F.linear(xs[0], ref, bias), rtol=1e-5, atol=1e-4)
+    assert cl.cache.hits == 1
+    cl.cache = None
+    state = cl.state_dict()
+    again = CompressedLinear.from_meta(cl.export_meta())
+    again.load_state_dict(state, assign=True)
+    slc.nn.validate_loaded(again)
+    assert torch.equal(again(xs[0]), cl(xs[0])) and torch.equal(again.weight_dense(), ref)
+
+
+def test_trellis_quantized_rotated_and_embedding_layers():
+    lin = make_linear(in_f=64, out_f=48)
+    w = lin.weight.detach()
+    x = torch.randn(5, 64)
+    qt = TCQ.quantize(w)
+    quantized = CompressedLinear.from_linear(lin, LinearSpec("quantized", quantizer=TCQ))
+    assert torch.equal(quantized.weight_dense(), qt.dequantize())
+    torch.testing.assert_close(quantized(x), F.linear(x, qt.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
+    for kind in ("quantized", "entropy"):                            # W R stored; forward rotates x
+        cl = CompressedLinear.from_linear(lin, LinearSpec(kind, quantizer=TCQ, predictor="none", rotate="hadamard"))
+        rot = Rotation(64, 0)
+        wr = TCQ.quantize(rot.apply(w.double()).float()).dequantize(torch.float64)
+        w_eff = rot.apply(wr, inverse=True)
+        torch.testing.assert_close(cl.weight_dense(torch.float64), w_eff, rtol=0, atol=1e-12)
+        for rows in (1, 40):
+            xr = torch.randn(rows, 64)
+            torch.testing.assert_close(cl(xr).double(), F.linear(xr.double(), w_eff, lin.bias.double()),
+                                       rtol=1e-5, atol=1e-4)
+    emb = nn.Embedding(100, 32)
+    ce = CompressedEmbedding.from_embedding(emb, LinearSpec(quantizer=TCQ))
+    table = TCQ.quantize(emb.weight.detach()).dequantize()
+    ids = torch.tensor([[3, 7, 99, 3]])
+    assert torch.equal(ce(ids), table[ids])                          # gathered rows are whole rows: scanned alone
+    torch.testing.assert_close(TiedLinear(ce)(x[:, :32]), x[:, :32] @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_trellis_headers_are_checked_and_huge_codes_refused():
+    cl = CompressedLinear.from_quantized(TCQ.quantize(spiky(48, 64)), LinearSpec("entropy", quantizer=TCQ))
+    plain = CompressedLinear.from_linear(make_linear(), LinearSpec("entropy", Quantizer(mode="ecsq", step=0.2)))
+    assert "trellis" not in plain.meta["tensor"] and "trellis" not in plain.meta["quantizer"]   # files as before
+    for t in ({k: v for k, v in cl.meta["tensor"].items() if k != "trellis"}, {**cl.meta["tensor"], "trellis": 1}):
+        bad = CompressedLinear(cl.export_meta() | {"tensor": t}, dict(cl.named_buffers()))
+        with pytest.raises(FormatError, match="trellis"):
+            slc.nn.validate_loaded(bad)
+    stream = CompressedLinear.from_quantized(TCQ.quantize(spiky(48, 64)), LinearSpec("entropy", quantizer=TCQ,
+                                                                                      layout="stream"))
+    t = stream.meta["tensor"]
+    for qd in ({**t["quantizer"], "trellis": False}, {**t["quantizer"], "trellis": "yes"}):
+        with pytest.raises(FormatError, match="trellis"):
+            check_header({**t, "quantizer": qd})
+    codes = TCQ.quantize(spiky(8, 64)).codes.to(torch.int32)
+    codes[2, 3] = 2 ** 24 + 1                                        # float32 cannot hold it (nor its parity)
+    qt = QuantizedTensor(codes, torch.ones(8, 1), None, TCQ, (8, 64), torch.float32)
+    with pytest.raises(ValueError, match="layout='stream'"):
+        CompressedLinear.from_quantized(qt, LinearSpec("entropy", quantizer=TCQ))
+    cl = CompressedLinear.from_quantized(qt, LinearSpec("entropy", quantizer=TCQ, layout="stream"))
+    assert torch.equal(cl.weight_dense(), qt.dequantize())
+    x = torch.randn(1, 64, dtype=torch.float64)
+    torch.testing.assert_close(cl(x), F.linear(x, qt.dequantize(torch.float64)))
+
+
+def test_trellis_model_saves_and_loads(tmp_path):
+    from slc.checkpoint import load_compressed, save_compressed
+    from slc.compress import compress_model
+    model = tiny_model("llama")
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    policy = {"*q_proj": LinearSpec("entropy", TCQ, predictor="none", layout="stream"),
+              "*k_proj": LinearSpec("quantized", TCQ),
+              "*o_proj": LinearSpec("entropy", TCQ, predictor="none", rotate="hadamard"),
+              "*": LinearSpec("entropy", TCQ, predictor="none")}
+    compress_model(model, policy, progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.tiled and torch.equal(layer.weight_dense(),
+                                       TCQ.quantize(dense["model.layers.0.mlp.down_proj"]).dequantize())
+    ids = torch.arange(1, 30).reshape(1, -1)
+    with torch.inference_mode():
+        before = model(ids).logits
+        one = model(ids[:, :1]).logits
+    loaded = load_compressed(save_compressed(model, tmp_path / "t.slc"))
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, before) and torch.equal(loaded(ids[:, :1]).logits, one)
+    for name, m in loaded.named_modules():
+        if isinstance(m, CompressedLinear):
+            assert m.quantizer.trellis and torch.equal(m.weight_dense(), model.get_submodule(name).weight_dense()), name
+            x = torch.randn(1, m.in_features)                       # the loaded layer's own path (fused where tiled)
+            torch.testing.assert_close(m(x), F.linear(x, m.weight_dense(), m.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trellis_layer_on_the_gpu():
+    qt = TCQ.quantize(spiky(96, 64))
+    ref = qt.dequantize()
+    x = torch.randn(3, 64)
+    for layout in (None, "stream"):                                  # slc.fused's torch decoder; decode_codes + levels
+        cl = CompressedLinear.from_quantized(qt, LinearSpec("entropy", quantizer=TCQ, layout=layout)).to("cuda")
+        assert torch.equal(cl.weight_dense().cpu(), ref)
+        torch.testing.assert_close(cl(x.cuda()).cpu(), F.linear(x, ref), rtol=1e-4, atol=1e-4)

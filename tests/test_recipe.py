@@ -141,7 +141,7 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
-                                 "rotate": "hadamard", "temper": 1.0})])
+                                 "rotate": "hadamard", "temper": 1.0, "trellis": False})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe
@@ -214,3 +214,28 @@ def test_a_budget_the_overheads_keep_out_of_reach_stops_at_the_coarsest_steps():
                            progress=False, use_gptq=True, rotate=None, gptq_damp=0.01, temper=0.5)
     assert str(err.value).count("), (") <= 2                                     # attempts listed: at most two
     assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+
+
+def test_trellis_recipe_lands_and_stores_trellis_layers():
+    """trellis=True: the allocation's ECSQ steps become trellis steps (x ECSQ_STEP_RATIO), the budget still lands,
+    and the layers hold trellis codes (their quantiser says so; the weights they compute with are the trellis
+    levels). A bad value is refused before anything is computed."""
+    from slc.trellis import ECSQ_STEP_RATIO
+    text = "calibration text for a tiny model " * 40
+    with pytest.raises(TypeError, match="trellis"):
+        compress_to_budget(tiny_model("llama"), _tok, 4.0, calibration_text=text, progress=False, trellis="yes")
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+    report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False, use_gptq=True,
+                                rotate="hadamard", trellis=True)
+    assert lands(report.bits_per_weight, 4.0) and "trellis" in report.recipe
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert layers and all(m.quantizer.trellis for m in layers)
+    for name, spec in report.allocation.items():
+        row = next(r for r in report.allocation.rows if r.name == name)
+        assert spec.quantizer.trellis and spec.quantizer.step == pytest.approx(row.setting * ECSQ_STEP_RATIO)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert float((after - before).norm() / before.norm()) < 0.2

@@ -1,9 +1,12 @@
 """CompressedTensor: exact equality with the quantiser, sizes, predictors, bytes, bad input."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from slc import CompressedTensor, FormatError, Quantizer
+from slc.quant import QuantizedTensor
 from slc.symbols import apply_predictor, entropy_bits, undo_predictor
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -141,3 +144,42 @@ def test_decode_codes_torch_backend_equals_numba(quantizer, predictor):
     assert torch.equal(numba_codes.to(torch.int64), quantizer.quantize(w).codes.to(torch.int64))
     with pytest.raises(ValueError, match="backend"):
         decode_codes(ct.buffers(), ct.meta, backend="cuda")
+
+
+@pytest.mark.parametrize("q,shape,dtype", [
+    (Quantizer(mode="ecsq", step=0.2, trellis=True), (64, 96), torch.float32),
+    (Quantizer(mode="ecsq", step=1e-4, trellis=True), (48, 64), torch.float16),          # escapes
+    (Quantizer(mode="ecsq", step=0.3, trellis=True, granularity="group", group_size=16), (4, 6, 32), torch.bfloat16),
+], ids=["channel", "escapes-fp16", "group16-3d"])
+def test_trellis_codes_decompress_to_their_levels(q, shape, dtype):
+    """Trellis codes (slc.trellis) in a CompressedTensor: every decoder gives QuantizedTensor.dequantize()."""
+    from slc.tensor import decode_codes, decompress_buffers
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    w.view(-1, shape[-1])[1, 2] = 60.0
+    w = w.to(dtype)
+    qt = q.quantize(w)
+    ref = qt.dequantize()
+    ct = CompressedTensor.compress(w, q)
+    assert ct.meta["quantizer"]["trellis"] is True and ct.to_bytes()[4] == 2      # ecsq's format, version 2
+    if q.step < 1e-3:
+        assert ct.meta["n_escapes"] > 0
+    assert torch.equal(ct.decompress(), ref) and ct.decompress().dtype == dtype
+    assert torch.equal(CompressedTensor.from_bytes(ct.to_bytes()).decompress(), ref)
+    assert torch.equal(CompressedTensor.from_buffers(ct.buffers(), ct.meta).decompress(), ref)
+    assert torch.equal(ct.decompress(backend="torch"), ref)          # the CUDA path, run on the CPU
+    assert torch.equal(decompress_buffers(ct.buffers(), ct.meta), ref)
+    assert torch.equal(decode_codes(ct.buffers(), ct.meta, backend="torch").to(torch.int64), qt.codes.to(torch.int64))
+    plain = QuantizedTensor(qt.codes, qt.scale, None, replace(q, trellis=False), qt.original_shape, dtype)
+    assert not torch.allclose(plain.dequantize().float(), ref.float(), atol=1e-2)   # the tests above can fail
+
+
+def test_trellis_header_field():
+    w = torch.randn(16, 32)
+    plain = CompressedTensor.compress(w, Quantizer(mode="ecsq", step=0.2))
+    assert "trellis" not in plain.meta["quantizer"]                 # other files are as they were
+    ct = CompressedTensor.compress(w, Quantizer(mode="ecsq", step=0.2, trellis=True))
+    assert CompressedTensor.from_bytes(ct.to_bytes()).quantizer.trellis
+    for value in (False, "true", 1):
+        meta = {**ct.meta, "quantizer": {**ct.meta["quantizer"], "trellis": value}}
+        with pytest.raises(FormatError, match="trellis"):
+            CompressedTensor.from_buffers(ct.buffers(), meta)
