@@ -17,7 +17,7 @@ Symbol kinds (what a symbol means; the mapping is folded into the decode table, 
             symbol E stands for a code kept apart (int32, row-major order): the table maps E to a
             sentinel, the kernel replaces sentinels by the next escaped codes of its tile (the
             stream's tile_escapes says where each tile's escapes start) and checks the count.
-            trellis=True (slc.trellis): the same codes stand for levels picked by a 4-state machine along
+            trellis=True (slc.trellis): the same codes stand for levels picked by an 8-state machine along
             each row; the kernels turn every finished row of codes (escapes patched) into its levels with
             slc.trellis.levels_inplace before scaling it, the torch decoder with levels_torch. Rows are whole
             rows of W, so the scan never crosses a tile or a block. Codes must stay below MAX_TRELLIS_CODE.

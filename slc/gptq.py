@@ -37,7 +37,7 @@ def gptq(w, x_cov: torch.Tensor, quantizer, block: int = 128, damp: float = 0.01
     before any column is rounded, so each column keeps its own scale whatever the order; the codes come back
     in the weight's own column order.
     A trellis quantiser (Quantizer(trellis=True), slc.trellis) is searched a block at a time: inside a block each of
-    the trellis' 4 surviving paths feeds its own errors forward (slc.trellis.search_block), between blocks the lazy
+    the trellis' 8 surviving paths feeds its own errors forward (slc.trellis.search_block), between blocks the lazy
     update is GPTQ's. Its codes depend on their order along the row, so act_order is refused for it.
     """
     w = torch.as_tensor(w).detach()
