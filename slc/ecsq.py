@@ -304,7 +304,7 @@ HIGH_RATE_GAP = 0.5 * math.log2(math.pi * math.e / 6)    # 0.2546 bits: a unifor
 def shannon_gap(w: torch.Tensor, step: float, trellis: bool = False) -> dict:
     """How many bits per weight ECSQ at `step` (row RMS, as compress_to_budget uses it) spends above the Shannon
     lower bound of the weights it codes: what any quantiser of the same weights could still win.
-    trellis=True measures trellis codes at `step` instead (slc.trellis; about ECSQ's rate at step / 0.53).
+    trellis=True measures trellis codes at `step` instead (slc.trellis; step_for_ecsq(s) costs about what s does).
 
     Each row is divided by its RMS (the quantiser's reference) and the weights are taken as i.i.d. draws from
     their histogram: differential entropy h (bits, Freedman-Diaconis bins). For a mean squared error D,

@@ -18,8 +18,9 @@ and the stored format (a QuantizedTensor on the same Quantizer: only the scales 
                         code lengths under the layer's code histogram and lam bisected so the layer's
                         estimated rate stays what one step gave (rate-neutral); then the step is refit
                         for the codes chosen (same codes, same rate, less D).
-    trellis (ecsq)      the blocks' steps of the ECSQ grid of about the same rate (step / ECSQ_STEP_RATIO,
-                        chosen as above), times ECSQ_STEP_RATIO; the codes by trellis search on them.
+    trellis (ecsq)      the blocks' steps of the ECSQ grid of about the same rate (slc.trellis.ecsq_step_for,
+                        chosen as above), each turned back into a trellis step (step_for_ecsq's ratio at the
+                        layer's step); the codes by trellis search on them.
 
 imp may be an (in,) vector (one weight per input column, as llama.cpp) or an (out, in) matrix (e.g. the
 per-weight Fisher of slc.calibrate). `compress_model_weighted` does it for every layer of a policy
@@ -43,7 +44,7 @@ from .hf import dense_weight_of, set_module, target_layers
 from .nn import CompressedLinear
 from .quant import QuantizedTensor, Quantizer, as_float_tensor, quantize_blocks
 from .symbols import code_dtype
-from .trellis import ECSQ_STEP_RATIO, viterbi
+from .trellis import ecsq_step_for, viterbi
 
 MULTIPLIERS = tuple(round(0.7 + 0.05 * k, 2) for k in range(11))       # affine: 0.7 .. 1.2 x absmax / qmax
 ECSQ_MULTIPLIERS = tuple(2 ** (k / 8) for k in range(-4, 5))            # ecsq: step x 2^(-1/2 .. 1/2)
@@ -169,9 +170,9 @@ def weighted_quantize(w, quantizer: Quantizer, importance, multipliers=None, ref
     b = b.reshape(-1, b.shape[-1])
     imp = _importance_blocks(importance, w, q)
     if q.trellis:                       # the steps an ECSQ grid of the same rate would weight, scaled; trellis codes
-        grid = replace(q, step=q.step / ECSQ_STEP_RATIO, trellis=False)
+        grid = replace(q, step=ecsq_step_for(q.step), trellis=False)
         _, s = _ecsq(b, imp, grid, tuple(multipliers or ECSQ_MULTIPLIERS), refit)
-        s = s * ECSQ_STEP_RATIO
+        s = s * (q.step / grid.step)
         codes = viterbi(q.unblock((b.double() / s.double()).reshape(*lead, -1), w.shape).numpy())
         return QuantizedTensor(codes=torch.from_numpy(codes.astype(code_dtype(codes))),
                                scale=s.reshape(*lead, 1).float(), zero_point=None, quantizer=q,

@@ -46,10 +46,12 @@ QUANTIZER = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.int64)   # state -> whic
 # (state, code parity) -> next state: the 8-state table of VVC's successor (ECM); chosen with QUANTIZER above as
 # the best of every balanced assignment of the quantisers to its states (Gaussian, 2.6-4.4 bits)
 NEXT = np.array([[0, 2], [5, 7], [1, 3], [6, 4], [2, 0], [4, 6], [3, 1], [7, 5]], dtype=np.int64)
-# A trellis step of ECSQ_STEP_RATIO x an ECSQ step costs about the same bits (SmolLM2's rotated layers at 3.5
-# bits: trellis step 0.19 gave 3.548 bits, ECSQ step 0.36 3.529; Gaussians alike): how slc.recipe and
-# slc.importance translate an ECSQ step (the allocation's) into a trellis one.
-ECSQ_STEP_RATIO = 0.53
+# ECSQ step -> the trellis step of the same rate (order-0 entropy of the codes), both x row RMS, measured on a
+# Gaussian (256 x 1024, rows of unit RMS; bisection on the trellis step): about half the step at high rate, where a
+# trellis code spends its parity on the state, nearly the same step below a bit, where most codes are 0 either way.
+# SmolLM2's rotated layers agree at 3.5 bits (trellis 0.19 -> 3.548 bits, ECSQ 0.36 -> 3.529).
+_SAME_RATE = ((0.1, 0.0509), (0.2, 0.1038), (0.36, 0.1928), (0.5, 0.2757), (0.7, 0.4033), (1.0, 0.6174),
+              (1.4, 0.9658), (2.0, 1.6788), (3.0, 2.8415))      # (ECSQ step, trellis step), rates 5.37 .. 0.70 bits
 _INF = 1e300
 
 
@@ -130,6 +132,30 @@ def levels_inplace(buf, o, n, qs, nxt):
         k = np.int64(buf[t])
         buf[t] = _level(k, qs[s])
         s = nxt[s, k & 1]
+
+
+def _same_rate(step: float, inverse: bool) -> float:
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0 or not np.isfinite(step):
+        raise ValueError(f"step={step!r} must be a positive number")
+    e, t = (np.log(np.array(c)) for c in zip(*_SAME_RATE, strict=True))
+    x, y = (t, e) if inverse else (e, t)
+    ratio = np.interp(np.log(step), x, y - x)           # log(step ratio), held at the table's ends beyond them
+    return float(step * np.exp(ratio))
+
+
+def step_for_ecsq(step: float) -> float:
+    """The trellis step that costs about what ECSQ at `step` costs (both relative to the row RMS): 0.51-0.95 x it,
+    from 5.4 bits down to 0.7 (Gaussian weights); how slc.recipe turns an allocation's ECSQ step into a trellis one.
+
+    >>> round(step_for_ecsq(0.36), 4), round(ecsq_step_for(step_for_ecsq(0.7)), 4)
+    (0.1928, 0.7)
+    """
+    return _same_rate(step, inverse=False)
+
+
+def ecsq_step_for(step: float) -> float:
+    """The inverse of step_for_ecsq: the ECSQ step of about the rate of trellis codes at `step`."""
+    return _same_rate(step, inverse=True)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

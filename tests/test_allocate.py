@@ -267,10 +267,10 @@ def test_tempering_needs_the_weights_energy():
 
 def test_gptq_trellis_beats_ecsq_gptq_at_the_same_rate():
     """Trellis codes searched with GPTQ's feedback (slc.trellis.search_block): at about ECSQ's rate
-    (step x ECSQ_STEP_RATIO) the output error is clearly lower; the grid is the trellis quantiser's own."""
+    (slc.trellis.step_for_ecsq) the output error is clearly lower; the grid is the trellis quantiser's own."""
     from slc.gptq import gptq
     from slc.symbols import entropy_bits, zigzag
-    from slc.trellis import ECSQ_STEP_RATIO
+    from slc.trellis import step_for_ecsq
     g = torch.Generator().manual_seed(5)
     X = torch.randn(2048, 128, generator=g) @ (torch.eye(128) + 0.2 * torch.randn(128, 128, generator=g))
     w = torch.randn(64, 128, generator=g)
@@ -278,7 +278,7 @@ def test_gptq_trellis_beats_ecsq_gptq_at_the_same_rate():
     err = lambda t: float(((t.dequantize() - w) @ X.T).pow(2).sum())
     rate = lambda t: entropy_bits(zigzag(t.codes.reshape(-1).numpy())) / t.codes.numel()
     e = gptq(w, C, Quantizer(mode="ecsq", step=0.4), damp=0.1)
-    q = Quantizer(mode="ecsq", step=0.4 * ECSQ_STEP_RATIO, trellis=True)
+    q = Quantizer(mode="ecsq", step=step_for_ecsq(0.4), trellis=True)
     t = gptq(w, C, q, damp=0.1)
     assert torch.equal(t.scale, q.quantize(w).scale)                                 # same grid as quantize
     assert abs(rate(t) - rate(e)) < 0.1, (rate(t), rate(e))

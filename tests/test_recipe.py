@@ -81,6 +81,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
             d = default_recipe(task, budget)
             assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard") and d["gptq_damp"] > 0
             assert d["allocation"] in ("sensitivity", "uniform") and 0 <= d["temper"] <= 1
+            assert isinstance(d["trellis"], bool)
     with pytest.raises(ValueError, match="task="):
         default_recipe("vision", 4.0)
     model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
@@ -93,6 +94,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     assert report.allocation.settings["temper"] == d["temper"]
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
+    assert ("trellis" in report.recipe) == d["trellis"] and all(m.quantizer.trellis == d["trellis"] for m in layers)
 
 
 def test_temper_reaches_the_allocation_and_is_checked():
@@ -217,10 +219,10 @@ def test_a_budget_the_overheads_keep_out_of_reach_stops_at_the_coarsest_steps():
 
 
 def test_trellis_recipe_lands_and_stores_trellis_layers():
-    """trellis=True: the allocation's ECSQ steps become trellis steps (x ECSQ_STEP_RATIO), the budget still lands,
+    """trellis=True: the allocation's ECSQ steps become trellis steps of the same rate, the budget still lands,
     and the layers hold trellis codes (their quantiser says so; the weights they compute with are the trellis
     levels). A bad value is refused before anything is computed."""
-    from slc.trellis import ECSQ_STEP_RATIO
+    from slc.trellis import step_for_ecsq
     text = "calibration text for a tiny model " * 40
     with pytest.raises(TypeError, match="trellis"):
         compress_to_budget(tiny_model("llama"), _tok, 4.0, calibration_text=text, progress=False, trellis="yes")
@@ -235,7 +237,7 @@ def test_trellis_recipe_lands_and_stores_trellis_layers():
     assert layers and all(m.quantizer.trellis for m in layers)
     for name, spec in report.allocation.items():
         row = next(r for r in report.allocation.rows if r.name == name)
-        assert spec.quantizer.trellis and spec.quantizer.step == pytest.approx(row.setting * ECSQ_STEP_RATIO)
+        assert spec.quantizer.trellis and spec.quantizer.step == pytest.approx(step_for_ecsq(row.setting))
     with torch.no_grad():
         after = model(ids).logits
     assert float((after - before).norm() / before.norm()) < 0.2
