@@ -4,7 +4,8 @@
 
 Rows: fp32; int8 per channel (fixed width, slc.kernels); int8 + rANS tiled (fused decode x matmul,
 slc.fused); int8 + rANS one stream (the layout before tiles: decodes the whole weight every token);
-int4 group-64 + rANS tiled; ECSQ step 0.2 + rANS tiled (about 4.4 bits/weight); ECSQ allocated to 4.5
+int4 group-64 + rANS tiled; ECSQ step 0.2 + rANS tiled (about 4.4 bits/weight); trellis codes of about the same
+rate + rANS tiled (slc.trellis: the fused kernel scans each decoded row into levels); ECSQ allocated to 4.5
 bits/weight (slc.allocate, saved with save_compressed and loaded back: the way a user runs it). Columns:
 bits/weight of the linear layers, resident weight MB of those layers, perplexity (so a speed-up cannot
 hide a wrong matmul), greedy tokens/s (median of round-robin runs) and its ratio to fp32, prefill
@@ -62,6 +63,7 @@ def child(tokens: int, reps: int) -> dict:
     import torch
 
     from slc import LinearSpec, Quantizer, compress_model, compressed_layers, load_compressed, metrics, models
+    from slc.trellis import step_for_ecsq
 
     torch.set_num_threads(2)
     rows = {
@@ -70,6 +72,8 @@ def child(tokens: int, reps: int) -> dict:
         "int8 + rANS, one stream": LinearSpec("entropy", layout="stream"),
         "int4 g64 + rANS, tiled": LinearSpec("entropy", Quantizer(bits=4, granularity="group", group_size=64)),
         "ECSQ 0.2 + rANS, tiled": LinearSpec("entropy", Quantizer(mode="ecsq", step=0.2), predictor="none"),
+        "trellis (ECSQ 0.2's rate) + rANS, tiled": LinearSpec(
+            "entropy", Quantizer(mode="ecsq", step=step_for_ecsq(0.2), trellis=True), predictor="none"),
     }
     base, tok = models.load("smollm2-135m")
     text = models.evaluation_text(4000)

@@ -45,7 +45,7 @@ def score(b: fo.Bench, sets: dict, model) -> dict:
             for n, s in sets.items()}
 
 
-def run_model(key: str, rows: list) -> None:
+def run_model(key: str, rows: list, slc_only: bool = False) -> None:
     if models.task(key) != "causal-lm":
         raise SystemExit(f"{key}: wide_eval.py checks the causal LMs (perplexity); MiniLM's targets are met")
     b = fo.Bench(key)
@@ -62,8 +62,12 @@ def run_model(key: str, rows: list) -> None:
             + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         save(rows, key)
 
-    add("fp32", "fp32", 32.0, None)
-    for r in json.loads((fo.RESULTS / "frontier_ood_peers.json").read_text())["rows"]:
+    if slc_only:                                    # fp32 and the presets as the JSON has them: they do not change
+        if not any(r["model"] == key and r["name"] == "fp32" for r in rows):
+            raise SystemExit(f"--slc-only keeps {key}'s fp32 and preset rows, but the JSON has none: run without it")
+    else:
+        add("fp32", "fp32", 32.0, None)
+    for r in [] if slc_only else json.loads((fo.RESULTS / "frontier_ood_peers.json").read_text())["rows"]:
         if r["model"] != key or r["group"] != "llama.cpp + imatrix" or r["bits"] > 4.52:
             continue
         preset = r["name"].removeprefix("llama.cpp ").removesuffix(" + imatrix")
@@ -154,6 +158,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", action="append", choices=("smollm2-135m", fo.CONTROL), help="causal LMs to rerun")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--load-note", default=None, help="what else the machine was running (for the table)")
+    p.add_argument("--slc-only", action="store_true",
+                   help="rerun only compress_to_budget's rows (after a change to slc), keeping fp32 and the presets")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -161,8 +167,8 @@ def main(argv=None) -> None:
     if not args.report:
         for key in args.model or ["smollm2-135m"]:
             print(f"\n== {key}", flush=True)
-            rows[:] = [r for r in rows if r["model"] != key]
-            run_model(key, rows)
+            rows[:] = [r for r in rows if r["model"] != key or (args.slc_only and r["group"] != "compress_to_budget")]
+            run_model(key, rows, args.slc_only)
     note = args.load_note or (f"Run on the 2-core machine ({platform.processor() or platform.machine()}, torch "
                               f"{torch.__version__}, 1 thread per process); load average at the end "
                               f"{os.getloadavg()[0]:.1f}.")
