@@ -102,6 +102,8 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   control at 3.37 bits: +13.5 / +50.8 / +15.1 against +13.7 / +65.0 / +18.3 % (48 000: +12.2 / +50.1 / +16.2
 #   against +13.0 / +61.5 / +20.8). SmolLM2 at 3.57 bits (chosen on the control, checked here): +7.4 / +32.2 /
 #   +10.3 against +7.9 / +35.3 / +10.4 % (48 000: +7.0 / +28.0 / +9.8 against +8.9 / +34.3 / +12.1).
+#   The 8-state trellis (the default), the control at 3.57 bits, seeds 0 / 1 / 2: +9.1 / +41.0 / +13.0, +6.9 / +35.8 /
+#   +9.6, +8.2 / +37.6 / +13.6 % (12 000).
 #   Encoders at every budget (8-state trellis, default recipe otherwise; cosine in domain / prose / code): MiniLM
 #   at 2.97 bits (rotation seed 1) 0.9824 / 0.9644 / 0.9734 against 0.9776 / 0.9586 / 0.9671, at 3.57 bits 0.9929
 #   / 0.9847 / 0.9896 against 0.9913 / 0.9811 / 0.9870, at 4.47 bits 0.9981 / 0.9961 / 0.9972 against 0.9977 /
