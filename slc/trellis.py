@@ -13,8 +13,8 @@ each code k moves it on (NEXT below). Each weight still costs one code k, entrop
 code (zig-zag symbols, the same rANS streams and escapes), but a row's codes are picked together by a
 Viterbi search over the 8 states, so the reconstruction points of a row form a denser packing than a grid.
 On a Gaussian, 2.6-4.4 bits/weight, it sits 0.09-0.16 bits above the Shannon bound instead of ECSQ's
-0.25-0.27 (VVC's 4-state machine: 0.11-0.19); on SmolLM2's rotated layers with GPTQ it lowers the layers'
-output error by about 15 % at the same rate.
+0.25-0.27 (VVC's 4-state machine: 0.11-0.19); on SmolLM2's rotated layers (off their Q4_1 grid) with GPTQ it lowers the
+layers' output error by about 15 % at the same rate.
 
 Decoding is a scan along each row: state 0 at the row's start, then level(k, state) and the next state,
 one code after another (`levels`), after which the weight is levels x scale as for ECSQ.
