@@ -114,16 +114,6 @@ def _viterbi_rows(x, qs, nxt, out):
             s = back[t, s]
 
 
-@njit(cache=True, nogil=True)
-def _levels_rows(codes, qs, nxt, out):
-    rows, n = codes.shape
-    for r in range(rows):
-        s = 0
-        for t in range(n):
-            k = np.int64(codes[r, t])
-            out[r, t] = _level(k, qs[s])
-            s = nxt[s, k & 1]
-
 
 @njit(cache=True, nogil=True)
 def levels_inplace(buf, o, n, qs, nxt):
@@ -143,6 +133,13 @@ def levels_inplace(buf, o, n, qs, nxt):
         sign = np.int64(k > 0) - np.int64(k < 0)
         buf[t] = 2 * k - ((qbits >> s) & 1) * sign
         s = (packed >> (3 * (2 * s + (k & 1)))) & 7
+
+
+@njit(cache=True, nogil=True)
+def _levels_rows(buf, n, qs, nxt):
+    """Every row (n codes each) of the flat float buffer replaced by its levels."""
+    for o in range(0, buf.size, n):
+        levels_inplace(buf, o, n, qs, nxt)
 
 
 def _same_rate(step: float, inverse: bool) -> float:
@@ -198,10 +195,9 @@ def levels(codes):
     c = np.asarray(codes)
     if c.dtype.kind not in "iu" and not (c.dtype.kind == "f" and np.array_equal(c, np.round(c))):
         raise TypeError(f"trellis codes are integers, got {c.dtype}")
-    flat = np.ascontiguousarray(_rows(c))
-    out = np.empty(flat.shape, dtype=np.float64)
-    if flat.size:
-        _levels_rows(flat, QUANTIZER, NEXT, out)
+    out = np.array(_rows(c), dtype=np.float64).reshape(-1)          # a copy: the codes, scanned in place
+    if out.size:
+        _levels_rows(out, c.shape[-1], QUANTIZER, NEXT)
     return out.reshape(c.shape)
 
 
