@@ -51,7 +51,7 @@ from numba import njit
 from slc.errors import FormatError
 from slc.tiles import (TiledDecoder, TiledStream, decode_block, decode_tiles_kernel, decode_tiles_torch, decode_two,
                        default_threads, run_tiles, tile_ok)
-from slc.trellis import NEXT, QUANTIZER, levels_inplace, levels_torch
+from slc.trellis import levels_inplace, levels_torch, scan_scratch
 
 KINDS = ("affine", "ecsq")
 MAX_ROWS = 16                   # rows of x the fused kernel is for; more rows: decode once, dense GEMM (bench/tiles.py
@@ -112,8 +112,8 @@ def _patch_escapes(buf, o, cols, escapes, k, k_end):
 
 
 @njit(cache=True, nogil=True)
-def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc, escapes, k, k_end, trellis, qs,
-                  nxt):
+def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc, escapes, k, k_end, trellis,
+                  scratch):
     """Multiply every complete row in buf[b0:b0 + fill] with x (escapes patched first, then trellis codes turned
     into levels), move the rest to buf[b0:]. Returns (fill, row, k); k = -1 when the tile has more escapes than
     its index allows."""
@@ -125,7 +125,7 @@ def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc
             if k < 0:
                 return fill, row, k
         if trellis:
-            levels_inplace(buf, o, cols, qs, nxt)
+            levels_inplace(buf[o:o + cols], scratch)
         _dot_row(x, xsum, buf, o, row, scale, zp, has_zp, gs, y)
         row += 1
         o += cols
@@ -137,12 +137,12 @@ def _consume_rows(buf, b0, fill, row, x, xsum, scale, zp, has_zp, gs, y, has_esc
 
 @njit(cache=True, nogil=True)
 def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escapes, fb, values, scale_bits,
-                       scale, zp, has_zp, escapes, has_esc, trellis, qs, nxt, y, lo, hi):
+                       scale, zp, has_zp, escapes, has_esc, trellis, y, lo, hi):
     """y[:, rows of tiles lo..hi-1] = x @ W[those rows]^T, decoding W about a row at a time, two tiles
     side by side (as slc.tiles.decode_tiles_kernel: two independent chains keep the core busier).
 
     x (nx, cols) f32; xsum (nx, groups) per-group sums of x; values: f32 code per slot (escape: SENTINEL);
-    trellis: codes are trellis codes, each row scanned with slc.trellis' tables qs, nxt.
+    trellis: codes are trellis codes, each row scanned by slc.trellis.levels_inplace.
     Returns -1, or the first tile that is corrupt (lanes, words or escape count)."""
     nx, cols = x.shape
     lanes = states.shape[1]
@@ -155,6 +155,7 @@ def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escap
     buf = np.empty(2 * half, dtype=np.float32)            # tile t at buf[0:], tile t + 1 at buf[half:]
     xa = np.empty(lanes, dtype=np.uint32)
     xb = np.empty(lanes, dtype=np.uint32)
+    scratch = scan_scratch(cols if trellis else 0)
     t = lo
     while t < hi:
         pair = t + 1 < hi and lanes % 32 == 0
@@ -184,14 +185,14 @@ def fused_tiles_kernel(x, xsum, states, words, tile_words, tile_rows, tile_escap
                 pa = decode_block(xa, fb, values, words, pa, ea, scale_bits, buf, fa + both, ma - both)
                 da += ma
                 fa, ra, ka = _consume_rows(buf, 0, fa + ma, ra, x, xsum, scale, zp, has_zp, gs, y, has_esc,
-                                           escapes, ka, ka_end, trellis, qs, nxt)
+                                           escapes, ka, ka_end, trellis, scratch)
                 if ka < 0:
                     return t
             if mb:
                 pb = decode_block(xb, fb, values, words, pb, eb, scale_bits, buf, half + fbl + both, mb - both)
                 db += mb
                 fbl, rb, kb = _consume_rows(buf, half, fbl + mb, rb, x, xsum, scale, zp, has_zp, gs, y, has_esc,
-                                            escapes, kb, kb_end, trellis, qs, nxt)
+                                            escapes, kb, kb_end, trellis, scratch)
                 if kb < 0:
                     return t + 1
         if not tile_ok(xa, pa, ea) or ka != ka_end:
@@ -235,12 +236,13 @@ def _scale_rows(out, r0, r1, cols, scale, zp, has_zp):
 
 @njit(cache=True, nogil=True)
 def dense_tiles_kernel(states, words, tile_words, tile_rows, tile_syms, fb, values, scale_bits, scale, zp, has_zp,
-                       escapes, has_esc, tile_escapes, trellis, qs, nxt, out, lo, hi):
+                       escapes, has_esc, tile_escapes, trellis, out, lo, hi):
     """out (flat f32) rows of tiles lo..hi-1 := the de-quantised weight: two tiles decoded side by side
     straight to float codes (slc.tiles.decode_tiles_kernel with the float table), escapes patched, trellis codes
     turned into levels row by row, then scaled while the rows are still in cache. Returns -1, or the first
     corrupt tile."""
     cols = out.size // max(tile_rows[-1], 1)
+    scratch = scan_scratch(cols if trellis else 0)
     t = lo
     while t < hi:
         nb = 2 if t + 1 < hi else 1
@@ -254,7 +256,7 @@ def dense_tiles_kernel(states, words, tile_words, tile_rows, tile_syms, fb, valu
                 return u
             if trellis:
                 for r in range(tile_rows[u], tile_rows[u + 1]):
-                    levels_inplace(out, r * cols, cols, qs, nxt)
+                    levels_inplace(out[r * cols:(r + 1) * cols], scratch)
             _scale_rows(out, tile_rows[u], tile_rows[u + 1], cols, scale, zp, has_zp)
         t += nb
     return -1
@@ -402,7 +404,7 @@ class FusedWeight:
             esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
             args = (d.states, d.words, d.tile_words, d.tile_rows, d.tile_syms, d.tables.fb, d.tables.values,
                     s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None,
-                    d.tile_escapes, self.trellis, QUANTIZER, NEXT, out)
+                    d.tile_escapes, self.trellis, out)
             self._raise_bad(run_tiles(dense_tiles_kernel, args, d.split(self.threads(threads))))
         return out.reshape(self.shape)
 
@@ -446,8 +448,7 @@ class FusedWeight:
         zp = self.zero_point if self.zero_point is not None else self.scale
         esc = self.escapes if self.escapes is not None and self.escapes.size else np.zeros(1, np.int32)
         args = (x, xsum, d.states, d.words, d.tile_words, d.tile_rows, d.tile_escapes, d.tables.fb, d.tables.values,
-                s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, self.trellis,
-                QUANTIZER, NEXT, y)
+                s.scale_bits, self.scale, zp, self.zero_point is not None, esc, s.escape is not None, self.trellis, y)
         self._raise_bad(run_tiles(fused_tiles_kernel, args, d.split(self.threads(threads))))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slc import trellis
-from slc.trellis import NEXT, QUANTIZER, levels, levels_inplace, levels_torch, search_block, viterbi
+from slc.trellis import NEXT, QUANTIZER, levels, levels_inplace, levels_torch, scan_scratch, search_block, viterbi
 
 
 def scan(codes) -> list:
@@ -68,11 +68,25 @@ def test_the_three_decoders_agree_with_the_definition():
     for dtype in (np.float32, np.float64):                          # float codes in a flat buffer, one row at a time
         buf = np.concatenate([[5.0], codes.reshape(-1), [7.0]]).astype(dtype)
         for r in range(codes.shape[0]):
-            levels_inplace(buf, 1 + r * codes.shape[1], codes.shape[1], QUANTIZER, NEXT)
+            levels_inplace(buf[1 + r * codes.shape[1]:1 + (r + 1) * codes.shape[1]], scan_scratch(codes.shape[1]))
         np.testing.assert_array_equal(buf[1:-1].reshape(codes.shape), want.astype(dtype))
         assert buf[0] == 5.0 and buf[-1] == 7.0                     # nothing outside the rows touched
     assert not np.array_equal(want, 2.0 * codes)                    # the states matter: not ECSQ's 2k
     np.testing.assert_array_equal(levels(codes.reshape(3, 3, 57)), want.reshape(3, 3, 57))   # rows = last axis
+
+
+def test_the_scan_eight_codes_at_a_time_at_every_row_length():
+    rng = np.random.default_rng(7)
+    for n in [*range(1, 26), 63, 64, 65, 576]:                     # every remainder modulo 8, and rows of one word
+        codes = rng.integers(-9, 10, (3, n))
+        want = np.array([scan(r) for r in codes], dtype=np.float64)
+        np.testing.assert_array_equal(levels(codes), want)
+        buf = codes.astype(np.float32).reshape(-1)
+        scratch = scan_scratch(n + 13)                              # longer than needed, reused across rows
+        scratch[:] = 255                                            # stale bytes must not leak into the states
+        for r in range(3):
+            levels_inplace(buf[r * n:(r + 1) * n], scratch)
+        np.testing.assert_array_equal(buf.reshape(3, n), want.astype(np.float32))
 
 
 def test_every_row_starts_in_state_zero():
