@@ -246,20 +246,30 @@ def levels(codes):
 
 
 def levels_torch(codes: torch.Tensor) -> torch.Tensor:
-    """levels() on any device without leaving it: one vector step per column across all rows (a GPU decoder's
-    scan). codes (rows, cols) integer -> float32 levels."""
+    """levels() on any device without leaving it, in a fixed number of vector steps (a GPU decoder's scan).
+    codes (rows, cols) integer -> float32 levels.
+
+    As levels_inplace, the states go eight codes at a time: each group of eight parities is a map of the 8 states
+    (STEP8), and the state entering every group comes from composing those maps along the row with a
+    Hillis-Steele prefix scan (log2(cols / 8) gathers), so no step loops over the columns."""
     if codes.dim() != 2:
         raise ValueError(f"levels_torch takes (rows, cols) codes, got shape {tuple(codes.shape)}")
-    qs = torch.as_tensor(QUANTIZER, device=codes.device)
-    nxt = torch.as_tensor(NEXT, device=codes.device)
+    dev = codes.device
     k = codes.to(torch.int64)
-    out = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    s = torch.zeros(k.shape[0], dtype=torch.int64, device=k.device)
-    for t in range(k.shape[1]):
-        kt = k[:, t]
-        out[:, t] = (2 * kt - qs[s] * torch.sign(kt)).float()
-        s = nxt[s, kt & 1]
-    return out
+    rows, cols = k.shape
+    m = -(-cols // 8)
+    par = torch.nn.functional.pad(k & 1, (0, 8 * m - cols)).reshape(rows, m, 8)
+    b = (par << torch.arange(8, device=dev)).sum(-1)                           # (rows, m): one byte per group
+    step = torch.as_tensor(STEP8 // 256, device=dev)
+    maps = step[256 * torch.arange(STATES, device=dev) + b[..., None]]          # (rows, m, 8): state -> state after
+    d = 1
+    while d < m:                                                               # maps[j] := maps[j] o maps[j - d]
+        maps = torch.cat([maps[:, :d], torch.gather(maps[:, d:], 2, maps[:, :-d])], dim=1)
+        d *= 2
+    enter = torch.cat([torch.zeros(rows, 1, dtype=torch.int64, device=dev), maps[:, :-1, 0]], dim=1)
+    qbytes = torch.as_tensor(QBITS8.view(np.uint8).reshape(-1, 8).astype(np.int64), device=dev)
+    qs = qbytes[256 * enter + b].reshape(rows, 8 * m)[:, :cols]                 # each code's quantiser
+    return (2 * k - qs * torch.sign(k)).to(torch.float32)
 
 
 @njit(cache=True, nogil=True)

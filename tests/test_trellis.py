@@ -81,6 +81,7 @@ def test_the_scan_eight_codes_at_a_time_at_every_row_length():
         codes = rng.integers(-9, 10, (3, n))
         want = np.array([scan(r) for r in codes], dtype=np.float64)
         np.testing.assert_array_equal(levels(codes), want)
+        assert torch.equal(levels_torch(torch.from_numpy(codes)), torch.from_numpy(want).float())
         buf = codes.astype(np.float32).reshape(-1)
         scratch = scan_scratch(n + 13)                              # longer than needed, reused across rows
         scratch[:] = 255                                            # stale bytes must not leak into the states
