@@ -29,6 +29,12 @@ search (`viterbi`) keeps every weight within 2 steps (ECSQ: half a step of its o
 error-fed-back copy of the block's remaining weights, and the path metric is GPTQ's loss,
 sum_i (err_i / U_ii)^2 with U the upper Cholesky factor of the inverse Hessian.
 
+Both searches minimise the error alone. An entropy-constrained search (error + lambda x each code's order-0
+length, re-estimated over four passes; each state may also take the code one step of its parity nearer zero) was
+measured on a Gaussian (64 x 1024) and not adopted: at about 3.5 bits it came 0.103 bits above the bound at
+best (lambda 0.4 step^2 per bit) against the plain search's 0.116, at 2.9 bits 0.114 against 0.139; larger lambdas
+were worse.
+
 >>> import numpy as np
 >>> x = np.random.default_rng(0).standard_normal((2, 1000)) / 0.3     # weights in units of d
 >>> k = viterbi(x)
