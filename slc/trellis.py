@@ -169,13 +169,13 @@ def levels_inplace(w, scratch):
         par[t] = 0
     p64 = par.view(np.uint64)
     q64 = qq.view(np.uint64)
-    e = np.int64(0)
-    for j in range(m):                       # gather the eight parity bytes' low bits into one byte
-        x = p64[j]
+    e = np.int64(0)                          # 256 x the state entering the group of eight
+    for j in range(m):
+        x = p64[j]                           # eight parity bytes -> one byte b, bit i = code i's parity
         x |= x >> np.uint64(7)
         x |= x >> np.uint64(14)
         x |= x >> np.uint64(28)
-        e += np.int64(x & np.uint64(255))
+        e += np.int64(x & np.uint64(255))    # 256 s + b
         q64[j] = QBITS8[e]
         e = STEP8[e]
     for t in range(n):
