@@ -294,20 +294,24 @@ def default_variant(b: Bench, budget: float) -> tuple:
     return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"]
 
 
-# (allocation, GPTQ, rotation, GPTQ's damping, the allocation's temper): sensitivity allocation or one step x
-# without / with GPTQ x without / with rotation at the usual damping, then GPTQ damped 100 x harder (trusting the
-# calibration text less), then that with the allocation tempered (session 8: the causal-LM default up to 4 bits)
-VARIANTS = ([(alloc, gptq, rot, DAMP, 1.0) for alloc in ("sensitivity", "uniform") for rot in (None, "hadamard")
-             for gptq in (False, True)]
-            + [("sensitivity", True, rot, 1.0, 1.0) for rot in (None, "hadamard")]
-            + [("sensitivity", True, "hadamard", 1.0, 0.5)])
+# (allocation, GPTQ, rotation, GPTQ's damping, the allocation's temper, trellis codes): sensitivity allocation or
+# one step x without / with GPTQ x without / with rotation at the usual damping, then GPTQ damped 100 x harder
+# (trusting the calibration text less), then that with the allocation tempered (session 8: the causal-LM default up
+# to 4 bits), all with ECSQ codes; then the two defaults (causal LMs up to 4 bits, encoders) with trellis codes
+# (session 10). The trellis flag is always passed, so a variant's codes never follow compress_to_budget's default.
+VARIANTS = ([(alloc, gptq, rot, DAMP, 1.0, False) for alloc in ("sensitivity", "uniform")
+             for rot in (None, "hadamard") for gptq in (False, True)]
+            + [("sensitivity", True, rot, 1.0, 1.0, False) for rot in (None, "hadamard")]
+            + [("sensitivity", True, "hadamard", 1.0, 0.5, False)]
+            + [("sensitivity", True, "hadamard", 1.0, 0.5, True), ("sensitivity", True, "hadamard", DAMP, 1.0, True)])
 
 
-def variant_label(allocation: str, use_gptq: bool, rotate, damp: float = DAMP, temper: float = 1.0) -> str:
+def variant_label(allocation: str, use_gptq: bool, rotate, damp: float = DAMP, temper: float = 1.0,
+                  trellis: bool = False) -> str:
     gptq = (" + GPTQ" + (f" damp {damp:g}" if damp != DAMP else "")) if use_gptq else ""
     return (("one step" if allocation == "uniform" else "allocated" + (f" (tempered {temper:g})" if temper != 1
                                                                          else ""))
-            + " + weighted" + gptq + (" + rotation" if rotate else ""))
+            + " + weighted" + gptq + (" + rotation" if rotate else "") + (" + trellis" if trellis else ""))
 
 
 def phase_frontier(b: Bench, rows: list):
@@ -318,19 +322,20 @@ def phase_frontier(b: Bench, rows: list):
     import copy
 
     from slc.recipe import calibrate_for_budget, compress_to_budget
-    for allocation, use_gptq, rotate, damp, temper in b.variants or VARIANTS:
+    for allocation, use_gptq, rotate, damp, temper, trellis in b.variants or VARIANTS:
         cal = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq, rotate=rotate,
                                    allocation=allocation, gptq_damp=damp)
-        label = variant_label(allocation, use_gptq, rotate, damp, temper)
+        label = variant_label(allocation, use_gptq, rotate, damp, temper, trellis)
         print(f"  calibration ({label}): {cal.seconds:.0f} s", flush=True)
         for budget in b.budgets or FRONTIER_BUDGETS:
             model = copy.deepcopy(b.model)
-            rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal, temper=temper)
+            rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal, temper=temper,
+                                     trellis=trellis)
             sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
             row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
                          group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
             row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp,
-                       temper=temper)
+                       temper=temper, trellis=trellis)
             save(rows)
             del model
 
