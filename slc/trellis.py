@@ -251,31 +251,46 @@ def levels(codes):
     return out.reshape(c.shape)
 
 
+TORCH_CHUNK = 1 << 20          # codes levels_torch scans at once: bounds its temporaries (about 25 bytes a code)
+
+
 def levels_torch(codes: torch.Tensor) -> torch.Tensor:
     """levels() on any device without leaving it, in a fixed number of vector steps (a GPU decoder's scan).
     codes (rows, cols) integer -> float32 levels.
 
-    As levels_inplace, the states go eight codes at a time: each group of eight parities is a map of the 8 states
+    As levels_inplace, the states go eight codes at a time: each group of eight parities is a map of the states
     (STEP8), and the state entering every group comes from composing those maps along the row with a
-    Hillis-Steele prefix scan (log2(cols / 8) gathers), so no step loops over the columns."""
+    Hillis-Steele prefix scan (log2(cols / 8) gathers), so no step loops over the columns. Rows are scanned
+    TORCH_CHUNK codes at a time, so the int64 temporaries stay small beside the float32 result."""
     if codes.dim() != 2:
         raise ValueError(f"levels_torch takes (rows, cols) codes, got shape {tuple(codes.shape)}")
+    rows, cols = codes.shape
     dev = codes.device
-    k = codes.to(torch.int64)
-    rows, cols = k.shape
+    out = torch.empty(rows, cols, dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return out
     m = -(-cols // 8)
-    par = torch.nn.functional.pad(k & 1, (0, 8 * m - cols)).reshape(rows, m, 8)
-    b = (par << torch.arange(8, device=dev)).sum(-1)                           # (rows, m): one byte per group
+    shift = torch.arange(8, dtype=torch.uint8, device=dev)
     step = torch.as_tensor(STEP8 // 256, device=dev)
-    maps = step[256 * torch.arange(STATES, device=dev) + b[..., None]]          # (rows, m, 8): state -> state after
-    d = 1
-    while d < m:                                                               # maps[j] := maps[j] o maps[j - d]
-        maps = torch.cat([maps[:, :d], torch.gather(maps[:, d:], 2, maps[:, :-d])], dim=1)
-        d *= 2
-    enter = torch.cat([torch.zeros(rows, 1, dtype=torch.int64, device=dev), maps[:, :-1, 0]], dim=1)
-    qbytes = torch.as_tensor(QBITS8.view(np.uint8).reshape(-1, 8).astype(np.int64), device=dev)
-    qs = qbytes[256 * enter + b].reshape(rows, 8 * m)[:, :cols]                 # each code's quantiser
-    return (2 * k - qs * torch.sign(k)).to(torch.float32)
+    qbytes = torch.as_tensor(QBITS8.view(np.uint8).reshape(-1, 8), device=dev)      # (states x 256, 8) uint8
+    first = 256 * torch.arange(STATES, device=dev)
+    per = max(1, TORCH_CHUNK // cols)
+    for r0 in range(0, rows, per):
+        k = codes[r0:r0 + per].to(torch.int64)
+        n = k.shape[0]
+        par = torch.nn.functional.pad((k & 1).to(torch.uint8), (0, 8 * m - cols)).reshape(n, m, 8)
+        b = (par << shift).sum(-1, dtype=torch.int64)                            # (n, m): one byte per group
+        maps = step[first + b[..., None]]                                         # (n, m, 8): state -> state after
+        d = 1
+        while d < m:                                                              # maps[j] := maps[j] o maps[j - d]
+            maps[:, d:] = torch.gather(maps[:, d:], 2, maps[:, :-d])
+            d *= 2
+        enter = torch.cat([torch.zeros(n, 1, dtype=torch.int64, device=dev), maps[:, :-1, 0]], dim=1)
+        del maps
+        q = qbytes[256 * enter + b].reshape(n, 8 * m)[:, :cols]                   # each code's quantiser, 0 or 1
+        kd = k.to(torch.float64)                                                  # exact below 2**52
+        out[r0:r0 + n] = 2 * kd - q.to(torch.float64) * torch.sign(kd)
+    return out
 
 
 @njit(cache=True, nogil=True)

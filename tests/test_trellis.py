@@ -75,6 +75,14 @@ def test_the_three_decoders_agree_with_the_definition():
     np.testing.assert_array_equal(levels(codes.reshape(3, 3, 57)), want.reshape(3, 3, 57))   # rows = last axis
 
 
+def test_levels_torch_in_chunks_of_rows(monkeypatch):
+    codes = np.random.default_rng(3).integers(-30, 31, (37, 21))
+    want = torch.from_numpy(levels(codes)).float()
+    monkeypatch.setattr(trellis, "TORCH_CHUNK", 50)                   # two rows a chunk, the last one alone
+    assert torch.equal(levels_torch(torch.from_numpy(codes)), want)
+    assert levels_torch(torch.zeros(0, 5, dtype=torch.int64)).shape == (0, 5)
+
+
 def test_the_scan_eight_codes_at_a_time_at_every_row_length():
     rng = np.random.default_rng(7)
     for n in [*range(1, 26), 63, 64, 65, 576]:                     # every remainder modulo 8, and rows of one word
