@@ -288,8 +288,7 @@ def levels_torch(codes: torch.Tensor) -> torch.Tensor:
         enter = torch.cat([torch.zeros(n, 1, dtype=torch.int64, device=dev), maps[:, :-1, 0]], dim=1)
         del maps
         q = qbytes[256 * enter + b].reshape(n, 8 * m)[:, :cols]                   # each code's quantiser, 0 or 1
-        kd = k.to(torch.float64)                                                  # exact below 2**52
-        out[r0:r0 + n] = 2 * kd - q.to(torch.float64) * torch.sign(kd)
+        out[r0:r0 + n] = 2 * k - q.to(torch.int64) * torch.sign(k)                # exact, rounded once to float32
     return out
 
 
