@@ -124,8 +124,8 @@ ALLOCATIONS = ("sensitivity", "uniform")
 
 def default_recipe(task: str, budget_bits: float) -> dict:
     """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
-    "hadamard", "temper": float}: what compress_to_budget picks for a "causal-lm" or an "encoder" at this budget
-    (DEFAULTS, set from what measured best out of domain)."""
+    "hadamard", "temper": float, "trellis": bool}: what compress_to_budget picks for a "causal-lm" or an
+    "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
     return dict(next(r for bound, r in DEFAULTS[task] if budget_bits <= bound))
