@@ -646,6 +646,21 @@ class CompressedLinear(nn.Module):
         return (f"{how}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits/weight={self.bits_per_weight:.2f}, bias={self.bias is not None}")
 
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """New numbers for the stored scales (slc.distill's tuned row steps): same shape, finite and > 0; the
+        codes, the format and the size are unchanged. Decode tables built from the old scales are dropped."""
+        old = getattr(self, "scale", None)
+        if old is None or self.kind not in ("quantized", "entropy"):
+            raise ValueError(f"a {self.kind} layer has no scales to set")
+        scale = torch.as_tensor(scale)
+        if scale.numel() != old.numel():
+            raise ValueError(f"scale has {scale.numel()} values, this layer holds {old.numel()}")
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("scales must be finite and > 0")
+        with torch.no_grad():
+            old.copy_(scale.reshape(old.shape).to(old.dtype))
+        self._fused = self._torch_weight = None                     # their tables hold the old scales
+
     # --- module plumbing --------------------------------------------------------------------------
     _FLOAT_DATA = ("bias", "vh", "ut")                          # follow .to(dtype); every other buffer keeps its dtype
 

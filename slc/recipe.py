@@ -14,6 +14,9 @@ slc.texts' calibration mix, evaluated on package READMEs / licences and Python s
                     escapes: everything the layers hold); the budget is a ceiling: if they land above it or
                     more than 2 % below it, the allocation target is re-aimed (`next_target`) and steps 1-3
                     rerun (the calibration is reused)
+    5. distillation slc.distill, where it measured better (DEFAULTS): with the codes fixed, every row's step and
+                    the norms' gains tuned together so the compressed model's outputs match the original's on
+                    the calibration text (no bits added: those floats are stored anyway)
 
 The model is changed in place only once the result lands within `TOLERANCE` (2 %) below the budget; a budget
 outside what the ECSQ steps can reach raises ValueError before anything is computed beyond calibration.
@@ -23,6 +26,7 @@ default recipe at 3.5 bits; or name it: use_gptq=, rotate=, allocation=, gptq_da
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +38,8 @@ from .allocate import (Allocation, RDTable, allocate, check_temper, rate_distort
                        uniform_allocation)
 from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
+from .distill import DistillReport
+from .distill import distill as distill_model
 from .gptq import gptq
 from .hf import dense_weight_of, has_lm_head, set_module, target_layers
 from .importance import weighted_quantize
@@ -114,18 +120,18 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
-                                 "rotate": "hadamard", "temper": 0.5, "trellis": True}),
+                                 "rotate": "hadamard", "temper": 0.5, "trellis": True, "distill": True}),
                           (32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": GPTQ_DAMP,
-                                  "rotate": None, "temper": 1.0, "trellis": False})],
+                                  "rotate": None, "temper": 1.0, "trellis": False, "distill": False})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,
-                                "rotate": "hadamard", "temper": 1.0, "trellis": True})]}
+                                "rotate": "hadamard", "temper": 1.0, "trellis": True, "distill": False})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
     """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
-    "hadamard", "temper": float, "trellis": bool}: what compress_to_budget picks for a "causal-lm" or an
-    "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
+    "hadamard", "temper": float, "trellis": bool, "distill": bool}: what compress_to_budget picks for a
+    "causal-lm" or an "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
     return dict(next(r for bound, r in DEFAULTS[task] if budget_bits <= bound))
@@ -141,6 +147,7 @@ class BudgetReport:
     compression: CompressionReport
     attempts: list = field(default_factory=list)    # (allocation target, measured bits/weight) per attempt
     seconds: float = 0.0
+    distill: DistillReport | None = None            # the row steps and norm gains tuned after (slc.distill)
 
     @property
     def error(self) -> float:
@@ -152,7 +159,7 @@ class BudgetReport:
         return (f"budget {self.budget_bits:.3f} bits/weight -> {self.bits_per_weight:.3f} measured "
                 f"({100 * self.error:+.2f} %), {len(self.compression.rows)} layers\n"
                 f"recipe: {self.recipe}\nattempts (target -> measured): {tries}\n"
-                f"{self.seconds:.0f} s")
+                + (f"{self.distill}\n" if self.distill else "") + f"{self.seconds:.0f} s")
 
 
 def next_target(attempts: list, aim: float) -> float:
@@ -194,6 +201,7 @@ class BudgetCalibration:
     seconds: float = 0.0
     gptq_damp: float = GPTQ_DAMP
     stats_tokens: int = 0             # tokens behind `stats`: STATS_TOKENS of its kind, fewer if the text is short
+    text: str = ""                    # the calibration text (slc.distill reads it again)
 
 
 def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | None = None, progress: bool = True,
@@ -231,14 +239,15 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
                         full=use_gptq or rotate is not None)
     return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0,
                              float(GPTQ_DAMP if gptq_damp is None else gptq_damp),
-                             max((st.tokens for st in stats.values()), default=0))
+                             max((st.tokens for st in stats.values()), default=0), text)
 
 
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
                        progress: bool = True, use_gptq: bool | None = None, skip=None,
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
                        allocation: str = "auto", gptq_damp: float | None = None,
-                       temper: float | None = None, trellis: bool | None = None) -> BudgetReport:
+                       temper: float | None = None, trellis: bool | None = None,
+                       distill: bool | None = None) -> BudgetReport:
     """Compress `model` in place to at most `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     The budget is a ceiling: the result lands between TOLERANCE (2 %) below it and the budget itself.
@@ -254,6 +263,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     1 as measured, 0 all alike; None: the default at this budget).
     trellis: store trellis-coded layers (slc.trellis) instead of ECSQ: each allocated ECSQ step becomes a trellis
     step of about the same rate (slc.trellis.step_for_ecsq), scales and GPTQ as for ECSQ (None: the default).
+    distill: after the codes land, tune every row's step and the norms' gains (codes fixed, no bits added) to
+    match the original model on the calibration text (slc.distill; None: the default). It holds a copy of the
+    original model while it runs.
     calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
     allocation and gptq_damp come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
@@ -264,8 +276,10 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     default = default_recipe(_task(model), budget_bits)
     temper = check_temper(default["temper"] if temper is None else temper)
     trellis = default["trellis"] if trellis is None else trellis
-    if not isinstance(trellis, bool):
-        raise TypeError(f"trellis must be True, False or None (the default), got {trellis!r}")
+    distill = default["distill"] if distill is None else distill
+    for flag, value in (("trellis", trellis), ("distill", distill)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True, False or None (the default), got {value!r}")
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
@@ -326,6 +340,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     if not lands(measured):
         raise RuntimeError(f"could not land within {TOLERANCE:.0%} below {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")
+    teacher = copy.deepcopy(model) if distill else None             # the original, for slc.distill
     report = CompressionReport()
     for name, (layer, rel) in layers.items():
         w = dense_weight_of(modules[name])
@@ -341,4 +356,16 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
               + (f" + GPTQ (damp {damp:g})" if use_gptq else "")
               + (f", layers stored {rotate} rotated" if rotate else "")
               + (", trellis-coded (steps of the same rate)" if trellis else ""))
-    return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0)
+    tuned = None
+    if distill:
+        try:
+            tuned = distill_model(model, teacher, tokenizer, calibration.text or calibration_mix(CALIBRATION_CHARS),
+                                  progress=progress)
+        except BaseException:                                       # nothing half done: the original layers back
+            for name in layers:
+                set_module(model, name, modules[name])
+            raise
+        recipe += (f" + row steps and norm gains distilled ({tuned.tokens} tokens, {tuned.epochs} epochs, "
+                   "slc.distill)")
+    return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0,
+                        tuned)

@@ -18,8 +18,8 @@ PKG = ROOT / "slc"
 LAYERS = [
     "errors", "rans", "tiles", "trellis", "fused", "kernels", "symbols", "quant", "rotation", "lossless", "tensor",
     "gptq", "ecsq", "hf", "factors", "nn", "models", "texts", "sources", "synthetic", "calibrate", "lagrange",
-    "lowrank", "allocate", "compress", "importance", "recipe", "integrity", "checkpoint", "streaming", "blockwise",
-    "metrics", "memory", "gguf_peers", "llamacpp", "viz", "demo", "render", "cli", "__main__", "__init__",
+    "lowrank", "allocate", "compress", "importance", "distill", "recipe", "integrity", "checkpoint", "streaming",
+    "blockwise", "metrics", "memory", "gguf_peers", "llamacpp", "viz", "demo", "render", "cli", "__main__", "__init__",
 ]
 
 

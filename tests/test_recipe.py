@@ -81,7 +81,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
             d = default_recipe(task, budget)
             assert isinstance(d["use_gptq"], bool) and d["rotate"] in (None, "hadamard") and d["gptq_damp"] > 0
             assert d["allocation"] in ("sensitivity", "uniform") and 0 <= d["temper"] <= 1
-            assert isinstance(d["trellis"], bool)
+            assert isinstance(d["trellis"], bool) and isinstance(d["distill"], bool)
     with pytest.raises(ValueError, match="task="):
         default_recipe("vision", 4.0)
     model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
@@ -95,6 +95,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
     assert ("trellis" in report.recipe) == d["trellis"] and all(m.quantizer.trellis == d["trellis"] for m in layers)
+    assert ("distilled" in report.recipe) == d["distill"] == (report.distill is not None)
 
 
 def test_temper_reaches_the_allocation_and_is_checked():
@@ -143,7 +144,7 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
-                                 "rotate": "hadamard", "temper": 1.0, "trellis": False})])
+                                 "rotate": "hadamard", "temper": 1.0, "trellis": False, "distill": False})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe

@@ -1,0 +1,206 @@
+"""Distillation of the floats a compressed model keeps: each row's step and the norms' gains, codes fixed.
+
+Once every layer's codes are chosen, a compressed model still holds floats that cost no extra bits: the step
+(scale) of every row of a row-wise layer, already stored as one float32 per row, and the gains (and biases) of its
+normalisation layers, stored as they were. The codes were chosen layer by layer, each for its own output error;
+`distill` tunes those floats together, for the whole model's output, against the original model on calibration
+text (the teacher):
+
+    causal LM   KL(teacher || student) of the next-token distributions, over the whole vocabulary, per token
+    encoder     the mean squared difference of the last hidden states, per token, over the teacher's mean square
+
+Each tuned row keeps its codes c and its rotation R: its weight is exp(a_i) s_i c_i R^T with a_i = 0 at the start
+(one log-factor per row: a row's scale cannot change sign, and Adam's steps are relative), so the stored format is
+unchanged: only the numbers in each layer's `scale` buffer and in the norms' parameters move. Adam, learning rate
+`lr` decayed linearly to 0, one calibration sequence (slc.calibrate.token_chunks: 512-token windows of the text
+for a causal LM) per step, `epochs` passes in a seeded order.
+
+Why it is worth doing (bench/results/frontier_ood.md; calibrated on slc.texts' calibration mix, evaluated on
+held-out pydoc / package READMEs and licences / stdlib source): on SmolLM2 taken off its Q4_1 grid (the control),
+compress_to_budget at 3.57 bits went from +9.1 / +41.0 / +13.0 % perplexity to about +0 / +10 / +6 % after two
+epochs over the ~10 000 tokens of the mix, and at 3.35 bits from +10.3 / +62.7 / +17.7 % to about +1 / +23-28 / +8-11
+%: the prose the codes never saw gains most. The teacher's distribution carries far more than the next token (the
+whole vocabulary at every position), and ~190 000 floats against ~10 000 positions of it do not fit the text.
+
+While it runs every compressed layer is swapped for a dense stand-in (its weight decoded once, in float32: the
+memory of an fp32 copy of those layers, on top of the teacher's), and put back at the end; if anything fails half
+way the model is left exactly as it was given (steps and gains restored).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import eval_mode, token_chunks
+from .hf import has_lm_head, set_module
+from .nn import CompressedEmbedding, CompressedLinear
+
+TOKENS = 10_240        # calibration tokens (20 windows of 512 for a causal LM): about all of the default mix
+EPOCHS = 2
+LR = 1e-3              # Adam's step on the log-factors and the gains, decayed linearly to 0
+
+
+@dataclass
+class DistillReport:
+    """What distill did: how many floats it tuned, on how many tokens, and the loss along the way."""
+    tokens: int
+    sequences: int
+    epochs: int
+    rows: int                       # row steps tuned (one float each)
+    gains: int                      # norm parameters tuned
+    frozen: int                     # compressed layers kept as they were (not row-wise: grouped scales, low rank)
+    loss: list = field(default_factory=list)     # mean loss over each epoch's sequences, as they trained
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        path = " -> ".join(f"{x:.4f}" for x in self.loss)
+        return (f"distilled {self.rows} row steps and {self.gains} norm parameters on {self.tokens} tokens "
+                f"({self.sequences} sequences x {self.epochs} epochs), loss per epoch {path}, "
+                f"{self.frozen} layers kept, {self.seconds:.0f} s")
+
+
+class RowScaled(nn.Module):
+    """A dense stand-in for a CompressedLinear with one scale per row: weight = exp(a) s c R^T, a trainable."""
+
+    def __init__(self, layer: CompressedLinear):
+        super().__init__()
+        s = layer.scale.detach().double().reshape(-1)
+        w = layer.weight_dense(torch.float64)                      # s_i c_i R^T: dividing the rows leaves c R^T
+        self.register_buffer("unit", (w / torch.where(s == 0, 1.0, s)[:, None]).float())
+        self.register_buffer("s0", s.float())
+        self.log_a = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = layer.bias
+
+    def scale(self) -> torch.Tensor:
+        return self.s0 * self.log_a.exp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, (self.scale()[:, None] * self.unit).to(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Frozen(nn.Module):
+    """A dense stand-in for a compressed layer distill leaves as it is (its weight decoded once)."""
+
+    def __init__(self, layer: CompressedLinear):
+        super().__init__()
+        self.register_buffer("weight", layer.weight_dense(torch.float32))
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def row_wise(layer: CompressedLinear) -> bool:
+    """A layer distill can tune: quantised or entropy-coded with one scale per output row, no zero points."""
+    return (layer.kind in ("quantized", "entropy") and getattr(layer, "zero_point", None) is None
+            and layer.scale.numel() == layer.out_features)
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The normalisation layers' parameters (LayerNorm, and RMSNorm-like modules by their class name)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm"):
+            out.update({f"{name}.{k}": p for k, p in m.named_parameters(recurse=False) if p.is_floating_point()})
+    return out
+
+
+def distillation_loss(student_out, teacher_out, causal: bool) -> torch.Tensor:
+    """Per token: KL(teacher || student) of the next-token distributions (causal LM), or the squared difference
+    of the last hidden states over the teacher's mean square (encoder)."""
+    if causal:
+        lt = F.log_softmax(teacher_out.logits.float(), -1)
+        ls = F.log_softmax(student_out.logits.float(), -1)
+        return (lt.exp() * (lt - ls)).sum(-1).mean()
+    t, s = teacher_out.last_hidden_state.float(), student_out.last_hidden_state.float()
+    return ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30)
+
+
+def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: int = TOKENS, epochs: int = EPOCHS,
+            lr: float = LR, seed: int = 0, progress: bool = True) -> DistillReport:
+    """Tune `model`'s row steps and norm gains (codes fixed) to match `teacher` (the uncompressed model) on `text`.
+
+    model: holds CompressedLinear layers (compress_to_budget, compress_model, ...); teacher: the original model,
+    same architecture, left unchanged. tokens: the first `tokens` tokens of `text`, in the sequences the model
+    takes (slc.calibrate.token_chunks). Returns a DistillReport; the model is changed in place only when it
+    completes (a failure or interrupt leaves it as given)."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a positive number")
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, CompressedLinear) and not isinstance(m, CompressedEmbedding)}
+    if not layers:
+        raise ValueError("distill tunes a compressed model: this one holds no CompressedLinear layer")
+    if teacher is model:
+        raise ValueError("teacher must be the original model, not the compressed one")
+    causal = has_lm_head(model)
+    chunks = token_chunks(model, tokenizer, text, tokens)
+    t0 = time.perf_counter()
+    gains = norm_parameters(model)
+    saved_gains = {k: p.detach().clone() for k, p in gains.items()}
+    stand_ins = {n: RowScaled(m) if row_wise(m) else Frozen(m) for n, m in layers.items()}
+    req = {p: p.requires_grad for p in (*model.parameters(), *teacher.parameters())}
+    modes = [eval_mode(model), eval_mode(teacher)]
+    report = DistillReport(sum(c.shape[1] for c in chunks), len(chunks), epochs,
+                           sum(m.s0.numel() for m in stand_ins.values() if isinstance(m, RowScaled)),
+                           sum(p.numel() for p in gains.values()),
+                           sum(isinstance(m, Frozen) for m in stand_ins.values()))
+    stack = contextlib.ExitStack()
+    try:
+        for p in req:
+            p.requires_grad_(False)
+        for n, m in stand_ins.items():
+            set_module(model, n, m)
+        params = [m.log_a for m in stand_ins.values() if isinstance(m, RowScaled)] + list(gains.values())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        total, step = epochs * len(chunks), 0
+        bar = stack.enter_context(tqdm(total=total, desc="distill", unit="seq", disable=not progress))
+        for _ in range(epochs):
+            run, done = 0.0, 0
+            for i in torch.randperm(len(chunks), generator=gen).tolist():
+                x = chunks[i].to(next(model.parameters()).device)
+                with torch.no_grad():
+                    want = teacher(x)
+                loss = distillation_loss(model(x), want, causal)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"distillation loss is {loss.item()} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for g in opt.param_groups:
+                    g["lr"] = lr * (1 - step / total)
+                opt.step()
+                run, done, step = run + loss.item(), done + 1, step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{run / done:.4f}")
+            report.loss.append(run / len(chunks))
+    except BaseException:
+        with torch.no_grad():
+            for k, p in gains.items():
+                p.copy_(saved_gains[k])
+        raise
+    finally:
+        stack.close()
+        for n, m in layers.items():
+            set_module(model, n, m)
+        for p, r in req.items():
+            p.requires_grad_(r)
+            p.grad = None
+        for mode in modes:
+            mode.remove()
+    for n, m in stand_ins.items():                                  # completed: the tuned steps into the layers
+        if isinstance(m, RowScaled):
+            layers[n].set_scale(m.scale().detach())
+    report.seconds = time.perf_counter() - t0
+    return report

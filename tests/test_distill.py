@@ -1,0 +1,204 @@
+"""slc.distill: the row steps and norm gains of a compressed model tuned against the original, codes fixed."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import slc.distill as D
+from slc import CompressedLinear, LinearSpec, Quantizer, compress_model
+from slc.calibrate import token_chunks
+from slc.distill import distill, norm_parameters
+from slc.models import tiny_model
+from slc.recipe import compress_to_budget
+
+TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 30
+ECSQ = LinearSpec("entropy", quantizer=Quantizer(mode="ecsq", step=0.6))
+
+
+def _tok(text, return_tensors="pt", **_):
+    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+
+
+def kl_to(teacher, model, chunks) -> float:
+    """Mean KL(teacher || model) of the next-token distributions over the chunks."""
+    out = 0.0
+    with torch.no_grad():
+        for x in chunks:
+            out += float(D.distillation_loss(model(x), teacher(x), causal=True))
+    return out / len(chunks)
+
+
+def compressed(spec=ECSQ, seed=0):
+    teacher = tiny_model("llama", seed=seed)
+    model = copy.deepcopy(teacher)
+    compress_model(model, spec, progress=False)
+    return teacher, model
+
+
+def snapshot(model):
+    """Every compressed layer's buffers and every norm parameter, cloned."""
+    layers = {n: {k: b.clone() for k, b in m.named_buffers()} for n, m in model.named_modules()
+              if isinstance(m, CompressedLinear)}
+    return layers, {k: p.detach().clone() for k, p in norm_parameters(model).items()}
+
+
+def test_distill_lowers_the_loss_and_moves_only_scales_and_gains():
+    teacher, model = compressed()
+    chunks = token_chunks(model, _tok, TEXT, 4_096)
+    (layers0, gains0), kl0 = snapshot(model), kl_to(teacher, model, chunks)
+    report = distill(model, teacher, _tok, TEXT, epochs=3, lr=3e-3, progress=False)
+    kl1 = kl_to(teacher, model, chunks)
+    assert kl1 < 0.8 * kl0, (kl0, kl1)
+    layers1, gains1 = snapshot(model)
+    assert report.rows == sum(m.out_features for m in model.modules() if isinstance(m, CompressedLinear))
+    assert report.gains == sum(p.numel() for p in gains1.values()) > 0 and report.frozen == 0
+    assert len(report.loss) == 3 and report.sequences == len(chunks) and "distilled" in str(report)
+    moved = 0
+    for n, bufs in layers0.items():
+        for k, b in bufs.items():
+            if k == "scale":
+                moved += not torch.equal(b, layers1[n][k])
+                assert (layers1[n][k] > 0).all()
+            else:
+                assert torch.equal(b, layers1[n][k]), (n, k)           # codes, tables: untouched
+    assert moved == len(layers0)
+    assert any(not torch.equal(gains0[k], gains1[k]) for k in gains0)
+    assert all(type(m) is not D.RowScaled for m in model.modules())  # the stand-ins are gone
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distilled_model_saves_and_reloads_the_same(tmp_path):
+    from slc import load_compressed, save_compressed
+    teacher, model = compressed()
+    distill(model, teacher, _tok, TEXT, epochs=1, progress=False)
+    ids = torch.tensor([[3, 9, 27, 81, 11]])
+    path = save_compressed(model, tmp_path / "m.safetensors")
+    again = load_compressed(path)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+
+
+def test_layers_without_row_scales_stay_as_they_are():
+    spec = LinearSpec("entropy", quantizer=Quantizer(bits=4, granularity="group", group_size=16))
+    teacher, model = compressed(spec)
+    layers0, _ = snapshot(model)
+    report = distill(model, teacher, _tok, TEXT, epochs=1, progress=False)
+    layers1, _ = snapshot(model)
+    assert report.rows == 0 and report.frozen == len(layers0) and report.gains > 0
+    assert all(torch.equal(layers0[n]["scale"], layers1[n]["scale"]) for n in layers0)
+
+
+def test_a_failure_half_way_leaves_the_model_as_given(monkeypatch):
+    teacher, model = compressed()
+    before = snapshot(model)
+    calls = {"n": 0}
+    real = D.distillation_loss
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "distillation_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, teacher, _tok, TEXT, epochs=2, progress=False)
+    after = snapshot(model)
+    assert all(torch.equal(before[0][n][k], after[0][n][k]) for n in before[0] for k in before[0][n])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert sum(isinstance(m, CompressedLinear) for m in model.modules()) == len(before[0])
+
+
+def test_a_non_finite_loss_is_an_error_not_a_silent_result(monkeypatch):
+    teacher, model = compressed()
+    before = snapshot(model)
+    monkeypatch.setattr(D, "distillation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="nan"):
+        distill(model, teacher, _tok, TEXT, epochs=1, progress=False)
+    assert all(torch.equal(before[1][k], p) for k, p in norm_parameters(model).items())
+
+
+def test_bad_input_is_a_clear_error():
+    teacher, model = compressed()
+    with pytest.raises(ValueError, match="epochs"):
+        distill(model, teacher, _tok, TEXT, epochs=0, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        distill(model, teacher, _tok, TEXT, lr=-1.0, progress=False)
+    with pytest.raises(ValueError, match="no CompressedLinear"):
+        distill(teacher, model, _tok, TEXT, progress=False)
+    with pytest.raises(ValueError, match="original model"):
+        distill(model, model, _tok, TEXT, progress=False)
+    with pytest.raises(ValueError, match="too short"):
+        distill(model, teacher, _tok, "", progress=False)
+
+
+def test_an_encoder_is_distilled_on_its_last_hidden_states():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    teacher = BertModel(cfg).eval()
+    model = copy.deepcopy(teacher)
+    compress_model(model, ECSQ, progress=False)
+
+    def tok(text, max_length=64, truncation=True, return_overflowing_tokens=True, **_):
+        ids = [b % 128 for b in text.encode()]
+        return {"input_ids": [ids[i:i + max_length] for i in range(0, len(ids), max_length)]}
+
+    text = "\n\n".join(["a passage about foxes and dogs and boxes of jugs"] * 40)
+    chunks = token_chunks(model, tok, text, 4_096)
+
+    def loss():
+        with torch.no_grad():
+            return sum(float(D.distillation_loss(model(x), teacher(x), causal=False)) for x in chunks)
+
+    before = loss()
+    report = distill(model, teacher, tok, text, epochs=3, lr=3e-3, progress=False)
+    assert report.gains > 0 and loss() < 0.9 * before
+
+
+def test_set_scale_reaches_the_fused_forward_and_checks_its_input():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 8, bias=False)
+    layer = CompressedLinear.from_linear(lin, ECSQ)
+    x = torch.randn(3, 48)
+    y = layer(x)
+    layer.set_scale(layer.scale * 2)
+    assert torch.allclose(layer(x), 2 * y, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(layer.weight_dense(torch.float32) @ x.T, 2 * y.T, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="values"):
+        layer.set_scale(torch.ones(3))
+    with pytest.raises(ValueError, match="> 0"):
+        layer.set_scale(-layer.scale)
+    low = CompressedLinear.from_linear(lin, LinearSpec("lowrank", rank=4))
+    with pytest.raises(ValueError, match="no scales"):
+        low.set_scale(torch.ones(8))
+
+
+def test_compress_to_budget_distills_causal_lms_by_default():
+    text = "calibration text for a tiny model " * 40
+    model = tiny_model("llama")
+    report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
+    assert report.distill is not None and "distilled" in report.recipe and "distilled" in str(report)
+    plain = tiny_model("llama")
+    assert compress_to_budget(plain, _tok, 4.0, calibration_text=text, progress=False, distill=False).distill is None
+    with pytest.raises(TypeError, match="distill"):
+        compress_to_budget(tiny_model("llama"), _tok, 4.0, calibration_text=text, progress=False, distill="yes")
+
+
+def test_compress_to_budget_puts_the_original_layers_back_if_distillation_fails(monkeypatch):
+    import slc.recipe as R
+    model = tiny_model("llama")
+    weights = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(R, "distill_model", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        compress_to_budget(model, _tok, 4.0, calibration_text="calibration text for a tiny model " * 40,
+                           progress=False)
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+    now = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(now) == set(weights) and all(torch.equal(now[n], weights[n]) for n in weights)
