@@ -116,6 +116,14 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   0.9951 / 0.9967 (4.49 bits). Causal LMs above 4 bits (no rotation, no GPTQ): off. At 4.5 bits (one-off runs, the
 #   default recipe otherwise) it was worse on prose and code: SmolLM2 4.495 bits +5.5 / +13.6 / +5.9 against
 #   +3.5 / +6.2 / +3.7 %, the control 4.494 bits +5.6 / +21.0 / +9.3 against +7.7 / +10.7 / +7.0 %.
+# - distill (slc.distill: every row's step and the norms' gains tuned, codes fixed, to the original model's
+#   next-token distributions on the calibration mix; Adam, lr 1e-3): causal LMs up to 4 bits. One-off runs on
+#   the default's layers (session 12, 12 000 characters): the control at 3.565 bits +9.1 / +41.0 / +13.0 % ->
+#   +1.4 / +20.1 / +5.9 after one pass, -0.2 / +9.4 / +5.6 after two, +0.2 / +11.5 / +6.9 after three (lr held);
+#   at 3.355 bits +10.3 / +62.7 / +17.7 -> +1.8 / +28.3 / +8.0, +1.1 / +23.4 / +10.9, +3.1 / +28.5 / +9.7, and
+#   the steps alone (two passes, lr decayed to 0) +3.1 / +33.0 / +9.8 (the gains are worth about as much as the
+#   steps). SmolLM2 at 3.566 bits +6.4 / +40.9 / +7.2 -> +3.5 / +30.0 / +5.0 -> +3.4 / +28.9 / +4.6 (two passes,
+#   lr decayed: the default). Above 4 bits and for encoders: not measured, off.
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
