@@ -104,13 +104,15 @@ class Bench:
         self._stats = {}
         self.phase = ""
 
-    def measure(self) -> dict:
+    def measure(self, model=None) -> dict:
+        """The scores of `model` (default: self.model as it is) on every evaluation set."""
+        model = self.model if model is None else model
         if self.lm:
-            return {k: metrics.perplexity(self.model, self.tok, v, window=512, stride=512)
+            return {k: metrics.perplexity(model, self.tok, v, window=512, stride=512)
                     for k, v in self.sets.items()}
         out = {}
         for k, p in self.pieces.items():
-            e = metrics.sentence_embedding(self.model, self.tok, p).double()
+            e = metrics.sentence_embedding(model, self.tok, p).double()
             out[k] = float((e * self.ref[k]).sum(-1).mean())
         return out
 
@@ -161,9 +163,10 @@ def quantize_all(b: Bench, quantizers: dict, weighted: bool = False, use_gptq: b
 
 
 def record(rows: list, b: Bench, name: str, bits: float, w_hat, t0: float, note: str = "", group: str = "",
-           seconds: float | None = None):
-    """Score w_hat and append the row; seconds: the compression's own time (default: since t0, scoring included)."""
-    res = b.score(w_hat)
+           seconds: float | None = None, model=None):
+    """Score w_hat (or `model`, a compressed model as it is: every parameter it holds, its tuned norms included)
+    and append the row; seconds: the compression's own time (default: since t0, scoring included)."""
+    res = b.measure(model) if model is not None else b.score(w_hat)
     took = time.perf_counter() - t0 if seconds is None else seconds
     row = {"model": b.key, "phase": b.phase, "name": name, "group": group, "bits": bits, "scores": res,
            "seconds": round(took, 1), "note": note}
@@ -281,10 +284,8 @@ def phase_budget(b: Bench, rows: list):
         model, tok = models.load(b.key)
         t0 = time.perf_counter()
         rep = compress_to_budget(model, tok, budget, calibration_text=b.cal, progress=False)
-        sd = {n: m.weight_dense(torch.float32) for n, m in
-              ((n, model.get_submodule(n)) for n in b.orig)}
-        record(rows, b, f"compress_to_budget {budget:g}", rep.bits_per_weight, sd, t0, note=rep.recipe,
-               group="compress_to_budget")
+        record(rows, b, f"compress_to_budget {budget:g}", rep.bits_per_weight, None, t0, note=rep.recipe,
+               group="compress_to_budget", model=model)
 
 
 def default_variant(b: Bench, budget: float) -> tuple:
@@ -330,7 +331,7 @@ def phase_frontier(b: Bench, rows: list):
         for budget in b.budgets or FRONTIER_BUDGETS:
             model = copy.deepcopy(b.model)
             rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal, temper=temper,
-                                     trellis=trellis)
+                                     trellis=trellis, distill=False)      # the variants predate slc.distill
             sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
             row = record(rows, b, f"slc {budget:g}: {label}", rep.bits_per_weight, sd, 0.0, note=rep.recipe,
                          group=f"slc {label}", seconds=cal.seconds + rep.seconds)   # as one call would take
@@ -380,10 +381,9 @@ def phase_targets(b: Bench, rows: list):
                                                  rotate=rotate, allocation=allocation, gptq_damp=damp)
         cal = cals[variant]
         rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
-        sd = {n: model.get_submodule(n).weight_dense(torch.float32) for n in b.orig}
-        row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, sd, 0.0,
-                     note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",
-                     seconds=cal.seconds + rep.seconds)
+        row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, None, 0.0,   # the model
+                     note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",   # as it is:
+                     seconds=cal.seconds + rep.seconds, model=model)                               # its norms too
         row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp, target=why,
                    temper=rep.allocation.settings.get("temper", 1.0))
         save(rows)

@@ -349,14 +349,8 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         raise RuntimeError(f"could not land within {TOLERANCE:.0%} below {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")
     teacher = copy.deepcopy(model) if distill else None             # the original, for slc.distill
-    report = CompressionReport()
-    for name, (layer, rel) in layers.items():
-        w = dense_weight_of(modules[name])
+    for name, (layer, _) in layers.items():
         set_module(model, name, layer)
-        spec = pol[name]
-        report.rows.append(LayerRow(name, spec.kind, spec.describe() + " (weighted" + (", GPTQ)" if use_gptq else ")"),
-                                    tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
-                                    layer.bits_per_weight, rel, 0.0))
     first = ("ECSQ, one step for every layer" if uniform else
              f"ECSQ allocated ({rd.settings['sensitivity']}, {rd.settings['tokens']} tokens"
              + (f", tempered {temper:g})" if temper != 1.0 else ")"))
@@ -375,5 +369,14 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
             raise
         recipe += (f" + row steps and norm gains distilled ({tuned.tokens} tokens, {tuned.epochs} epochs, "
                    "slc.distill)")
+    report = CompressionReport()
+    for name, (layer, rel) in layers.items():
+        w = dense_weight_of(modules[name])
+        if tuned is not None:                                       # the steps moved: the error of what is stored
+            rel = float((layer.weight_dense(torch.float32) - w.float()).norm() / w.float().norm().clamp_min(1e-30))
+        spec = pol[name]
+        report.rows.append(LayerRow(name, spec.kind, spec.describe() + " (weighted" + (", GPTQ)" if use_gptq else ")"),
+                                    tuple(w.shape), w.numel() * modules[name].weight.element_size(), layer.nbytes,
+                                    layer.bits_per_weight, rel, 0.0))
     return BudgetReport(float(budget_bits), measured, recipe, pol, report, attempts, time.perf_counter() - t0,
                         tuned)

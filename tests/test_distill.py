@@ -179,8 +179,12 @@ def test_set_scale_reaches_the_fused_forward_and_checks_its_input():
 def test_compress_to_budget_distills_causal_lms_by_default():
     text = "calibration text for a tiny model " * 40
     model = tiny_model("llama")
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert report.distill is not None and "distilled" in report.recipe and "distilled" in str(report)
+    for row in report.compression.rows:                                  # the error of what is stored, after
+        w, w_hat = original[row.name], model.get_submodule(row.name).weight_dense(torch.float32)
+        assert row.rel_error == pytest.approx(float((w_hat - w).norm() / w.norm()), rel=1e-5)
     plain = tiny_model("llama")
     assert compress_to_budget(plain, _tok, 4.0, calibration_text=text, progress=False, distill=False).distill is None
     with pytest.raises(TypeError, match="distill"):
