@@ -18,12 +18,12 @@ for a causal LM) per step, `epochs` passes in a seeded order.
 It is the fine-tuning step of QuIP# and AQLM, restricted to the floats slc's format holds. Why it is worth doing
 (bench/results/frontier_ood.md; calibrated on slc.texts' calibration mix, evaluated on held-out pydoc / package
 READMEs and licences / stdlib source, perplexity in domain / prose / code): compress_to_budget's default on
-SmolLM2 taken off its Q4_1 grid (the control) at 3.565 bits went from +9.1 / +41.0 / +13.0 % to +4.5 / +23.4 /
-+8.2 %, at 3.357 bits from +10.0 / +64.9 / +17.8 % to +5.8 / +43.2 / +12.7 %, and SmolLM2 at 3.566 bits from
-+6.4 / +40.9 / +7.2 % to +4.5 / +32.9 / +5.8 %: the prose the codes never saw gains most. The teacher's
+SmolLM2 taken off its Q4_1 grid (the control) at 3.565 bits went from +9.1 / +41.0 / +13.0 % to +1.3 / +13.4 / +6.1 %,
+at 3.357 bits from +10.0 / +64.9 / +17.8 % to +2.3 / +31.8 / +10.2 %, and SmolLM2 at 3.566 bits from
++6.4 / +40.9 / +7.2 % to +3.5 / +27.5 / +4.8 %: the prose the codes never saw gains most. The teacher's
 distribution carries far more than the next token (the whole vocabulary at every position), and ~190 000 floats
-against ~10 000 positions of it do not fit the text. One-off runs with the rate held at 1e-3 gained more on the
-control's prose (+9.4 % at 3.565 bits after two passes): slc.recipe has the figures.
+against ~10 000 positions of it do not fit the text. slc.recipe has the one-off runs behind the
+defaults (passes, learning rate, steps alone against steps and gains).
 
 While it runs every compressed layer is swapped for a dense stand-in (its weight decoded once, in float32: the
 memory of an fp32 copy of those layers, on top of the teacher's), and put back at the end; if anything fails half
