@@ -31,7 +31,6 @@ way the model is left exactly as it was given (steps and gains restored).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -157,7 +156,8 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
                            sum(m.s0.numel() for m in stand_ins.values() if isinstance(m, RowScaled)),
                            sum(p.numel() for p in gains.values()),
                            sum(isinstance(m, Frozen) for m in stand_ins.values()))
-    stack = contextlib.ExitStack()
+    device = next(model.parameters()).device
+    bar = tqdm(total=epochs * len(chunks), desc="distill", unit="seq", disable=not progress)
     try:
         for p in req:
             p.requires_grad_(False)
@@ -169,11 +169,10 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
         opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(seed)
         total, step = epochs * len(chunks), 0
-        bar = stack.enter_context(tqdm(total=total, desc="distill", unit="seq", disable=not progress))
         for _ in range(epochs):
             run, done = 0.0, 0
             for i in torch.randperm(len(chunks), generator=gen).tolist():
-                x = chunks[i].to(next(model.parameters()).device)
+                x = chunks[i].to(device)
                 with torch.no_grad():
                     want = teacher(x)
                 loss = distillation_loss(model(x), want, causal)
@@ -194,7 +193,7 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
                 p.copy_(saved_gains[k])
         raise
     finally:
-        stack.close()
+        bar.close()
         for n, m in layers.items():
             set_module(model, n, m)
         for p, r in req.items():
