@@ -40,30 +40,33 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import eval_mode, token_chunks
+from .calibrate import CHUNK_TOKENS, eval_mode, token_chunks
 from .hf import has_lm_head, set_module
 from .nn import CompressedEmbedding, CompressedLinear
 
 TOKENS = 10_240        # calibration tokens (20 windows of 512 for a causal LM): about all of the default mix
 EPOCHS = 2
 LR = 1e-3              # Adam's step on the log-factors and the gains, decayed linearly to 0
+GENERATE_BATCH = 8     # teacher-written sequences sampled together (teacher_sequences)
 
 
 @dataclass
 class DistillReport:
     """What distill did: how many floats it tuned, on how many tokens, and the loss along the way."""
-    tokens: int
-    sequences: int
+    tokens: int                     # calibration-text tokens
+    sequences: int                  # training sequences in all (calibration text + teacher-written)
     epochs: int
     rows: int                       # row steps tuned (one float each)
     gains: int                      # norm parameters tuned
     frozen: int                     # compressed layers kept as they were (not row-wise: grouped scales, low rank)
     loss: list = field(default_factory=list)     # mean loss over each epoch's sequences, as they trained
     seconds: float = 0.0
+    generated: int = 0              # tokens the teacher wrote itself (teacher_sequences)
 
     def __str__(self) -> str:
         path = " -> ".join(f"{x:.4f}" for x in self.loss)
-        return (f"distilled {self.rows} row steps and {self.gains} norm parameters on {self.tokens} tokens "
+        wrote = f" + {self.generated} the teacher wrote" if self.generated else ""
+        return (f"distilled {self.rows} row steps and {self.gains} norm parameters on {self.tokens} tokens{wrote} "
                 f"({self.sequences} sequences x {self.epochs} epochs), loss per epoch {path}, "
                 f"{self.frozen} layers kept, {self.seconds:.0f} s")
 
@@ -126,14 +129,60 @@ def distillation_loss(student_out, teacher_out, causal: bool) -> torch.Tensor:
     return ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30)
 
 
+@torch.no_grad()
+def teacher_sequences(teacher: nn.Module, tokenizer, tokens: int, length: int = CHUNK_TOKENS, seed: int = 0,
+                      batch: int = GENERATE_BATCH, progress: bool = True) -> list[torch.Tensor]:
+    """About `tokens` tokens of text the causal LM `teacher` writes itself, as (1, length) id tensors.
+
+    Each sequence starts from a token drawn uniformly from the vocabulary (special tokens excluded) and goes on by
+    sampling the teacher's own next-token distribution (temperature 1, no top-k / top-p, special tokens never
+    drawn), as LLM-QAT's data-free distillation does (Liu et al. 2023): text of every kind the model knows, in
+    the proportions it believes, not only the kind the calibration text is. Seeded: the same seed gives the same
+    sequences."""
+    if not has_lm_head(teacher):
+        raise ValueError("teacher_sequences needs a causal LM (a model with a language-model head)")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens={tokens!r} must be a whole number >= 1")
+    cfg = getattr(teacher, "config", None)
+    length = min(length, getattr(cfg, "max_position_embeddings", None) or length)
+    if length < 2:
+        raise ValueError(f"length={length!r} must be at least 2 tokens")
+    device = next(teacher.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    special = sorted(set(getattr(tokenizer, "all_special_ids", None) or []))
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[i for i in special if i < vocab]] = False
+    n = -(-tokens // length)
+    out, mode = [], eval_mode(teacher)
+    bar = tqdm(total=n * (length - 1), desc="teacher writes", unit="tok", disable=not progress)
+    try:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            ids = torch.multinomial(allowed.float().expand(b, -1), 1, generator=gen)     # uniform first tokens
+            cache = None
+            for _ in range(length - 1):
+                o = teacher(input_ids=ids[:, -1:].to(device), cache=cache, use_cache=True)
+                cache, logits = o.cache, o.logits[:, -1].float().cpu()
+                logits[:, ~allowed] = -math.inf
+                ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)], 1)
+                bar.update(b)
+            out += [ids[i:i + 1] for i in range(b)]
+    finally:
+        bar.close()
+        mode.remove()
+    return out
+
+
 def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: int = TOKENS, epochs: int = EPOCHS,
-            lr: float = LR, seed: int = 0, progress: bool = True) -> DistillReport:
+            lr: float = LR, seed: int = 0, progress: bool = True, generated: int = 0) -> DistillReport:
     """Tune `model`'s row steps and norm gains (codes fixed) to match `teacher` (the uncompressed model) on `text`.
 
     model: holds CompressedLinear layers (compress_to_budget, compress_model, ...); teacher: the original model,
     same architecture, left unchanged. tokens: the first `tokens` tokens of `text`, in the sequences the model
-    takes (slc.calibrate.token_chunks). Returns a DistillReport; the model is changed in place only when it
-    completes (a failure or interrupt leaves it as given)."""
+    takes (slc.calibrate.token_chunks). generated: that many more tokens the teacher writes itself
+    (teacher_sequences, causal LMs only), trained on beside the text. Returns a DistillReport; the model is changed
+    in place only when it completes (a failure or interrupt leaves it as given)."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -145,17 +194,25 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
     if teacher is model:
         raise ValueError("teacher must be the original model, not the compressed one")
     causal = has_lm_head(model)
-    chunks = token_chunks(model, tokenizer, text, tokens)
+    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
+        raise ValueError(f"generated={generated!r} must be a whole number of tokens >= 0")
+    if generated and not causal:
+        raise ValueError("generated= needs a causal LM: an encoder writes no text")
     t0 = time.perf_counter()
+    chunks = token_chunks(model, tokenizer, text, tokens)
+    n_text = sum(c.shape[1] for c in chunks)
+    if generated:
+        chunks += teacher_sequences(teacher, tokenizer, generated, seed=seed, progress=progress)
     gains = norm_parameters(model)
     saved_gains = {k: p.detach().clone() for k, p in gains.items()}
     stand_ins = {n: RowScaled(m) if row_wise(m) else Frozen(m) for n, m in layers.items()}
     req = {p: p.requires_grad for p in (*model.parameters(), *teacher.parameters())}
     modes = [eval_mode(model), eval_mode(teacher)]
-    report = DistillReport(sum(c.shape[1] for c in chunks), len(chunks), epochs,
+    report = DistillReport(n_text, len(chunks), epochs,
                            sum(m.s0.numel() for m in stand_ins.values() if isinstance(m, RowScaled)),
                            sum(p.numel() for p in gains.values()),
-                           sum(isinstance(m, Frozen) for m in stand_ins.values()))
+                           sum(isinstance(m, Frozen) for m in stand_ins.values()),
+                           generated=sum(c.shape[1] for c in chunks) - n_text)
     device = next(model.parameters()).device
     bar = tqdm(total=epochs * len(chunks), desc="distill", unit="seq", disable=not progress)
     try:

@@ -1,15 +1,17 @@
 """slc.distill: the row steps and norm gains of a compressed model tuned against the original, codes fixed."""
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 import slc.distill as D
 from slc import CompressedLinear, LinearSpec, Quantizer, compress_model
 from slc.calibrate import token_chunks
-from slc.distill import distill, norm_parameters
+from slc.distill import distill, norm_parameters, teacher_sequences
 from slc.models import tiny_model
 from slc.recipe import compress_to_budget
 
@@ -132,6 +134,42 @@ def test_bad_input_is_a_clear_error():
         distill(model, model, _tok, TEXT, progress=False)
     with pytest.raises(ValueError, match="too short"):
         distill(model, teacher, _tok, "", progress=False)
+
+
+def peaked_teacher(seed=0):
+    """A tiny causal LM whose next-token distributions are far from uniform (its output layer scaled up)."""
+    teacher = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(40)
+    return teacher
+
+
+def test_teacher_sequences_follow_the_teacher_and_are_seeded():
+    teacher = peaked_teacher()
+    tok = SimpleNamespace(all_special_ids=[0, 1])
+    seqs = teacher_sequences(teacher, tok, 100, length=32, seed=3, progress=False)
+    assert len(seqs) == 4 and all(s.shape == (1, 32) for s in seqs)          # ceil(100 / 32) sequences
+    again = teacher_sequences(teacher, tok, 100, length=32, seed=3, progress=False)
+    other = teacher_sequences(teacher, tok, 100, length=32, seed=4, progress=False)
+    assert torch.equal(torch.cat(seqs), torch.cat(again)) and not torch.equal(torch.cat(seqs), torch.cat(other))
+    x = torch.cat(seqs)
+    assert not torch.isin(x, torch.tensor([0, 1])).any()                     # special tokens never drawn
+    with torch.no_grad():                                                    # scored again without the cache
+        own = F.log_softmax(teacher(x).logits[:, :-1].float(), -1).gather(-1, x[:, 1:, None]).mean()
+        other = F.log_softmax(peaked_teacher(seed=1)(x).logits[:, :-1].float(), -1).gather(-1, x[:, 1:, None]).mean()
+    assert own > other + 1.0 and own > math.log(1 / 128) + 1.0
+
+
+def test_distill_trains_on_teacher_written_tokens_too():
+    teacher, model = compressed()
+    rep = distill(model, teacher, _tok, TEXT, tokens=64, epochs=1, generated=100, progress=False)
+    assert rep.tokens == 64 and rep.generated == 128 and rep.sequences == 1 + 2     # 2 sequences of 64 (positions)
+    assert "the teacher wrote" in str(rep)
+    with pytest.raises(ValueError, match="generated"):
+        distill(model, teacher, _tok, TEXT, generated=-1, progress=False)
+    with pytest.raises(ValueError, match="causal LM"):
+        teacher_sequences(BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=64)), None, 10)
 
 
 def test_an_encoder_is_distilled_on_its_last_hidden_states():
