@@ -15,6 +15,11 @@ unchanged: only the numbers in each layer's `scale` buffer and in the norms' par
 `lr` decayed linearly to 0, one calibration sequence (slc.calibrate.token_chunks: 512-token windows of the text
 for a causal LM) per step, `epochs` passes in a seeded order.
 
+A causal LM also trains on text its teacher writes itself (teacher_sequences, GENERATED tokens beside the
+calibration text: LLM-QAT's data-free distillation), which covers the kinds of text the calibration mix does not
+(session 13, SmolLM2 at 3.32-3.53 bits: prose 5-7 points of perplexity better, every set and the KL on held-out
+calibration documents better too; the figures are in slc.recipe's DEFAULTS comment).
+
 It is the fine-tuning step of QuIP# and AQLM, restricted to the floats slc's format holds. Why it is worth doing
 (bench/results/frontier_ood.md; calibrated on slc.texts' calibration mix, evaluated on held-out pydoc / package
 READMEs and licences / stdlib source, perplexity in domain / prose / code): compress_to_budget's default on
@@ -47,7 +52,8 @@ from .nn import CompressedEmbedding, CompressedLinear
 TOKENS = 10_240        # calibration tokens (20 windows of 512 for a causal LM): about all of the default mix
 EPOCHS = 2
 LR = 1e-3              # Adam's step on the log-factors and the gains, decayed linearly to 0
-GENERATE_BATCH = 8     # teacher-written sequences sampled together (teacher_sequences)
+GENERATED = 10_240     # tokens a causal LM's teacher writes itself (teacher_sequences), trained on beside the text
+GENERATE_BATCH = 20    # teacher-written sequences sampled together
 
 
 @dataclass
@@ -175,13 +181,14 @@ def teacher_sequences(teacher: nn.Module, tokenizer, tokens: int, length: int = 
 
 
 def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: int = TOKENS, epochs: int = EPOCHS,
-            lr: float = LR, seed: int = 0, progress: bool = True, generated: int = 0) -> DistillReport:
+            lr: float = LR, seed: int = 0, progress: bool = True, generated: int | None = None) -> DistillReport:
     """Tune `model`'s row steps and norm gains (codes fixed) to match `teacher` (the uncompressed model) on `text`.
 
     model: holds CompressedLinear layers (compress_to_budget, compress_model, ...); teacher: the original model,
     same architecture, left unchanged. tokens: the first `tokens` tokens of `text`, in the sequences the model
     takes (slc.calibrate.token_chunks). generated: that many more tokens the teacher writes itself
-    (teacher_sequences, causal LMs only), trained on beside the text. Returns a DistillReport; the model is changed
+    (teacher_sequences, causal LMs only), trained on beside the text; None: GENERATED for a causal LM, 0 for an
+    encoder. Returns a DistillReport; the model is changed
     in place only when it completes (a failure or interrupt leaves it as given)."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
@@ -194,6 +201,7 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
     if teacher is model:
         raise ValueError("teacher must be the original model, not the compressed one")
     causal = has_lm_head(model)
+    generated = (GENERATED if causal else 0) if generated is None else generated
     if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
         raise ValueError(f"generated={generated!r} must be a whole number of tokens >= 0")
     if generated and not causal:

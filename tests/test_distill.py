@@ -23,6 +23,12 @@ def _tok(text, return_tensors="pt", **_):
     return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
 
 
+@pytest.fixture(autouse=True)
+def few_teacher_tokens(monkeypatch):
+    """distill's default teacher-written tokens cut to two tiny-model sequences: the path runs, quickly."""
+    monkeypatch.setattr(D, "GENERATED", 128)
+
+
 def kl_to(teacher, model, chunks) -> float:
     """Mean KL(teacher || model) of the next-token distributions over the chunks."""
     out = 0.0
@@ -50,7 +56,7 @@ def test_distill_lowers_the_loss_and_moves_only_scales_and_gains():
     teacher, model = compressed()
     chunks = token_chunks(model, _tok, TEXT, 4_096)
     (layers0, gains0), kl0 = snapshot(model), kl_to(teacher, model, chunks)
-    report = distill(model, teacher, _tok, TEXT, epochs=3, lr=3e-3, progress=False)
+    report = distill(model, teacher, _tok, TEXT, epochs=3, lr=3e-3, progress=False, generated=0)
     kl1 = kl_to(teacher, model, chunks)
     assert kl1 < 0.8 * kl0, (kl0, kl1)
     layers1, gains1 = snapshot(model)

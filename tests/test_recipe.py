@@ -7,8 +7,15 @@ import torch
 
 import slc
 from slc import CompressedLinear
+import slc.distill as D
 from slc.models import tiny_model
 from slc.recipe import DEFAULTS, STATS_TOKENS, TOLERANCE, calibrate_for_budget, compress_to_budget, default_recipe
+
+
+@pytest.fixture(autouse=True)
+def few_teacher_tokens(monkeypatch):
+    """slc.distill's default teacher-written tokens cut to two tiny-model sequences: the path runs, quickly."""
+    monkeypatch.setattr(D, "GENERATED", 128)
 
 
 def lands(bits: float, budget: float) -> bool:
