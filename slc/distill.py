@@ -188,8 +188,8 @@ def distill(model: nn.Module, teacher: nn.Module, tokenizer, text: str, tokens: 
     same architecture, left unchanged. tokens: the first `tokens` tokens of `text`, in the sequences the model
     takes (slc.calibrate.token_chunks). generated: that many more tokens the teacher writes itself
     (teacher_sequences, causal LMs only), trained on beside the text; None: GENERATED for a causal LM, 0 for an
-    encoder. Returns a DistillReport; the model is changed
-    in place only when it completes (a failure or interrupt leaves it as given)."""
+    encoder. Returns a DistillReport; the model is changed in place only when it completes (a failure or
+    interrupt leaves it as given)."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be a whole number >= 1")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
