@@ -27,7 +27,7 @@ help:
 	@echo "make demo          create .venv, fetch the real models, compress them, print the table"
 	@echo "make test          the whole suite: ruff, unit tests, nbval on every notebook, browser check"
 	@echo "make lint          ruff check on slc, tests, bench, scripts"
-	@echo "make test-heavy    real-model equalities that take minutes (block-wise vs whole model)"
+	@echo "make test-heavy    real-model work that takes minutes (block-wise vs whole model, the default recipe)"
 	@echo "make lock          re-resolve pyproject's ranges in a throwaway venv, rewrite $(LOCK)"
 	@echo "make bench         codec and model benchmarks (tables for the README)"
 	@echo "make peers         bench-only: build llama.cpp's llama-quantize / llama-imatrix into $(PEERS_DIR) (~15 min)"
@@ -84,7 +84,8 @@ demo: models
 test-unit: models
 	$(PY) -m pytest tests -q -p no:cacheprovider -m "not heavy"
 
-# Real-model equalities that take minutes (block-wise vs whole-model allocation and GPTQ on SmolLM2).
+# Real-model work that takes minutes: block-wise vs whole-model allocation and GPTQ on SmolLM2, and
+# compress_to_budget's whole default recipe (distillation included) landing on SmolLM2.
 test-heavy: models
 	$(PY) -m pytest tests -q -p no:cacheprovider -m heavy
 
