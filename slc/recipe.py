@@ -130,6 +130,9 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   bits from +6.5 / +38.1 / +8.1 % (0.1276) to +5.8 / +31.4 / +7.6 % (0.1230): every set and the held-out KL
 #   better, so it is the default (slc.distill.GENERATED). 25 600 tokens of the mix instead, one pass, at 3.53
 #   bits: +3.1 / +26.9 / +6.1 % (0.0999); lr 3e-3 at 3.32 bits: +7.2 / +36.0 / +8.5 % (0.1539), not kept.
+#   Session 14: three times the teacher's tokens (30 720) at 3.566 bits gave +3.1 / +25.6 / +4.7 % (KL 0.0923)
+#   against the default's +2.8 / +24.7 / +4.3 % (the targets row): no better in any set, 3.6 times the
+#   distillation time (36 min at one thread), so GENERATED stays at 10 240.
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
