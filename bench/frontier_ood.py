@@ -289,10 +289,21 @@ def phase_budget(b: Bench, rows: list):
 
 
 def default_variant(b: Bench, budget: float) -> tuple:
-    """(allocation, use_gptq, rotate, gptq_damp) that compress_to_budget picks for this model at this budget."""
+    """(allocation, use_gptq, rotate, gptq_damp, written) that compress_to_budget picks for this model at this
+    budget: calibrate_for_budget's arguments (see calibration_of)."""
     from slc.recipe import default_recipe
     r = default_recipe("causal-lm" if b.lm else "encoder", budget)
-    return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"]
+    return r["allocation"], r["use_gptq"], r["rotate"], r["gptq_damp"], r["written"]
+
+
+def calibration_of(b: Bench, variant: tuple, cache: dict):
+    """calibrate_for_budget on the bench's calibration mix for a default_variant, once per variant."""
+    from slc.recipe import calibrate_for_budget
+    if variant not in cache:
+        allocation, use_gptq, rotate, damp, written = variant
+        cache[variant] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
+                                              rotate=rotate, allocation=allocation, gptq_damp=damp, written=written)
+    return cache[variant]
 
 
 # (allocation, GPTQ, rotation, GPTQ's damping, the allocation's temper, trellis codes): sensitivity allocation or
@@ -369,23 +380,20 @@ def phase_targets(b: Bench, rows: list):
     """compress_to_budget (its default recipe) at every preset's bits and 20 % below: the issue's targets, measured."""
     import copy
 
-    from slc.recipe import calibrate_for_budget, compress_to_budget
+    from slc.recipe import compress_to_budget
     cals = {}
     for budget, why in preset_budgets(b.key).items():
         if b.budgets and not among(budget, b.budgets):                            # --budgets: only these rows
             continue
         model = copy.deepcopy(b.model)
-        allocation, use_gptq, rotate, damp = variant = default_variant(b, budget)
-        if variant not in cals:
-            cals[variant] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
-                                                 rotate=rotate, allocation=allocation, gptq_damp=damp)
-        cal = cals[variant]
+        allocation, use_gptq, rotate, damp, written = variant = default_variant(b, budget)
+        cal = calibration_of(b, variant, cals)
         rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
         row = record(rows, b, f"compress_to_budget {budget:.3f}", rep.bits_per_weight, None, 0.0,   # the model
                      note=f"{rep.recipe}; budget = {', '.join(why)}", group="compress_to_budget",   # as it is:
                      seconds=cal.seconds + rep.seconds, model=model)                               # its norms too
         row.update(budget=budget, allocation=allocation, gptq=use_gptq, rotate=rotate, gptq_damp=damp, target=why,
-                   temper=rep.allocation.settings.get("temper", 1.0))
+                   temper=rep.allocation.settings.get("temper", 1.0), written=written)
         save(rows)
 
 

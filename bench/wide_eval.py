@@ -75,18 +75,14 @@ def run_model(key: str, rows: list, slc_only: bool = False) -> None:
         if not path.exists():
             raise SystemExit(f"{path} is missing: run bench/peers.py --model {key} first (after `make peers`)")
         add(r["name"], r["group"], r["bits"], llamacpp.read_block_weights(path), preset=preset)
-    from slc.recipe import calibrate_for_budget, compress_to_budget
+    from slc.recipe import compress_to_budget
     cals = {}
     for budget, why in fo.preset_budgets(key).items():
         if not any(w.startswith("20% below") for w in why):
             continue
-        variant = fo.default_variant(b, budget)
-        if variant not in cals:
-            allocation, use_gptq, rotate, damp = variant
-            cals[variant] = calibrate_for_budget(b.model, b.tok, b.cal, progress=False, use_gptq=use_gptq,
-                                                 rotate=rotate, allocation=allocation, gptq_damp=damp)
+        cal = fo.calibration_of(b, fo.default_variant(b, budget), cals)
         model = copy.deepcopy(b.model)
-        rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cals[variant])
+        rep = compress_to_budget(model, b.tok, budget, progress=False, calibration=cal)
         add(f"compress_to_budget {budget:.3f}", "compress_to_budget", rep.bits_per_weight, None, model, budget=budget,
             target=why, recipe=rep.recipe)
 

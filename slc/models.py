@@ -37,6 +37,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -248,6 +249,20 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     else:
         raise ValueError(f"unknown tiny arch {arch!r}: use 'gpt2', 'gptneo' or 'llama'")
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for tiny_model's plumbing tests: one token per byte of the UTF-8 text, mod `vocab`;
+    `decode` maps each id to a printable ASCII character (not an inverse: enough to turn sampled ids into text)."""
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text: str, return_tensors: str = "pt", **_):
+        return SimpleNamespace(input_ids=torch.tensor([[b % self.vocab for b in text.encode()]]))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(32 + int(i) % 95) for i in ids)
 
 
 def _main(argv: list[str]) -> None:

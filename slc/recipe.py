@@ -5,6 +5,9 @@ slc.texts' calibration mix, evaluated on package READMEs / licences and Python s
 
     0. rotation     where it measured better (DEFAULTS): every layer stored Hadamard-rotated (LinearSpec(rotate=)),
                     steps 1-3 then work on W R and the rotated inputs R^T x
+    0. text         causal LMs, where it measured better (DEFAULTS): text the model writes itself
+                    (slc.distill.teacher_sequences) spread through the calibration text, so that everything fitted
+                    below sees the kinds of text the model knows, not only the calibration mix's
     1. allocation   slc.allocate: every layer's ECSQ step from a Lagrangian over rate-distortion points,
                     distortion weighted by the loss (Fisher; Gauss-Newton for encoders) on the calibration mix
     2. scales       slc.importance.weighted_quantize: each row's step re-chosen (rate-neutral) and refit to
@@ -40,6 +43,7 @@ from .calibrate import layer_stats
 from .compress import CompressionReport, LayerRow
 from .distill import DistillReport
 from .distill import distill as distill_model
+from .distill import teacher_sequences
 from .gptq import gptq
 from .hf import dense_weight_of, has_lm_head, set_module, target_layers
 from .importance import weighted_quantize
@@ -136,18 +140,23 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
+WRITTEN_SEED = 1              # the seed of the text the model writes into its calibration (distillation's own: 0)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
-                                 "rotate": "hadamard", "temper": 0.5, "trellis": True, "distill": True}),
+                                 "rotate": "hadamard", "temper": 0.5, "trellis": True, "distill": True,
+                                 "written": 10_240}),
                           (32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": GPTQ_DAMP,
-                                  "rotate": None, "temper": 1.0, "trellis": False, "distill": False})],
+                                  "rotate": None, "temper": 1.0, "trellis": False, "distill": False,
+                                  "written": 0})],
             "encoder": [(32.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": GPTQ_DAMP,
-                                "rotate": "hadamard", "temper": 1.0, "trellis": True, "distill": False})]}
+                                "rotate": "hadamard", "temper": 1.0, "trellis": True, "distill": False,
+                                "written": 0})]}
 ALLOCATIONS = ("sensitivity", "uniform")
 
 
 def default_recipe(task: str, budget_bits: float) -> dict:
     """{"allocation": "sensitivity" or "uniform", "use_gptq": bool, "gptq_damp": float, "rotate": None or
-    "hadamard", "temper": float, "trellis": bool, "distill": bool}: what compress_to_budget picks for a
+    "hadamard", "temper": float, "trellis": bool, "distill": bool, "written": int (tokens the model writes into
+    its calibration text, `with_model_text`)}: what compress_to_budget picks for a
     "causal-lm" or an "encoder" at this budget (DEFAULTS, set from what measured best out of domain)."""
     if task not in DEFAULTS:
         raise ValueError(f"task={task!r}: use one of {sorted(DEFAULTS)}")
@@ -200,6 +209,27 @@ def rotatable(width: int) -> bool:
     return True
 
 
+def with_model_text(model: nn.Module, tokenizer, text: str, tokens: int, seed: int = WRITTEN_SEED,
+                    progress: bool = True) -> str:
+    """`text` with about `tokens` tokens of text the causal LM writes itself (slc.distill.teacher_sequences,
+    decoded) spread evenly through it: the n sequences cut `text` into n + 1 stretches of len(text) // n
+    characters (the last takes the rest), one sequence after each of the first n, between blank lines. Every
+    use of the calibration text that takes its first N tokens (the allocation's, the input moments', GPTQ's,
+    distillation's) then sees both kinds. Seeded; tokens=0 returns `text` as it is."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"written={tokens!r} must be a whole number of tokens >= 0 (0: the text as it is)")
+    if tokens == 0:
+        return text
+    written = [tokenizer.decode(ids[0]) for ids in teacher_sequences(model, tokenizer, tokens, seed=seed,
+                                                                    progress=progress)]
+    step = max(1, len(text) // len(written))
+    parts = []
+    for i, piece in enumerate(written):
+        parts += [text[i * step:(i + 1) * step], "\n\n" + piece + "\n\n"]
+    parts.append(text[len(written) * step:])
+    return "".join(parts)
+
+
 def _task(model: nn.Module) -> str:
     return "causal-lm" if has_lm_head(model) else "encoder"
 
@@ -218,19 +248,23 @@ class BudgetCalibration:
     seconds: float = 0.0
     gptq_damp: float = GPTQ_DAMP
     stats_tokens: int = 0             # tokens behind `stats`: STATS_TOKENS of its kind, fewer if the text is short
-    text: str = ""                    # the calibration text (slc.distill reads it again)
+    text: str = ""                    # the calibration text, with what the model wrote (slc.distill reads it again)
+    written: int = 0                  # tokens the model wrote into it (with_model_text)
 
 
 def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | None = None, progress: bool = True,
                          use_gptq: bool | None = None, skip=None, rotate: str | None = "auto",
                          budget_bits: float | None = None, allocation: str = "auto",
-                         gptq_damp: float | None = None) -> BudgetCalibration:
+                         gptq_damp: float | None = None, written: int | None = None) -> BudgetCalibration:
     """The calibration behind compress_to_budget (arguments as there), measured on `model` unchanged.
     use_gptq=None / rotate="auto" / allocation="auto" / gptq_damp=None take `default_recipe` at budget_bits (then
-    required; gptq_damp=None without it: GPTQ_DAMP)."""
+    required; gptq_damp=None without it: GPTQ_DAMP; written=None without it: 0, the text as given)."""
     t0 = time.perf_counter()
     text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
     task = _task(model)
+    if written is None:
+        written = 0 if budget_bits is None else default_recipe(task, budget_bits)["written"]
+    text = with_model_text(model, tokenizer, text, written, progress=progress)
     if gptq_damp is not None and (isinstance(gptq_damp, bool) or not isinstance(gptq_damp, (int, float))
                                   or not gptq_damp > 0):
         raise ValueError(f"gptq_damp={gptq_damp!r} must be a number > 0 (a fraction of the Hessian's mean diagonal)")
@@ -256,7 +290,7 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
                         full=use_gptq or rotate is not None)
     return BudgetCalibration(rd, stats, task, use_gptq, rotate, allocation, time.perf_counter() - t0,
                              float(GPTQ_DAMP if gptq_damp is None else gptq_damp),
-                             max((st.tokens for st in stats.values()), default=0), text)
+                             max((st.tokens for st in stats.values()), default=0), text, written)
 
 
 def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibration_text: str | None = None,
@@ -264,7 +298,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
                        rotate: str | None = "auto", calibration: BudgetCalibration | None = None,
                        allocation: str = "auto", gptq_damp: float | None = None,
                        temper: float | None = None, trellis: bool | None = None,
-                       distill: bool | None = None) -> BudgetReport:
+                       distill: bool | None = None, written: int | None = None) -> BudgetReport:
     """Compress `model` in place to at most `budget_bits` bits/weight (all overhead) with slc's best recipe.
 
     The budget is a ceiling: the result lands between TOLERANCE (2 %) below it and the budget itself.
@@ -283,8 +317,11 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     distill: after the codes land, tune every row's step and the norms' gains (codes fixed, no bits added) to
     match the original model on the calibration text (slc.distill; None: the default). It holds a copy of the
     original model while it runs.
+    written: tokens of text the model writes itself (a causal LM: slc.distill.teacher_sequences, seed
+    WRITTEN_SEED) spread through the calibration text before anything is fitted on it (`with_model_text`; 0: the
+    text as given; None: the default).
     calibration: a `calibrate_for_budget` result for this model (then calibration_text, use_gptq, skip, rotate,
-    allocation and gptq_damp come from it).
+    allocation, gptq_damp and written come from it).
     Returns a BudgetReport; raises ValueError for a budget outside what the recipe reaches on this model,
     RuntimeError if it cannot land within TOLERANCE below the budget (the model is then left as it was).
     """
@@ -300,7 +337,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     t0 = time.perf_counter()
     if calibration is None:
         calibration = calibrate_for_budget(model, tokenizer, calibration_text, progress, use_gptq, skip, rotate,
-                                           budget_bits, allocation, gptq_damp)
+                                           budget_bits, allocation, gptq_damp, written)
     elif not isinstance(calibration, BudgetCalibration):
         raise TypeError(f"calibration must be a BudgetCalibration from calibrate_for_budget, not "
                         f"{type(calibration).__name__}")
@@ -366,7 +403,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     recipe = (f"{first} + activation-weighted steps ({calibration.stats_tokens} tokens)"
               + (f" + GPTQ (damp {damp:g})" if use_gptq else "")
               + (f", layers stored {rotate} rotated" if rotate else "")
-              + (", trellis-coded (steps of the same rate)" if trellis else ""))
+              + (", trellis-coded (steps of the same rate)" if trellis else "")
+              + (f"; calibrated on the text + {calibration.written} tokens the model wrote" if calibration.written
+                 else ""))
     tuned = None
     if distill:
         try:

@@ -1,5 +1,4 @@
 """Budgeted allocation: hits the budget (all overhead, as compress_model reports it), spends bits where they matter."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,17 +9,13 @@ from slc.hf import target_layers
 from slc.lagrange import Point, solve
 from slc.ecsq import sweep
 from slc.compress import compress_model
-from slc.models import load, tiny_model
+from slc.models import ByteTokenizer, load, tiny_model
 from slc.nn import LinearSpec
 from slc import Quantizer
 
 TEXT = "The quick brown fox jumps over the lazy dog; calibration needs a few hundred tokens. " * 8
 
 
-class ByteTokenizer:
-    """Bytes mod 128: enough of a tokenizer for the tiny random models."""
-    def __call__(self, text, return_tensors="pt"):
-        return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
 
 
 @pytest.mark.parametrize("budget, sensitivity", [(3.5, "fisher"), (4.5, "output"), (6.5, "fisher")])

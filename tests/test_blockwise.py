@@ -1,7 +1,6 @@
 """Block-wise calibration and streamed evaluation equal the whole-model paths where the method is the same."""
 import copy
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from slc.blockwise import (allocate_checkpoint, gptq_checkpoint, perplexity_stre
 from slc.checkpoint import load_compressed, save_compressed
 from slc.compress import compress_model, compress_model_gptq
 from slc.metrics import perplexity, perplexity_details
-from slc.models import tiny_model
+from slc.models import ByteTokenizer, tiny_model
 from slc.nn import CompressedLinear, LinearSpec
 from slc.synthetic import write_synthetic_checkpoint
 
@@ -22,13 +21,6 @@ TEXT = "The quick brown fox jumps over the lazy dog; calibration needs a few hun
 EVAL = "Another text for evaluation, with other words in it and some punctuation. " * 20
 
 
-class ByteTokenizer:
-    """Bytes mod `vocab`: enough of a tokenizer for tiny random and synthetic models."""
-    def __init__(self, vocab=128):
-        self.vocab = vocab
-
-    def __call__(self, text, return_tensors="pt"):
-        return SimpleNamespace(input_ids=torch.tensor([[b % self.vocab for b in text.encode()]]))
 
 
 def steps(policy):

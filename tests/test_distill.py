@@ -12,21 +12,24 @@ import slc.distill as D
 from slc import CompressedLinear, LinearSpec, Quantizer, compress_model
 from slc.calibrate import token_chunks
 from slc.distill import distill, norm_parameters, teacher_sequences
-from slc.models import tiny_model
-from slc.recipe import compress_to_budget
+from slc.models import ByteTokenizer, tiny_model
+from slc.recipe import DEFAULTS, compress_to_budget
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 30
 ECSQ = LinearSpec("entropy", quantizer=Quantizer(mode="ecsq", step=0.6))
 
 
-def _tok(text, return_tensors="pt", **_):
-    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+_tok = ByteTokenizer()
 
 
 @pytest.fixture(autouse=True)
 def few_teacher_tokens(monkeypatch):
-    """distill's default teacher-written tokens cut to two tiny-model sequences: the path runs, quickly."""
+    """The tokens the model writes by default (distill's and the recipe's calibration text's) cut to two
+    tiny-model sequences: the paths run, quickly."""
     monkeypatch.setattr(D, "GENERATED", 128)
+    for _, recipe in DEFAULTS["causal-lm"]:
+        if recipe["written"]:
+            monkeypatch.setitem(recipe, "written", 128)
 
 
 def kl_to(teacher, model, chunks) -> float:

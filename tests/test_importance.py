@@ -5,7 +5,7 @@ import torch
 from slc import CompressedLinear, CompressedTensor, LinearSpec, Quantizer
 from slc.gptq import gptq
 from slc.importance import compress_model_weighted, weighted_error, weighted_quantize
-from slc.models import tiny_model
+from slc.models import ByteTokenizer, tiny_model
 
 QUANTIZERS = [
     Quantizer(bits=4, granularity="group", group_size=32),
@@ -72,9 +72,7 @@ def test_bad_input_is_named():
         weighted_quantize(w, Quantizer(bits=4, scheme="asymmetric"), imp)
 
 
-def _tok(text, return_tensors="pt"):
-    from types import SimpleNamespace
-    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+_tok = ByteTokenizer()
 
 
 @pytest.mark.parametrize("use_gptq", [False, True])

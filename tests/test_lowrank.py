@@ -1,6 +1,5 @@
 """Low rank: exactness at full rank, rank targets on real MiniLM weights, whitening, the rank allocator."""
 import doctest
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from slc.lowrank import (
     rank_sensitivity,
     svd,
 )
-from slc.models import linear_weights, tiny_model
+from slc.models import ByteTokenizer, linear_weights, tiny_model
 from slc.quant import Quantizer
 
 
@@ -205,8 +204,7 @@ def test_sensitivity_argument_errors(minilm):
         allocate_ranks(minilm, "half", sensitivity=sens)
 
 
-def byte_tok(text, return_tensors="pt"):
-    return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
+byte_tok = ByteTokenizer()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

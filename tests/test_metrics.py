@@ -8,24 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from slc import gguf_peers, metrics
+from slc import gguf_peers, metrics, models
 from slc.hf import is_linear
 from slc.models import evaluation_text, load, tiny_model
 
 
-class ByteTokenizer:
-    """Stand-in tokenizer for the tiny models: one token per byte, mod the vocabulary."""
+class ByteTokenizer(models.ByteTokenizer):
+    """slc.models' stand-in with pad and end-of-text ids, as generation needs."""
     pad_token_id, eos_token_id = 0, 0
-
-    def __init__(self, vocab: int = 128):
-        self.vocab = vocab
-
-    def __call__(self, text, return_tensors="pt"):
-        ids = torch.tensor([[b % self.vocab for b in text.encode()]])
-        return SimpleNamespace(input_ids=ids)
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + int(i) % 95) for i in ids)
 
 
 class UniformLM(nn.Module):

@@ -1,6 +1,5 @@
 """slc.compress_to_budget: the best recipe at a size, landing at most 2 % below the budget and never above it,
 all overhead counted."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,14 +7,19 @@ import torch
 import slc
 from slc import CompressedLinear
 import slc.distill as D
-from slc.models import tiny_model
-from slc.recipe import DEFAULTS, STATS_TOKENS, TOLERANCE, calibrate_for_budget, compress_to_budget, default_recipe
+from slc.models import ByteTokenizer, tiny_model
+from slc.recipe import (DEFAULTS, STATS_TOKENS, TOLERANCE, WRITTEN_SEED, calibrate_for_budget, compress_to_budget,
+                        default_recipe, with_model_text)
 
 
 @pytest.fixture(autouse=True)
 def few_teacher_tokens(monkeypatch):
-    """slc.distill's default teacher-written tokens cut to two tiny-model sequences: the path runs, quickly."""
+    """The tokens the model writes by default (for distillation and into the calibration text) cut to two
+    tiny-model sequences: the paths run, quickly."""
     monkeypatch.setattr(D, "GENERATED", 128)
+    for _, recipe in DEFAULTS["causal-lm"]:
+        if recipe["written"]:
+            monkeypatch.setitem(recipe, "written", 128)
 
 
 def lands(bits: float, budget: float) -> bool:
@@ -23,8 +27,7 @@ def lands(bits: float, budget: float) -> bool:
     return budget * (1 - TOLERANCE) <= bits <= budget
 
 
-def _tok(text, return_tensors="pt"):
-    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]) % 128)
+_tok = ByteTokenizer()
 
 
 def test_tiny_model_lands_on_the_budget_and_is_swapped():
@@ -70,7 +73,7 @@ def test_one_calibration_serves_several_budgets_with_the_same_layers():
     for budget in (3.0, 4.5):
         fresh, reused = tiny_model("llama"), tiny_model("llama")
         a = compress_to_budget(fresh, _tok, budget, calibration_text=text, progress=False, use_gptq=False,
-                               rotate=None, allocation="sensitivity")
+                               rotate=None, allocation="sensitivity", written=0)
         b = compress_to_budget(reused, _tok, budget, progress=False, calibration=cal)
         assert a.bits_per_weight == b.bits_per_weight and a.recipe == b.recipe
         for (n, m), (_, r) in zip(fresh.named_modules(), reused.named_modules(), strict=True):
@@ -151,7 +154,8 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
-                                 "rotate": "hadamard", "temper": 1.0, "trellis": False, "distill": False})])
+                                 "rotate": "hadamard", "temper": 1.0, "trellis": False, "distill": False,
+                                 "written": 0})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe
@@ -265,3 +269,33 @@ def test_trellis_recipe_lands_and_stores_trellis_layers():
     with torch.no_grad():
         after = model(ids).logits
     assert float((after - before).norm() / before.norm()) < 0.2
+
+
+def test_the_model_writes_into_its_calibration_text():
+    """with_model_text: the model's own sequences (seeded) spread through the text, which is otherwise intact;
+    the default puts them in for a causal LM up to 4 bits, names them in the recipe, and written=0 keeps the text."""
+    from slc.distill import teacher_sequences
+    model, text = tiny_model("llama"), "calibration text for a tiny model " * 40
+    assert with_model_text(model, _tok, text, 0) == text
+    mixed = with_model_text(model, _tok, text, 128, progress=False)
+    pieces = [_tok.decode(s[0]) for s in teacher_sequences(model, _tok, 128, seed=WRITTEN_SEED, progress=False)]
+    assert len(pieces) == 2 and pieces[0] != pieces[1]
+    step = len(text) // 2
+    assert mixed == "".join([text[:step], f"\n\n{pieces[0]}\n\n", text[step:2 * step], f"\n\n{pieces[1]}\n\n",
+                             text[2 * step:]])
+    assert with_model_text(model, _tok, text, 128, progress=False) == mixed                   # seeded
+    assert with_model_text(model, _tok, text, 128, seed=5, progress=False) != mixed
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="written="):
+            with_model_text(model, _tok, text, bad)
+
+    assert default_recipe("causal-lm", 3.5)["written"] > 0 == default_recipe("causal-lm", 4.5)["written"]
+    assert default_recipe("encoder", 3.5)["written"] == 0
+    cal = calibrate_for_budget(model, _tok, text, progress=False, budget_bits=3.5)
+    assert cal.written == 128 and cal.text == mixed
+    report = compress_to_budget(tiny_model("llama"), _tok, 3.5, progress=False, calibration=cal)
+    assert "128 tokens the model wrote" in report.recipe
+    plain = calibrate_for_budget(model, _tok, text, progress=False, budget_bits=3.5, written=0)
+    assert plain.written == 0 and plain.text == text
+    report = compress_to_budget(tiny_model("llama"), _tok, 3.5, progress=False, calibration=plain)
+    assert "the model wrote" not in report.recipe.split(" + row steps")[0]
