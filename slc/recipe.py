@@ -272,9 +272,6 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
     t0 = time.perf_counter()
     text = calibration_mix(CALIBRATION_CHARS) if calibration_text is None else calibration_text
     task = _task(model)
-    if written is None:
-        written = 0 if budget_bits is None else default_recipe(task, budget_bits)["written"]
-    text = with_model_text(model, tokenizer, text, written, progress=progress)
     if gptq_damp is not None and (isinstance(gptq_damp, bool) or not isinstance(gptq_damp, (int, float))
                                   or not gptq_damp > 0):
         raise ValueError(f"gptq_damp={gptq_damp!r} must be a number > 0 (a fraction of the Hessian's mean diagonal)")
@@ -293,6 +290,9 @@ def calibrate_for_budget(model: nn.Module, tokenizer, calibration_text: str | No
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}: use one of {ALLOCATIONS} or 'auto'")
     use_gptq = bool(use_gptq)
+    if written is None:
+        written = 0 if budget_bits is None else default_recipe(task, budget_bits)["written"]
+    text = with_model_text(model, tokenizer, text, written, progress=progress)       # after every check: it samples
     # one step for every layer needs only the rates: no backward pass for a loss-weighted distortion
     rd = rate_distortion(model, tokenizer, text, max_tokens=ALLOC_TOKENS, skip=skip, window=None,
                          progress=progress, rotate=rotate, sensitivity="output" if allocation == "uniform" else "auto")
