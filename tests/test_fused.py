@@ -16,15 +16,19 @@ except ImportError:
     from slc.ecsq import split_escapes
 
 
-def _reference(codes, scale, zero_point, x):
-    """x @ W^T with W dequantised in float64 from the integer codes (independent of slc.fused)."""
+def _reference(codes, scale, zero_point, x, absolute=False):
+    """x @ W^T with W dequantised in float64 from the integer codes (independent of slc.fused); absolute=True:
+    |x| @ |W|^T, the sum of the terms' sizes that bounds a float32 dot product's rounding error."""
     rows, cols = codes.shape
     g = scale.shape[1]
     c = codes.astype(np.float64).reshape(rows, g, -1)
     if zero_point is not None:
         c = c - zero_point.astype(np.float64)[:, :, None]
     w = (c * scale.astype(np.float64)[:, :, None]).reshape(rows, cols)
-    return torch.from_numpy((x.double().numpy() @ w.T).astype(np.float32))
+    xs = x.double().numpy()
+    if absolute:
+        w, xs = np.abs(w), np.abs(xs)
+    return torch.from_numpy((xs @ w.T).astype(np.float32))
 
 
 def _affine(w, q, tile_rows=None):
@@ -133,7 +137,10 @@ def test_hypothesis_shapes(rows, cols, nx, lanes, tile, kind, seed):
     fw = FusedWeight(encode_tiled(sym, tile_rows=tile, lanes=lanes, escape=E), "ecsq" if kind == "ecsq" else "affine",
                      scale, zp, qmin=qmin, escapes=esc)
     assert np.array_equal(fw.codes(), codes)
-    assert torch.allclose(fw.linear(x), _reference(codes, scale, zp, x), atol=1e-3, rtol=1e-4)
+    # escapes up to 2^31 make terms of ~1e9 that can cancel: float32's rounding, at most cols * 2^-24 times the sum
+    # of the terms' sizes, comes on top of the usual tolerances
+    ref, err = _reference(codes, scale, zp, x), (fw.linear(x) - _reference(codes, scale, zp, x)).abs()
+    assert torch.all(err <= 1e-3 + 1e-4 * ref.abs() + cols * 2.0 ** -24 * _reference(codes, scale, zp, x, True))
 
 
 def test_buffers_roundtrip():
@@ -250,7 +257,7 @@ def test_fuzz_fused(data):
 # --- the torch decoder (GPU path; tested here with the CPU torch backend) ----------------------------
 
 def _torch_cases():
-    w = torch.randn(96, 64)
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))      # seeded: the same words every run
     w[3, 5] = w[70, 1] = 40.0                                      # escapes in two tiles
     return [_affine(w, QUANTIZERS[0], 16), _affine(w, QUANTIZERS[2], 12), _ecsq(w, 0.1, escape=40, tile_rows=16)]
 
