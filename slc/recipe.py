@@ -145,7 +145,8 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   prose 7.6 points better, in domain and code 0.3 and 1.5 points worse; 3.356 bits +6.4 / +21.3 / +6.9 % (KL
 #   0.1175) against +5.3 / +31.5 / +6.8 %: prose 10.2 points better, in domain 1.1 worse, code level. Out of
 #   domain is the headline, so it is the default; the in-domain set is the calibration mix's own kind of text,
-#   of which the fitted steps now see half as much.
+#   of which the fitted steps now see half as much. Session 15: twice as much (20 480 tokens) at 3.566 bits gave
+#   +6.3 / +20.0 / +6.0 % against +3.1 / +17.1 / +5.8 %: worse in every set, so 10 240 stays.
 #   Above 4 bits (allocation alone) and for encoders: not measured, off.
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
