@@ -86,7 +86,9 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   from 4.1 bits the unrotated grid comes close to its origin: prose +5.5 % at 4.5 bits without either, +12.6 %
 #   with both (in domain and code stay better with both: +2.2 / +3.1 against +3.0 / +3.3; 5.5 bits: +0.7 / +3.5 /
 #   +0.9 against +0.7 / +3.0 / +1.8). Rotation alone loses in domain at every budget (3.5 bits +25 / +52 / +25 %
-#   against +19 / +53 / +21 %).
+#   against +19 / +53 / +21 %). Session 15, with the model's own text in the calibration (written=10 240), damp
+#   0.3 at 3.566 bits: +3.5 / +19.0 / +5.1 % against damp 1's +3.1 / +17.1 / +5.8 %: prose and in domain worse,
+#   so 1 stays.
 # - temper (slc.allocate.tempered_points): the allocation's trust in the calibration's ranking of the layers; each
 #   layer's sensitivity k (loss per unit of weight error, from 1 024 tokens of the calibration mix) counts as
 #   k^temper. Causal LMs up to 4 bits: 0.5. SmolLM2 at 3.6 bits (rotation + GPTQ damp 1), temper 1 / 0.75 / 0.5 /
@@ -101,7 +103,8 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   against +8.1 / +53.0 / +12.8 %, 4.0 bits +4.2 / +25.3 / +5.0 against +4.4 / +24.0 / +3.8 %: prose gains
 #   from 3.0 to 3.6 bits, a loss at 2.5 bits in two sets of three. Encoders keep 1:
 #   MiniLM at 3.6 bits, 0.5 gave 0.9910 / 0.9823 / 0.9863 against 0.9913 / 0.9811 / 0.9870 (within the rotation
-#   seeds' spread).
+#   seeds' spread). Session 15, with the model's own text in the calibration (written=10 240): SmolLM2 at 3.564
+#   bits, temper 1: +3.5 / +17.5 / +6.3 % against 0.5's +3.1 / +17.1 / +5.8 %: worse in every set, 0.5 stays.
 # - trellis (slc.trellis, the layers' codes by an 8-state trellis instead of ECSQ's grid, about 0.15 bits closer to
 #   the Shannon bound): causal LMs up to 4 bits (rotated, GPTQ damp 1, tempered). One-off runs with VVC's 4-state
 #   trellis, at the same bits, in domain / prose / code on 12 000 and 48 000 characters: the control at 3.57 bits,
