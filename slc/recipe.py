@@ -153,7 +153,10 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   0.1175) against +5.3 / +31.5 / +6.8 %: prose 10.2 points better, in domain 1.1 worse, code level. Out of
 #   domain is the headline, so it is the default; the in-domain set is the calibration mix's own kind of text,
 #   of which the fitted steps now see half as much. Session 15: twice as much (20 480 tokens) at 3.566 bits gave
-#   +6.3 / +20.0 / +6.0 % against +3.1 / +17.1 / +5.8 %: worse in every set, so 10 240 stays.
+#   +6.3 / +20.0 / +6.0 % against +3.1 / +17.1 / +5.8 %: worse in every set, so 10 240 stays. Session 16, the seed
+#   of the written text at 3.565 bits: seeds 2 / 3 / 4 gave +5.6 / +22.5 / +6.1, +3.5 / +24.4 / +6.0, +4.9 / +22.3 /
+#   +6.1 % against seed 1's +3.1 / +17.1 / +5.8 %: prose +21.6 % on average over the four (17.1-24.4), so one-off
+#   comparisons a few points apart on prose, here and above, are inside the spread of this one draw.
 #   Above 4 bits (allocation alone) and for encoders: not measured, off.
 # Act-order GPTQ (gptq(act_order=True)) is not used: at 3.6 bits it moved the three sets in different directions
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
