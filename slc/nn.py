@@ -23,6 +23,10 @@ The layer's metadata keeps the seed and block size ("rotation"), never a matrix.
 `CompressedEmbedding` keeps an nn.Embedding's table the quantized way (a lookup dequantises only
 the rows it reads) and `TiedLinear` is an output head that multiplies with that same table.
 
+A quantized or entropy layer may also hold a `shift`: one bfloat16 offset per output row, added to the
+output after the bias (`set_shift`; slc.distill learns it). Unlike the bias, which the original layer had
+and which is kept as it was, the shift is something compression added, so it counts in `nbytes`.
+
 Everything is a buffer, so `.to()`, `state_dict()` and `load_state_dict()` work as for any module.
 Scales, zero points and S keep float32 through `.to(dtype)` / `.half()`: they are part of the
 stored format. The output always has the input's dtype.
@@ -622,7 +626,16 @@ class CompressedLinear(nn.Module):
         else:
             codes = self._decode() if self.kind == "entropy" else self._codes()
             y = int_linear(x, codes, self.scale, getattr(self, "zero_point", None), self.quantizer, self.shape)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        offset = self.offset(x.dtype)
+        return y if offset is None else y + offset
+
+    def offset(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """What forward adds to x W^T: the bias plus the shift (either may be absent; None if both are)."""
+        parts = [t for t in (self.bias, getattr(self, "shift", None)) if t is not None]
+        if not parts:
+            return None
+        out = parts[0].to(dtype or self.dtype)
+        return out + parts[1].to(out.dtype) if len(parts) == 2 else out
 
     # --- sizes and printing -----------------------------------------------------------------------
     @property
@@ -644,7 +657,8 @@ class CompressedLinear(nn.Module):
         if self.rotation is not None:
             how += f", rotate=hadamard(block={self.rotation.block}, seed={self.rotation.seed})"
         return (f"{how}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits/weight={self.bits_per_weight:.2f}, bias={self.bias is not None}")
+                f"bits/weight={self.bits_per_weight:.2f}, bias={self.bias is not None}"
+                + (", shift=True" if getattr(self, "shift", None) is not None else ""))
 
     def set_scale(self, scale: torch.Tensor) -> None:
         """New numbers for the stored scales (slc.distill's tuned row steps): same shape, finite and > 0; the
@@ -660,6 +674,24 @@ class CompressedLinear(nn.Module):
         with torch.no_grad():
             old.copy_(scale.reshape(old.shape).to(old.dtype))
         self._fused = self._torch_weight = None                     # their tables hold the old scales
+
+    SHIFT_DTYPE = torch.bfloat16
+
+    def set_shift(self, shift: torch.Tensor | None) -> None:
+        """Store a learned offset per output row (slc.distill), added to the output after the bias, as bfloat16
+        (SHIFT_DTYPE): 16 bits per row, counted in nbytes. None removes it. quantized and entropy kinds only."""
+        if self.kind not in ("quantized", "entropy"):
+            raise ValueError(f"a {self.kind} layer cannot hold a shift (quantized and entropy layers can)")
+        if shift is None:
+            self._buffers.pop("shift", None)
+        else:
+            shift = torch.as_tensor(shift).detach()
+            if shift.shape != (self.out_features,):
+                raise ValueError(f"shift must have shape ({self.out_features},), got {tuple(shift.shape)}")
+            if not torch.isfinite(shift).all():
+                raise ValueError("shift must be finite")
+            self.register_buffer("shift", shift.to(device=self.scale.device, dtype=self.SHIFT_DTYPE).clone())
+        self.meta = self.export_meta()
 
     # --- module plumbing --------------------------------------------------------------------------
     _FLOAT_DATA = ("bias", "vh", "ut")                          # follow .to(dtype); every other buffer keeps its dtype
@@ -825,6 +857,10 @@ def expected_layout(meta: dict) -> dict:
             out.update(_codes_layout(fq, (r, shape[0]), "ut_"))
     if "bias" in meta["buffers"]:
         out["bias"] = [None, [shape[0]]]
+    if "shift" in meta["buffers"]:                                  # a learned offset per row (set_shift)
+        if kind not in ("quantized", "entropy"):
+            raise FormatError(f"a {kind} layer cannot hold a shift (quantized and entropy layers can)")
+        out["shift"] = [None, [shape[0]]]
     return out
 
 
@@ -897,4 +933,5 @@ def validate_loaded(layer: CompressedLinear) -> None:
         if m["shape"] != [layer.out_features, layer.in_features] or m["quantizer_obj"] != layer.quantizer:
             raise FormatError("entropy tensor header disagrees with the layer (shape or quantizer)")
         m = layer.meta["tensor"]
-        CompressedTensor.from_buffers({k: v for k, v in layer._buffers.items() if k != "bias" and v is not None}, m)
+        CompressedTensor.from_buffers({k: v for k, v in layer._buffers.items()
+                                       if k not in ("bias", "shift") and v is not None}, m)

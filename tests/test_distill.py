@@ -253,3 +253,90 @@ def test_compress_to_budget_puts_the_original_layers_back_if_distillation_fails(
     assert not any(isinstance(m, CompressedLinear) for m in model.modules())
     now = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(now) == set(weights) and all(torch.equal(now[n], weights[n]) for n in weights)
+
+
+def test_row_shifts_are_learned_counted_and_reloaded(tmp_path):
+    from slc import load_compressed, save_compressed
+    teacher, model = compressed()
+    chunks = token_chunks(model, _tok, TEXT, 4_096)
+    sizes = {n: m.nbytes for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    kl0 = kl_to(teacher, model, chunks)
+    report = distill(model, teacher, _tok, TEXT, epochs=3, lr=3e-3, progress=False, generated=0, shift=True)
+    assert kl_to(teacher, model, chunks) < 0.8 * kl0
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    assert report.shifts == sum(m.out_features for m in layers.values()) and "row shifts" in str(report)
+    for n, m in layers.items():
+        assert m.shift.dtype == torch.bfloat16 and m.shift.shape == (m.out_features,)
+        assert m.nbytes == sizes[n] + 2 * m.out_features                 # 16 bits per row, counted
+        x = torch.randn(2, m.in_features)
+        want = F.linear(x, m.weight_dense(torch.float32), m.offset(torch.float32))
+        assert torch.allclose(m(x), want, atol=1e-5) and "shift=True" in repr(m)
+    assert sum(bool(m.shift.abs().max() > 0) for m in layers.values()) == len(layers)
+    ids = torch.tensor([[3, 9, 27, 81, 11]])
+    again = load_compressed(save_compressed(model, tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+    # a second pass starts from the stored shifts (it adds to them) and keeps them where it does not learn any
+    before = {n: m.shift.clone() for n, m in layers.items()}
+    distill(model, teacher, _tok, TEXT, epochs=1, progress=False, generated=0)
+    assert all(torch.equal(before[n], m.shift) for n, m in layers.items())
+
+
+def test_set_shift_checks_its_input_and_the_format_checks_the_kind():
+    from slc.errors import FormatError
+    from slc.nn import check_meta
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 8)
+    layer = CompressedLinear.from_linear(lin, ECSQ)
+    x = torch.randn(3, 48)
+    y = layer(x)
+    layer.set_shift(torch.arange(8.0))
+    assert torch.allclose(layer(x), y + torch.arange(8.0), atol=1e-5)
+    assert "shift" in layer.export_meta()["buffers"]
+    check_meta(layer.export_meta())
+    layer.set_shift(None)
+    assert torch.allclose(layer(x), y) and "shift" not in layer.export_meta()["buffers"]
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_shift(torch.ones(3))
+    with pytest.raises(ValueError, match="finite"):
+        layer.set_shift(torch.full((8,), float("nan")))
+    low = CompressedLinear.from_linear(lin, LinearSpec("lowrank", rank=4))
+    with pytest.raises(ValueError, match="cannot hold a shift"):
+        low.set_shift(torch.ones(8))
+    meta = low.export_meta()
+    meta["buffers"]["shift"] = ["bfloat16", [8]]
+    with pytest.raises(FormatError, match="cannot hold a shift"):
+        check_meta(meta)
+
+
+def test_compress_to_budget_counts_the_row_shifts_in_its_landing():
+    text = "calibration text for a tiny model " * 40
+    model = tiny_model("llama")
+    report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False, shift=True)
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert all(m.shift is not None for m in layers) and "row shifts" in report.recipe
+    n = sum(m.in_features * m.out_features for m in layers)
+    assert report.bits_per_weight == pytest.approx(8 * sum(m.nbytes for m in layers) / n)
+    assert 4.0 * 0.98 <= report.bits_per_weight <= 4.0
+    assert report.attempts[-1][1] == pytest.approx(report.bits_per_weight)   # reserved from the first attempt
+    with pytest.raises(ValueError, match="needs distill"):
+        compress_to_budget(tiny_model("llama"), _tok, 4.0, calibration_text=text, progress=False, distill=False,
+                           shift=True)
+    with pytest.raises(TypeError, match="shift"):
+        compress_to_budget(tiny_model("llama"), _tok, 4.0, calibration_text=text, progress=False, shift="yes")
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stream"])
+def test_a_shift_survives_save_and_load_in_either_layout(tmp_path, layout):
+    from slc import load_compressed, save_compressed
+    spec = LinearSpec("entropy", quantizer=Quantizer(mode="ecsq", step=0.6), layout=layout)
+    _, model = compressed(spec)
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            m.set_shift(0.1 * torch.randn(m.out_features))
+    ids = torch.tensor([[3, 9, 27, 81, 11]])
+    again = load_compressed(save_compressed(model, tmp_path / "m.safetensors"))
+    assert all(m.shift.dtype == torch.bfloat16 for m in again.modules() if isinstance(m, CompressedLinear))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)

@@ -106,6 +106,7 @@ def test_the_default_recipe_is_what_compress_to_budget_runs():
     assert all((m.rotation is not None) == bool(d["rotate"]) for m in layers)
     assert ("trellis" in report.recipe) == d["trellis"] and all(m.quantizer.trellis == d["trellis"] for m in layers)
     assert ("distilled" in report.recipe) == d["distill"] == (report.distill is not None)
+    assert ("row shifts" in report.recipe) == d["shift"] == all(getattr(m, "shift", None) is not None for m in layers)
 
 
 def test_temper_reaches_the_allocation_and_is_checked():
