@@ -640,7 +640,8 @@ class CompressedLinear(nn.Module):
     # --- sizes and printing -----------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes held for the weight (every buffer but the bias), as it sits in memory."""
+        """Bytes held for the weight (every buffer but the bias, which the original layer had: a shift, which
+        compression added, counts), as it sits in memory."""
         return sum(b.numel() * b.element_size() for k, b in self._buffers.items() if b is not None and k != "bias")
 
     @property

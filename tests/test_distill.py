@@ -340,3 +340,11 @@ def test_a_shift_survives_save_and_load_in_either_layout(tmp_path, layout):
     assert all(m.shift.dtype == torch.bfloat16 for m in again.modules() if isinstance(m, CompressedLinear))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+
+
+def test_a_budget_the_row_offsets_leave_out_of_reach_is_refused_up_front():
+    text = "calibration text for a tiny model " * 40
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="row offsets included"):
+        compress_to_budget(model, _tok, 2.6, calibration_text=text, progress=False, shift=True)
+    assert not any(isinstance(m, CompressedLinear) for m in model.modules())

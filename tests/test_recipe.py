@@ -156,7 +156,7 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
     monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
                                  "rotate": "hadamard", "temper": 1.0, "trellis": False, "distill": False,
-                                 "written": 0})])
+                                 "written": 0, "shift": False})])
     model = odd()
     report = compress_to_budget(model, _tok, 4.0, calibration_text=text, progress=False)
     assert "rotated" not in report.recipe
@@ -212,8 +212,8 @@ def test_gptq_damping_is_the_recipes_and_checked():
     assert cal.gptq_damp == 3.0
     weak, strong = tiny_model("llama"), tiny_model("llama")
     compress_to_budget(weak, _tok, 3.0, calibration_text=text, progress=False, use_gptq=True, rotate=None,
-                       gptq_damp=0.01)
-    report = compress_to_budget(strong, _tok, 3.0, progress=False, calibration=cal)
+                       gptq_damp=0.01, shift=False)                # tiny rows: 16 bits each would not fit 3 bits
+    report = compress_to_budget(strong, _tok, 3.0, progress=False, calibration=cal, shift=False)
     assert "GPTQ (damp 3)" in report.recipe
     # the input moments saw the whole text (shorter than STATS_TOKENS), and the recipe says how much
     assert cal.stats_tokens == len(text) < STATS_TOKENS["causal-lm"] and f"({len(text)} tokens)" in report.recipe
@@ -242,7 +242,7 @@ def test_a_budget_the_overheads_keep_out_of_reach_stops_at_the_coarsest_steps():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError, match="could not land") as err:
         compress_to_budget(model, _tok, 2.5, calibration_text="calibration text for a tiny model " * 40,
-                           progress=False, use_gptq=True, rotate=None, gptq_damp=0.01, temper=0.5)
+                           progress=False, use_gptq=True, rotate=None, gptq_damp=0.01, temper=0.5, shift=False)
     assert str(err.value).count("), (") <= 2                                     # attempts listed: at most two
     assert not any(isinstance(m, CompressedLinear) for m in model.modules())
 
