@@ -23,7 +23,9 @@ inputs (dW E[x], large where a few input channels carry large means), which no r
 undo; the offset can. Session 17, SmolLM2 at 3.6 bits (the same codes distilled both ways, 0.023 bits/weight
 of offsets on top): written seeds 1 / 2, in domain / prose / code, +3.7 / +11.1 / +5.3 and +4.6 / +12.7 / +4.8 %
 against +3.1 / +17.1 / +5.8 and +5.6 / +22.5 / +6.1 % without; a per-column scale instead (the same bits)
-gave +3.0 / +15.7 / +5.6 and +5.5 / +21.2 / +5.9 %.
+gave +3.0 / +15.7 / +5.6 and +5.5 / +21.2 / +5.9 %. The offsets move by Adam's `lr` relative to each row's
+norm, as the row steps do: a tenth, half or three times that measured worse on prose and code (session 18, the
+figures in slc.recipe's DEFAULTS comment).
 
 A causal LM also trains on text its teacher writes itself (teacher_sequences, GENERATED tokens beside the
 calibration text: LLM-QAT's data-free distillation), which covers the kinds of text the calibration mix does not
