@@ -196,6 +196,7 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 # (SmolLM2 rotated, damp 1: +10 / +34 / +10 %; MiniLM prose 0.9732 -> 0.9687 when calibrated on running text).
 GPTQ_DAMP = 0.01              # GPTQ's damping where a recipe does not say (Frantar et al.'s 1 %)
 WRITTEN_SEED = 1              # the seed of the text the model writes into its calibration (distillation's own: 0)
+WRITTEN_LENGTH = 512          # ... written as sequences of this many tokens (teacher_sequences' length)
 DEFAULTS = {"causal-lm": [(4.0, {"allocation": "sensitivity", "use_gptq": True, "gptq_damp": 1.0,
                                  "rotate": "hadamard", "temper": 0.5, "trellis": True, "distill": True,
                                  "written": 10_240, "shift": True}),
@@ -276,8 +277,8 @@ def with_model_text(model: nn.Module, tokenizer, text: str, tokens: int, seed: i
         raise ValueError(f"written={tokens!r} must be a whole number of tokens >= 0 (0: the text as it is)")
     if tokens == 0:
         return text
-    written = [tokenizer.decode(ids[0]) for ids in teacher_sequences(model, tokenizer, tokens, seed=seed,
-                                                                    progress=progress)]
+    written = [tokenizer.decode(ids[0]) for ids in teacher_sequences(model, tokenizer, tokens, length=WRITTEN_LENGTH,
+                                                                    seed=seed, progress=progress)]
     step = max(1, len(text) // len(written))
     parts = []
     for i, piece in enumerate(written):
@@ -425,8 +426,9 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
     def lands(bits: float) -> bool:
         return budget_bits * (1 - TOLERANCE) <= bits <= budget_bits
 
+    aim = budget_bits * (1 - AIM)                                   # what every attempt aims to measure
     # the first target leaves room for the row offsets: the allocation counts the codes and their side data only
-    target, attempts, layers, pol, done = budget_bits * (1 - AIM) - reserve / n_weights, [], {}, None, {}
+    target, attempts, layers, pol, done = aim - reserve / n_weights, [], {}, None, {}
     for _ in range(MAX_ATTEMPTS):
         target = min(max(target, lo), hi)
         if attempts and target == attempts[-1][0]:          # pinned at the coarsest / finest steps: no way closer
@@ -458,7 +460,7 @@ def compress_to_budget(model: nn.Module, tokenizer, budget_bits: float, calibrat
         attempts.append((target, measured))
         if lands(measured):
             break
-        target = next_target(attempts, budget_bits * (1 - AIM))
+        target = next_target(attempts, aim)
     if not lands(measured):
         raise RuntimeError(f"could not land within {TOLERANCE:.0%} below {budget_bits} bits/weight "
                            f"(attempts, target -> measured: {attempts}); the model is unchanged")
