@@ -7,6 +7,7 @@ import torch
 import slc
 from slc import CompressedLinear
 import slc.distill as D
+import slc.recipe as recipe_module
 from slc.models import ByteTokenizer, tiny_model
 from slc.recipe import (DEFAULTS, STATS_TOKENS, TOLERANCE, WRITTEN_SEED, calibrate_for_budget, compress_to_budget,
                         default_recipe, with_model_text)
@@ -143,7 +144,6 @@ def test_one_step_for_every_layer_lands_on_the_budget(rotate):
 
 def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
     """An odd width (down_proj reads 63): rotate='hadamard' asked for is refused; the default does not rotate."""
-    import slc.recipe as recipe
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_a_default_rotation_steps_aside_for_widths_it_cannot_cover(monkeypatch):
     text = "calibration text for a tiny model " * 40
     with pytest.raises(ValueError, match="power-of-two factor"):
         compress_to_budget(odd(), _tok, 4.0, calibration_text=text, progress=False, rotate="hadamard")
-    monkeypatch.setitem(recipe.DEFAULTS, "causal-lm",
+    monkeypatch.setitem(recipe_module.DEFAULTS, "causal-lm",
                         [(32.0, {"allocation": "sensitivity", "use_gptq": False, "gptq_damp": 0.01,
                                  "rotate": "hadamard", "temper": 1.0, "trellis": False, "distill": False,
                                  "written": 0, "shift": False})])
@@ -272,7 +272,7 @@ def test_trellis_recipe_lands_and_stores_trellis_layers():
     assert float((after - before).norm() / before.norm()) < 0.2
 
 
-def test_the_model_writes_into_its_calibration_text():
+def test_the_model_writes_into_its_calibration_text(monkeypatch):
     """with_model_text: the model's own sequences (seeded) spread through the text, which is otherwise intact;
     the default puts them in for a causal LM up to 4 bits, names them in the recipe, and written=0 keeps the text."""
     from slc.distill import teacher_sequences
@@ -289,6 +289,12 @@ def test_the_model_writes_into_its_calibration_text():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="written="):
             with_model_text(model, _tok, text, bad)
+    with monkeypatch.context() as m:                                          # sequences of WRITTEN_LENGTH tokens
+        m.setattr(recipe_module, "WRITTEN_LENGTH", 32)
+        shorter = with_model_text(model, _tok, text, 128, progress=False)
+    pieces = [_tok.decode(s[0]) for s in teacher_sequences(model, _tok, 128, length=32, seed=WRITTEN_SEED,
+                                                            progress=False)]
+    assert len(pieces) == 4 and all(f"\n\n{p}\n\n" in shorter for p in pieces)
 
     assert default_recipe("causal-lm", 3.5)["written"] > 0 == default_recipe("causal-lm", 4.5)["written"]
     assert default_recipe("encoder", 3.5)["written"] == 0
