@@ -61,7 +61,7 @@ from .calibrate import CHUNK_TOKENS, eval_mode, token_chunks
 from .hf import has_lm_head, set_module
 from .nn import CompressedEmbedding, CompressedLinear
 
-TOKENS = 10_240        # calibration tokens (20 windows of 512 for a causal LM): about all of the default mix
+TOKENS = 20_480        # calibration tokens (40 windows of 512 for a causal LM): all of the mix and the model's text
 EPOCHS = 2
 LR = 1e-3              # Adam's step on the log-factors and the gains, decayed linearly to 0
 GENERATED = 10_240     # tokens a causal LM's teacher writes itself (teacher_sequences), trained on beside the text

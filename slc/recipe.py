@@ -151,6 +151,12 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   distillation time (36 min at one thread), so GENERATED stays at 10 240. Session 16, with the model's own text
 #   in the calibration (written=10 240): three passes (lr decayed) at 3.567 bits +2.7 / +17.6 / +5.7 % against two
 #   passes' +3.1 / +17.1 / +5.8 %: prose worse, so EPOCHS stays 2.
+#   Session 21, distillation on the whole calibration text with the model's text in it (tokens=20 480: the mix
+#   and all 20 written sequences) instead of its first 10 240 tokens (half of each), budget 3.6 (3.595-3.596
+#   bits), written seeds 1-4: +2.3 / +12.3 / +3.8, +4.1 / +11.3 / +4.4, +1.7 / +11.7 / +3.8, +3.9 / +12.9 / +5.2 %,
+#   mean +3.0 / +12.0 / +4.3 % against +4.1 / +13.9 / +4.8 % (seeds +3.8 / +11.7 / +5.2, +4.8 / +13.3 / +4.7,
+#   +4.0 / +16.8 / +4.7, +3.8 / +13.7 / +4.6 %): better on average in every set, prose's spread 1.5 points
+#   instead of 5.1, so slc.distill.TOKENS is 20 480 (distillation ~1.5 times as long).
 # - written (with_model_text: tokens of text the model writes itself, seed 1, spread through the calibration text
 #   before anything is fitted on it: the allocation's sensitivities, the input moments, GPTQ's Hessians and the
 #   distillation's text): causal LMs up to 4 bits, 10 240 (SmolLM2: ~40 000 characters beside the mix's 40 000).
