@@ -156,7 +156,9 @@ STATS_TOKENS = {"causal-lm": 4_096, "encoder": 8_192}
 #   bits), written seeds 1-4: +2.3 / +12.3 / +3.8, +4.1 / +11.3 / +4.4, +1.7 / +11.7 / +3.8, +3.9 / +12.9 / +5.2 %,
 #   mean +3.0 / +12.0 / +4.3 % against +4.1 / +13.9 / +4.8 % (seeds +3.8 / +11.7 / +5.2, +4.8 / +13.3 / +4.7,
 #   +4.0 / +16.8 / +4.7, +3.8 / +13.7 / +4.6 %): better on average in every set, prose's spread 1.5 points
-#   instead of 5.1, so slc.distill.TOKENS is 20 480 (distillation ~1.5 times as long).
+#   instead of 5.1, so slc.distill.TOKENS is 20 480 (distillation ~1.5 times as long). Budget 3.55 (3.544-3.545
+#   bits), seeds 1 / 3 only so far: +3.3 / +13.3 / +3.9 and +2.4 / +14.2 / +5.3 % against +4.3 / +12.4 / +4.8
+#   and +5.8 / +20.2 / +6.1 %.
 # - written (with_model_text: tokens of text the model writes itself, seed 1, spread through the calibration text
 #   before anything is fitted on it: the allocation's sensitivities, the input moments, GPTQ's Hessians and the
 #   distillation's text): causal LMs up to 4 bits, 10 240 (SmolLM2: ~40 000 characters beside the mix's 40 000).
